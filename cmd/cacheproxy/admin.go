@@ -1,0 +1,454 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/cacheproxy/cacheproxy/internal/adminapi"
+	"github.com/cacheproxy/cacheproxy/internal/cache"
+)
+
+// adminFlags find the running server: from the config, or given directly.
+type adminFlags struct {
+	configFlags
+	server    string
+	tokenFile string
+}
+
+func (a *adminFlags) register(fs *flag.FlagSet) {
+	a.configFlags.register(fs, false)
+	fs.StringVar(&a.server, "server", "", "admin API `URL` (default: admin.listen of the config)")
+	fs.StringVar(&a.tokenFile, "token-file", "", "admin token `FILE` (default: admin.token_file of the config)")
+}
+
+func (a *adminFlags) client() (*adminapi.Client, error) {
+	server, tokenFile := a.server, a.tokenFile
+	if server == "" || tokenFile == "" {
+		cfg, err := a.load()
+		if err != nil {
+			return nil, err
+		}
+		if server == "" {
+			server = cfg.Admin.Listen
+		}
+		if tokenFile == "" {
+			tokenFile = cfg.AdminTokenFile()
+		}
+	}
+	if server == "" {
+		return nil, errors.New("the admin API is off (admin.listen is empty); pass --server")
+	}
+	return adminapi.NewClient(server, tokenFile)
+}
+
+// adminCommand parses flags, builds the client and returns the positionals.
+func adminCommand(name, synopsis string, args []string, io cmdIO, extra func(*flag.FlagSet)) (*adminapi.Client, []string, error) {
+	fs := newFlags(name, synopsis, io)
+	var af adminFlags
+	af.register(fs)
+	if extra != nil {
+		extra(fs)
+	}
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := af.client()
+	return c, pos, err
+}
+
+func cmdAttest(args []string, io cmdIO) error {
+	if len(args) == 0 || args[0] != "import" {
+		if len(args) > 0 && (args[0] == "--help" || args[0] == "-h") {
+			fmt.Fprintln(io.stderr, "Usage: cacheproxy attest import [-c FILE] FILE...|-")
+			return errHelp
+		}
+		return usageErr("the only attest command is: attest import FILE...|-")
+	}
+	c, files, err := adminCommand("attest import", "attest import [-c FILE] FILE...|-  (nix path-info --json --sigs output or narinfo text)", args[1:], io, nil)
+	if err != nil {
+		return err
+	}
+	if len(files) == 0 {
+		return usageErr("name at least one FILE, or - for standard input")
+	}
+	total := map[string]int{}
+	for _, f := range files {
+		var raw []byte
+		if f == "-" {
+			raw, err = io2ReadAll(io.stdin)
+		} else {
+			raw, err = os.ReadFile(f)
+		}
+		if err != nil {
+			return fmt.Errorf("read %s: %w", f, err)
+		}
+		var resp adminapi.AttestResponse
+		if err := c.Do(context.Background(), http.MethodPost, adminapi.PathAttestations, raw, &resp); err != nil {
+			return fmt.Errorf("%s: %w", f, err)
+		}
+		for _, r := range resp.Results {
+			total[r.Status]++
+			if r.Status != adminapi.AttestStored && r.Status != adminapi.AttestKnown {
+				fmt.Fprintf(io.stdout, "%s\t%s\t%s\n", r.Status, r.Path, r.Key)
+			}
+		}
+	}
+	fmt.Fprintf(io.stdout, "stored %d, already known %d, no attester signature %d, bad signature %d\n",
+		total[adminapi.AttestStored], total[adminapi.AttestKnown], total[adminapi.AttestNoAttester], total[adminapi.AttestBadSignature])
+	return nil
+}
+
+func cmdAllow(args []string, io cmdIO) error {
+	sub, rest, err := subcommand("allow", args, []string{"add", "list", "remove"}, io)
+	if err != nil {
+		return err
+	}
+	var closure bool
+	var reason, expires string
+	var asJSON bool
+	c, paths, err := adminCommand("allow "+sub, "allow add [--closure] [--reason TEXT] [--expires DURATION] PATH... | allow list | allow remove PATH...", rest, io,
+		func(fs *flag.FlagSet) {
+			if sub == "add" {
+				fs.BoolVar(&closure, "closure", false, "also allow every path the paths reference, transitively")
+				fs.StringVar(&reason, "reason", "", "why (shown by list and explain)")
+				fs.StringVar(&expires, "expires", "", "lifetime such as 30d or 12h (default: never)")
+			}
+			if sub == "list" {
+				fs.BoolVar(&asJSON, "json", false, "print JSON")
+			}
+		})
+	if err != nil {
+		return err
+	}
+	ctx := context.Background()
+	switch sub {
+	case "add":
+		if len(paths) == 0 {
+			return usageErr("name at least one store path or hash")
+		}
+		var resp adminapi.AllowList
+		if err := c.Do(ctx, http.MethodPost, adminapi.PathAllowlist, adminapi.AllowRequest{Paths: paths, Closure: closure, Reason: reason, Expires: expires}, &resp); err != nil {
+			return err
+		}
+		for _, e := range resp.Entries {
+			fmt.Fprintf(io.stdout, "allowed %s (NarHash %s)\n", e.StorePath, e.NarHash)
+		}
+	case "list":
+		var resp adminapi.AllowList
+		if err := c.Do(ctx, http.MethodGet, adminapi.PathAllowlist, nil, &resp); err != nil {
+			return err
+		}
+		if asJSON {
+			return printJSON(io.stdout, resp)
+		}
+		tw := tabwriter.NewWriter(io.stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "PATH\tNARHASH\tEXPIRES\tREASON")
+		for _, e := range resp.Entries {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.StorePath, e.NarHash, expiry(e.Expires), e.Reason)
+		}
+		return tw.Flush()
+	case "remove":
+		if len(paths) == 0 {
+			return usageErr("name at least one store path or hash")
+		}
+		return removeCall(ctx, c, adminapi.PathAllowlist, adminapi.PathsRequest{Paths: paths}, io)
+	}
+	return nil
+}
+
+func cmdDeny(args []string, io cmdIO) error {
+	sub, rest, err := subcommand("deny", args, []string{"add", "list", "remove"}, io)
+	if err != nil {
+		return err
+	}
+	var reason string
+	var asJSON bool
+	c, pats, err := adminCommand("deny "+sub, "deny add [--reason TEXT] PATTERN... | deny list | deny remove PATTERN...\n\nA PATTERN is a store path, a hash, a NarHash (sha256:...) or a name glob such as '*-openssl-3.0.7*'.", rest, io,
+		func(fs *flag.FlagSet) {
+			if sub == "add" {
+				fs.StringVar(&reason, "reason", "", "why (shown by list and explain)")
+			}
+			if sub == "list" {
+				fs.BoolVar(&asJSON, "json", false, "print JSON")
+			}
+		})
+	if err != nil {
+		return err
+	}
+	ctx := context.Background()
+	switch sub {
+	case "add":
+		if len(pats) == 0 {
+			return usageErr("name at least one pattern")
+		}
+		var resp adminapi.DenyList
+		if err := c.Do(ctx, http.MethodPost, adminapi.PathDenylist, adminapi.DenyRequest{Patterns: pats, Reason: reason}, &resp); err != nil {
+			return err
+		}
+		for _, e := range resp.Entries {
+			fmt.Fprintf(io.stdout, "denied %s\n", e.Pattern)
+		}
+	case "list":
+		var resp adminapi.DenyList
+		if err := c.Do(ctx, http.MethodGet, adminapi.PathDenylist, nil, &resp); err != nil {
+			return err
+		}
+		if asJSON {
+			return printJSON(io.stdout, resp)
+		}
+		tw := tabwriter.NewWriter(io.stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "PATTERN\tADDED\tREASON")
+		for _, e := range resp.Entries {
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", e.Pattern, e.Added.Format(time.RFC3339), e.Reason)
+		}
+		return tw.Flush()
+	case "remove":
+		if len(pats) == 0 {
+			return usageErr("name at least one pattern")
+		}
+		return removeCall(ctx, c, adminapi.PathDenylist, adminapi.PatternsRequest{Patterns: pats}, io)
+	}
+	return nil
+}
+
+func removeCall(ctx context.Context, c *adminapi.Client, path string, body any, io cmdIO) error {
+	var resp adminapi.Removed
+	if err := c.Do(ctx, http.MethodDelete, path, body, &resp); err != nil {
+		return err
+	}
+	for _, r := range resp.Removed {
+		fmt.Fprintf(io.stdout, "removed %s\n", r)
+	}
+	if len(resp.Missing) > 0 {
+		return fmt.Errorf("no entry for %s", strings.Join(resp.Missing, ", "))
+	}
+	return nil
+}
+
+func cmdExplain(args []string, io cmdIO) error {
+	var asJSON bool
+	c, pos, err := adminCommand("explain", "explain PATH|HASH [--json]", args, io, func(fs *flag.FlagSet) {
+		fs.BoolVar(&asJSON, "json", false, "print JSON")
+	})
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usageErr("name exactly one store path or hash")
+	}
+	arg := pos[0]
+	if strings.HasPrefix(arg, "/") {
+		arg = filepath.Base(arg)
+	}
+	var ex adminapi.Explain
+	if err := c.Do(context.Background(), http.MethodGet, adminapi.PathExplain+arg, nil, &ex); err != nil {
+		return err
+	}
+	if asJSON {
+		return printJSON(io.stdout, ex)
+	}
+	w := io.stdout
+	name := ex.StorePath
+	if name == "" {
+		name = ex.Hash
+	}
+	fmt.Fprintf(w, "%s\n", name)
+	switch {
+	case ex.Decision != nil:
+		d := ex.Decision
+		fmt.Fprintf(w, "  decision:   %s (served: %v)\n", d, ex.Served)
+		if d.Detail != "" {
+			fmt.Fprintf(w, "  detail:     %s\n", d.Detail)
+		}
+		if d.Upstream != "" {
+			fmt.Fprintf(w, "  upstream:   %s (signed by %s)\n", d.Upstream, orNone(d.UpstreamSigners))
+		}
+		if d.Fingerprint != "" {
+			fmt.Fprintf(w, "  fingerprint: %s\n", d.Fingerprint)
+		}
+		fmt.Fprintf(w, "  attesters matching upstream: %s\n", orNone(d.Attesters))
+		if len(d.Mismatched) > 0 {
+			fmt.Fprintf(w, "  attesters that rebuilt something else: %s\n", strings.Join(d.Mismatched, ", "))
+		}
+		if d.Allow != nil {
+			fmt.Fprintf(w, "  allowlist:  NarHash %s, expires %s, reason %q\n", d.Allow.NarHash, expiry(d.Allow.Expires), d.Allow.Reason)
+		}
+		if d.Deny != nil {
+			fmt.Fprintf(w, "  denylist:   %s, reason %q\n", d.Deny.Pattern, d.Deny.Reason)
+		}
+		if d.Quarantine != nil {
+			fmt.Fprintf(w, "  quarantine: %s check failed at %s: %s (lift with cacheproxy retry)\n", d.Quarantine.Check, d.Quarantine.Time.Format(time.RFC3339), d.Quarantine.Detail)
+		}
+	default:
+		fmt.Fprintf(w, "  status:     %s %s\n", ex.Status, ex.Error)
+	}
+	if ex.Stored != nil {
+		fmt.Fprintf(w, "  served now: %s since %s, NAR cached: %v\n", ex.Stored.Reason, ex.Stored.Decided.Format(time.RFC3339), ex.Stored.Cached)
+	}
+	if ex.Rejection != nil {
+		fmt.Fprintf(w, "  last rejected: %s (%d times, last %s)\n", ex.Rejection.Reason, ex.Rejection.Count, ex.Rejection.Last.Format(time.RFC3339))
+	}
+	return nil
+}
+
+func cmdRejections(args []string, io cmdIO) error {
+	var asJSON, derivers bool
+	c, pos, err := adminCommand("rejections", "rejections [--json] [--derivers]", args, io, func(fs *flag.FlagSet) {
+		fs.BoolVar(&asJSON, "json", false, "print JSON")
+		fs.BoolVar(&derivers, "derivers", false, "print only the .drv paths to rebuild, one per line")
+	})
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usageErr("unexpected argument %q", pos[0])
+	}
+	var resp adminapi.Rejections
+	if err := c.Do(context.Background(), http.MethodGet, adminapi.PathRejections, nil, &resp); err != nil {
+		return err
+	}
+	switch {
+	case derivers:
+		seen := map[string]bool{}
+		var out []string
+		for _, r := range resp.Rejections {
+			if r.Deriver != "" && !seen[r.Deriver] {
+				seen[r.Deriver] = true
+				out = append(out, r.Deriver)
+			}
+		}
+		sort.Strings(out)
+		for _, d := range out {
+			fmt.Fprintln(io.stdout, d)
+		}
+		return nil
+	case asJSON:
+		return printJSON(io.stdout, resp)
+	}
+	tw := tabwriter.NewWriter(io.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LAST\tCOUNT\tREASON\tPATH\tDETAIL")
+	for _, r := range resp.Rejections {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", r.Last.Format(time.RFC3339), r.Count, r.Reason, r.StorePath, r.Detail)
+	}
+	return tw.Flush()
+}
+
+func cmdRetry(args []string, io cmdIO) error {
+	c, paths, err := adminCommand("retry", "retry PATH...", args, io, nil)
+	if err != nil {
+		return err
+	}
+	if len(paths) == 0 {
+		return usageErr("name at least one store path or hash")
+	}
+	var resp adminapi.Retry
+	if err := c.Do(context.Background(), http.MethodPost, adminapi.PathRetry, adminapi.PathsRequest{Paths: paths}, &resp); err != nil {
+		return err
+	}
+	for _, h := range resp.Lifted {
+		fmt.Fprintf(io.stdout, "quarantine lifted: %s\n", h)
+	}
+	for _, h := range resp.NotQuarantined {
+		fmt.Fprintf(io.stdout, "not quarantined: %s\n", h)
+	}
+	return nil
+}
+
+// cmdVerifyCache re-hashes every blob through the running server, or
+// directly on the state dir when no server answers.
+func cmdVerifyCache(args []string, io cmdIO) error {
+	fs := newFlags("verify-cache", "verify-cache [-c FILE] [--state-dir DIR]", io)
+	var af adminFlags
+	af.register(fs)
+	if _, err := parseInterspersed(fs, args); err != nil {
+		return err
+	}
+	var resp adminapi.VerifyCache
+	c, err := af.client()
+	if err == nil {
+		err = c.Do(context.Background(), http.MethodPost, adminapi.PathVerifyCache, nil, &resp)
+	}
+	if err != nil && (errors.Is(err, adminapi.ErrUnreachable) || errors.Is(err, os.ErrNotExist)) {
+		cfg, lerr := af.load()
+		if lerr != nil {
+			return lerr
+		}
+		resp, err = verifyOffline(cfg.StateDir, int64(cfg.Cache.MaxSize))
+	}
+	if err != nil {
+		return err
+	}
+	for _, f := range resp.Dropped {
+		fmt.Fprintf(io.stdout, "dropped %s (%s): %s\n", f.Blob, f.StorePath, f.Error)
+	}
+	fmt.Fprintf(io.stdout, "checked %d blobs, dropped %d\n", resp.Checked, len(resp.Dropped))
+	if len(resp.Dropped) > 0 {
+		return fmt.Errorf("%d cached blobs failed verification and were dropped", len(resp.Dropped))
+	}
+	return nil
+}
+
+func verifyOffline(stateDir string, maxSize int64) (adminapi.VerifyCache, error) {
+	db, err := cache.OpenDB(filepath.Join(stateDir, "state.db"))
+	if err != nil {
+		return adminapi.VerifyCache{}, fmt.Errorf("no server answered and the state dir cannot be opened: %w", err)
+	}
+	defer db.Close()
+	blobs, err := cache.OpenBlobs(db, stateDir, maxSize)
+	if err != nil {
+		return adminapi.VerifyCache{}, err
+	}
+	defer blobs.Close()
+	n, failed, err := blobs.VerifyAll()
+	return adminapi.VerifyCache{Checked: n, Dropped: failed}, err
+}
+
+// subcommand splits "allow add ..." into "add" and the rest.
+func subcommand(name string, args []string, subs []string, io cmdIO) (string, []string, error) {
+	if len(args) > 0 {
+		for _, s := range subs {
+			if args[0] == s {
+				return s, args[1:], nil
+			}
+		}
+		if args[0] == "-h" || args[0] == "--help" {
+			fmt.Fprintf(io.stderr, "Usage: cacheproxy %s %s ...\n", name, strings.Join(subs, "|"))
+			return "", nil, errHelp
+		}
+	}
+	return "", nil, usageErr("want one of: %s %s", name, strings.Join(subs, ", "+name+" "))
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func orNone(list []string) string {
+	if len(list) == 0 {
+		return "none"
+	}
+	return strings.Join(list, ", ")
+}
+
+func expiry(t time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return t.Format(time.RFC3339)
+}
+
+func io2ReadAll(r io.Reader) ([]byte, error) { return io.ReadAll(r) }

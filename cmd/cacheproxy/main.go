@@ -1,0 +1,134 @@
+// Command cacheproxy is a verifying Nix binary-cache proxy: fleet machines
+// use it as their only substituter, and it serves a store path only when the
+// organisation's own evidence (rebuild attestations, a reviewed allowlist,
+// a content-address proof) vouches for it. See README.md.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+)
+
+const usage = `cacheproxy — a verifying Nix binary-cache proxy
+
+Usage:
+  cacheproxy serve [-c FILE] [--listen ADDR] [--state-dir DIR] [--mode enforce|report]
+  cacheproxy keygen NAME [--dir DIR]
+  cacheproxy pubkey [-c FILE]
+  cacheproxy check-config [-c FILE]
+  cacheproxy attest import [-c FILE] FILE...|-
+  cacheproxy allow add [--closure] [--reason TEXT] [--expires DURATION] PATH...
+  cacheproxy allow list | allow remove PATH...
+  cacheproxy deny add [--reason TEXT] PATTERN... | deny list | deny remove PATTERN...
+  cacheproxy explain PATH|HASH [--json]
+  cacheproxy rejections [--json] [--derivers]
+  cacheproxy retry PATH...
+  cacheproxy verify-cache [-c FILE]
+
+Admin commands (attest, allow, deny, explain, rejections, retry, verify-cache)
+find the running server from the config file (admin.listen, admin.token_file)
+or from --server URL --token-file FILE.
+
+Run "cacheproxy COMMAND --help" for the flags of one command.
+`
+
+// errUsage marks errors that should be followed by the command's usage.
+var errUsage = errors.New("usage")
+
+// errHelp is returned when --help was asked for; it exits 0.
+var errHelp = flag.ErrHelp
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	cmds := map[string]func(args []string, io cmdIO) error{
+		"serve":        cmdServe,
+		"keygen":       cmdKeygen,
+		"pubkey":       cmdPubkey,
+		"check-config": cmdCheckConfig,
+		"attest":       cmdAttest,
+		"allow":        cmdAllow,
+		"deny":         cmdDeny,
+		"explain":      cmdExplain,
+		"rejections":   cmdRejections,
+		"retry":        cmdRetry,
+		"verify-cache": cmdVerifyCache,
+	}
+	name := args[0]
+	if name == "-h" || name == "--help" || name == "help" {
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	cmd, ok := cmds[name]
+	if !ok {
+		fmt.Fprintf(stderr, "cacheproxy: unknown command %q (see cacheproxy --help)\n", name)
+		return 2
+	}
+	err := cmd(args[1:], cmdIO{stdin: stdin, stdout: stdout, stderr: stderr})
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, errHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		fmt.Fprintf(stderr, "cacheproxy %s: %s\n", name, strings.TrimPrefix(err.Error(), "usage: "))
+		return 2
+	default:
+		fmt.Fprintf(stderr, "cacheproxy %s: %v\n", name, err)
+		return 1
+	}
+}
+
+type cmdIO struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+}
+
+// newFlags returns a flag set that prints its usage to stderr on --help.
+func newFlags(name, synopsis string, io cmdIO) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(io.stderr, "Usage: cacheproxy %s\n\nFlags:\n", synopsis)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// parseInterspersed parses flags that may come before, between or after
+// positional arguments ("explain PATH --json"), and returns the positionals.
+// A lone "--" ends flag parsing.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, errHelp
+			}
+			return nil, fmt.Errorf("%w: %v", errUsage, err)
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos, nil
+		}
+		if args[0] == "--" {
+			return append(pos, args[1:]...), nil
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+}
+
+func usageErr(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{errUsage}, args...)...)
+}

@@ -1,0 +1,214 @@
+// Package adminapi is the admin API's wire format and its client, shared by
+// the server's handlers and the CLI's admin commands.
+//
+// Trust model: the admin API changes what the gatekeeper approves, so every
+// call carries the bearer token from the admin token file; the client never
+// sends it anywhere but the configured admin address.
+package adminapi
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/policy"
+)
+
+// Routes.
+const (
+	PathAttestations = "/admin/v1/attestations"
+	PathAllowlist    = "/admin/v1/allowlist"
+	PathDenylist     = "/admin/v1/denylist"
+	PathExplain      = "/admin/v1/explain/"
+	PathRejections   = "/admin/v1/rejections"
+	PathRetry        = "/admin/v1/retry"
+	PathVerifyCache  = "/admin/v1/verify-cache"
+)
+
+// Error is the body of every non-2xx answer.
+type Error struct {
+	Error string `json:"error"`
+}
+
+// Attestation import outcomes, per path and key.
+const (
+	AttestStored       = "stored"
+	AttestKnown        = "already_known"
+	AttestNoAttester   = "no_attester_signature"
+	AttestBadSignature = "bad_signature"
+)
+
+// AttestResult is what import did for one path (and one attester key).
+type AttestResult struct {
+	Path   string `json:"path"`
+	Key    string `json:"key,omitempty"`
+	Status string `json:"status"`
+}
+
+// AttestResponse answers POST /admin/v1/attestations.
+type AttestResponse struct {
+	Results []AttestResult `json:"results"`
+	Counts  map[string]int `json:"counts"`
+}
+
+// AllowRequest adds allowlist entries (POST /admin/v1/allowlist).
+type AllowRequest struct {
+	Paths   []string `json:"paths"`
+	Closure bool     `json:"closure,omitempty"`
+	Reason  string   `json:"reason,omitempty"`
+	Expires string   `json:"expires,omitempty"` // "30d", "12h"
+}
+
+// PathsRequest names store paths or hashes (DELETE allowlist, retry).
+type PathsRequest struct {
+	Paths []string `json:"paths"`
+}
+
+// DenyRequest adds denylist entries (POST /admin/v1/denylist).
+type DenyRequest struct {
+	Patterns []string `json:"patterns"`
+	Reason   string   `json:"reason,omitempty"`
+}
+
+// PatternsRequest removes denylist entries (DELETE /admin/v1/denylist).
+type PatternsRequest struct {
+	Patterns []string `json:"patterns"`
+}
+
+// AllowList answers GET and POST /admin/v1/allowlist.
+type AllowList struct {
+	Entries []cache.AllowEntry `json:"entries"`
+}
+
+// DenyList answers GET and POST /admin/v1/denylist.
+type DenyList struct {
+	Entries []cache.DenyEntry `json:"entries"`
+}
+
+// Removed answers DELETE calls.
+type Removed struct {
+	Removed []string `json:"removed"`
+	Missing []string `json:"missing,omitempty"`
+}
+
+// Explain answers GET /admin/v1/explain/<hash>.
+type Explain struct {
+	Hash      string           `json:"hash"`
+	StorePath string           `json:"store_path,omitempty"`
+	Status    string           `json:"status"` // approved, rejected, not_found, unavailable
+	Served    bool             `json:"served"`
+	Decision  *policy.Decision `json:"decision,omitempty"`
+	Stored    *StoredRecord    `json:"stored,omitempty"` // the decision currently served, if any
+	Rejection *cache.Rejection `json:"last_rejection,omitempty"`
+	Error     string           `json:"error,omitempty"`
+}
+
+// StoredRecord summarises a stored (served) narinfo.
+type StoredRecord struct {
+	Reason   string    `json:"reason"`
+	Approved bool      `json:"approved"`
+	Upstream string    `json:"upstream"`
+	NarHash  string    `json:"nar_hash"`
+	Decided  time.Time `json:"decided"`
+	Cached   bool      `json:"nar_cached"`
+}
+
+// Rejections answers GET /admin/v1/rejections.
+type Rejections struct {
+	Rejections []cache.Rejection `json:"rejections"`
+}
+
+// Retry answers POST /admin/v1/retry.
+type Retry struct {
+	Lifted         []string `json:"lifted"`
+	NotQuarantined []string `json:"not_quarantined,omitempty"`
+}
+
+// VerifyCache answers POST /admin/v1/verify-cache.
+type VerifyCache struct {
+	Checked int                 `json:"checked"`
+	Dropped []cache.BlobFailure `json:"dropped"`
+}
+
+// Client calls a running server's admin API.
+type Client struct {
+	Base  string // "http://127.0.0.1:5481"
+	Token string
+	HTTP  *http.Client
+}
+
+// NewClient reads the token file and returns a client for base (a URL or a
+// host:port).
+func NewClient(base, tokenFile string) (*Client, error) {
+	raw, err := os.ReadFile(tokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("read admin token: %w", err)
+	}
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
+	}
+	if _, err := url.Parse(base); err != nil {
+		return nil, fmt.Errorf("admin server URL %q: %w", base, err)
+	}
+	return &Client{Base: strings.TrimSuffix(base, "/"), Token: strings.TrimSpace(string(raw)),
+		HTTP: &http.Client{Timeout: 10 * time.Minute}}, nil
+}
+
+// ErrUnreachable wraps a failure to reach the server at all.
+var ErrUnreachable = errors.New("admin API unreachable")
+
+// Do sends one call; body is JSON-encoded unless it is []byte; out, when
+// non-nil, receives the JSON answer.
+func (c *Client) Do(ctx context.Context, method, path string, body, out any) error {
+	var rd io.Reader
+	switch b := body.(type) {
+	case nil:
+	case []byte:
+		rd = bytes.NewReader(b)
+	default:
+		raw, err := json.Marshal(b)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(raw)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.Base+path, rd)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.Token)
+	if _, ok := body.([]byte); !ok && body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.HTTP.Do(req)
+	if err != nil {
+		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.Base, err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
+	if err != nil {
+		return fmt.Errorf("read admin answer: %w", err)
+	}
+	if resp.StatusCode/100 != 2 {
+		var e Error
+		if json.Unmarshal(raw, &e) == nil && e.Error != "" {
+			return fmt.Errorf("%s", e.Error)
+		}
+		return fmt.Errorf("admin API answered %s", resp.Status)
+	}
+	if out != nil {
+		if err := json.Unmarshal(raw, out); err != nil {
+			return fmt.Errorf("decode admin answer: %w", err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,471 @@
+package attest
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+)
+
+// member is one key/value of a JSON object, kept in input order (encoding/json maps
+// lose it, and claims must come back in input order).
+type member struct {
+	Key   string
+	Value json.RawMessage
+}
+
+// decodeObject decodes a JSON object into its members in order, rejecting duplicate
+// keys: two values for one path or one field would make the claim ambiguous.
+func decodeObject(raw []byte) ([]member, error) {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	tok, err := dec.Token()
+	if err != nil {
+		return nil, fmt.Errorf("invalid JSON: %w", err)
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return nil, fmt.Errorf("want a JSON object, got %s", describe(raw))
+	}
+	var out []member
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, fmt.Errorf("invalid JSON: %w", err)
+		}
+		key, ok := tok.(string)
+		if !ok {
+			return nil, errors.New("invalid JSON: object key is not a string")
+		}
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return nil, fmt.Errorf("invalid JSON at key %q: %w", key, err)
+		}
+		if seen[key] {
+			return nil, fmt.Errorf("key %q appears more than once", key)
+		}
+		seen[key] = true
+		out = append(out, member{key, v})
+	}
+	if _, err := dec.Token(); err != nil { // closing '}'
+		return nil, fmt.Errorf("invalid JSON: %w", err)
+	}
+	if err := expectEOF(dec); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func expectEOF(dec *json.Decoder) error {
+	if _, err := dec.Token(); err != io.EOF {
+		if err != nil {
+			return fmt.Errorf("invalid JSON: %w", err)
+		}
+		return errors.New("invalid JSON: data after the top-level value")
+	}
+	return nil
+}
+
+// describe names the JSON type of raw for error messages.
+func describe(raw []byte) string {
+	t := bytes.TrimSpace(raw)
+	if len(t) == 0 {
+		return "nothing"
+	}
+	switch t[0] {
+	case '{':
+		return "an object"
+	case '[':
+		return "an array"
+	case '"':
+		return "a string"
+	case 't', 'f':
+		return "a boolean"
+	case 'n':
+		return "null"
+	default:
+		return "a number"
+	}
+}
+
+func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }
+
+func parseJSONArray(data []byte, storeDir string) (*Result, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	var entries []json.RawMessage
+	if err := dec.Decode(&entries); err != nil {
+		return nil, fmt.Errorf("invalid JSON: %w", err)
+	}
+	if err := expectEOF(dec); err != nil {
+		return nil, err
+	}
+	r := &Result{}
+	for i, raw := range entries {
+		fields, err := entryFields(raw)
+		if err != nil {
+			return nil, fmt.Errorf("entry %d: %w", i+1, err)
+		}
+		p, ok := fields["path"]
+		if !ok {
+			return nil, fmt.Errorf("entry %d: path: missing", i+1)
+		}
+		var ps string
+		if err := json.Unmarshal(p, &ps); err != nil {
+			return nil, fmt.Errorf("entry %d: path: want a string, got %s", i+1, describe(p))
+		}
+		abs, err := resolvePath(ps, storeDir)
+		if err != nil {
+			return nil, fmt.Errorf("entry %d: path: %w", i+1, err)
+		}
+		if err := addEntry(r, abs, fields, storeDir); err != nil {
+			return nil, fmt.Errorf("entry %d (%s): %w", i+1, abs, err)
+		}
+	}
+	return r, nil
+}
+
+// parseJSONObject handles the object keyed by store path (Nix 2.19-2.32) and the
+// versioned envelope {"version": N, "storeDir": ..., "info": {<basename>: ...}}
+// of `nix path-info --json --json-format 2` (Nix >= 2.33).
+func parseJSONObject(data []byte, storeDir string) (*Result, error) {
+	top, err := decodeObject(data)
+	if err != nil {
+		return nil, err
+	}
+	var infoRaw json.RawMessage
+	envelope := false
+	for _, m := range top {
+		if m.Key == "info" {
+			infoRaw, envelope = m.Value, true
+		}
+	}
+	entries := top
+	if envelope {
+		for _, m := range top {
+			switch m.Key {
+			case "version":
+				v, err := parseUint(m.Value)
+				if err != nil {
+					return nil, fmt.Errorf("version: %w", err)
+				}
+				if v < 1 || v > 3 {
+					return nil, fmt.Errorf("version: path-info JSON version %d is not supported (want 1, 2 or 3)", v)
+				}
+			case "storeDir":
+				if err := checkStoreDirField(m.Value, storeDir); err != nil {
+					return nil, err
+				}
+			}
+		}
+		if entries, err = decodeObject(infoRaw); err != nil {
+			return nil, fmt.Errorf("info: %w", err)
+		}
+	}
+	r := &Result{}
+	for i, m := range entries {
+		if !envelope && (m.Key == "version" || m.Key == "storeDir") {
+			// Metadata some Nix versions put next to the paths, not a path.
+			if m.Key == "storeDir" {
+				if err := checkStoreDirField(m.Value, storeDir); err != nil {
+					return nil, err
+				}
+			}
+			continue
+		}
+		abs, err := resolvePath(m.Key, storeDir)
+		if err != nil {
+			return nil, fmt.Errorf("entry %d: key: %w", i+1, err)
+		}
+		if isNull(m.Value) {
+			r.Invalid = append(r.Invalid, abs)
+			continue
+		}
+		fields, err := entryFields(m.Value)
+		if err != nil {
+			return nil, fmt.Errorf("entry %d (%s): %w", i+1, abs, err)
+		}
+		if p, ok := fields["path"]; ok {
+			var ps string
+			if json.Unmarshal(p, &ps) != nil {
+				return nil, fmt.Errorf("entry %d (%s): path: want a string, got %s", i+1, abs, describe(p))
+			}
+			if pa, err := resolvePath(ps, storeDir); err != nil || pa != abs {
+				return nil, fmt.Errorf("entry %d (%s): path: %q disagrees with the key", i+1, abs, ps)
+			}
+		}
+		if err := addEntry(r, abs, fields, storeDir); err != nil {
+			return nil, fmt.Errorf("entry %d (%s): %w", i+1, abs, err)
+		}
+	}
+	return r, nil
+}
+
+func checkStoreDirField(raw json.RawMessage, storeDir string) error {
+	var sd string
+	if err := json.Unmarshal(raw, &sd); err != nil {
+		return fmt.Errorf("storeDir: want a string, got %s", describe(raw))
+	}
+	if sd != storeDir {
+		return fmt.Errorf("storeDir: input is for store %q, this proxy serves %q", sd, storeDir)
+	}
+	return nil
+}
+
+func entryFields(raw json.RawMessage) (map[string]json.RawMessage, error) {
+	ms, err := decodeObject(raw)
+	if err != nil {
+		return nil, err
+	}
+	f := make(map[string]json.RawMessage, len(ms))
+	for _, m := range ms {
+		f[m.Key] = m.Value
+	}
+	return f, nil
+}
+
+// resolvePath accepts an absolute store path (format 1) or a basename (format 2)
+// and returns the absolute path.
+func resolvePath(s, storeDir string) (string, error) {
+	if strings.HasPrefix(s, "/") {
+		if _, err := narinfo.ParseStorePath(s, storeDir); err != nil {
+			return "", err
+		}
+		return s, nil
+	}
+	if _, _, err := narinfo.ParseBaseName(s); err != nil {
+		return "", err
+	}
+	return storeDir + "/" + s, nil
+}
+
+func resolveBase(s, storeDir string) (string, error) {
+	abs, err := resolvePath(s, storeDir)
+	if err != nil {
+		return "", err
+	}
+	return abs[len(storeDir)+1:], nil
+}
+
+// addEntry turns one path-info object into a claim, or records an invalid path.
+// Fields not listed here (registrationTime, ultimate, closureSize, url, ...) are
+// ignored: they are not part of what an attester vouches for.
+func addEntry(r *Result, abs string, f map[string]json.RawMessage, storeDir string) error {
+	if v, ok := f["valid"]; ok {
+		var valid bool
+		if err := json.Unmarshal(v, &valid); err != nil {
+			return fmt.Errorf("valid: want a boolean, got %s", describe(v))
+		}
+		if !valid {
+			r.Invalid = append(r.Invalid, abs)
+			return nil
+		}
+	}
+	if v, ok := f["storeDir"]; ok {
+		if err := checkStoreDirField(v, storeDir); err != nil {
+			return err
+		}
+	}
+	c := Claim{StorePath: abs}
+
+	raw, ok := f["narHash"]
+	if !ok {
+		return errors.New("narHash: missing")
+	}
+	algo, digest, err := parseHashJSON(raw)
+	if err != nil {
+		return fmt.Errorf("narHash: %w", err)
+	}
+	if algo != "sha256" {
+		return fmt.Errorf("narHash: algorithm is %s, want sha256", algo)
+	}
+	c.NarHash = narinfo.FormatHash(algo, digest)
+
+	raw, ok = f["narSize"]
+	if !ok {
+		return errors.New("narSize: missing")
+	}
+	if c.NarSize, err = parseUint(raw); err != nil {
+		return fmt.Errorf("narSize: %w", err)
+	}
+	if c.NarSize == 0 {
+		return errors.New("narSize: is zero")
+	}
+
+	raw, ok = f["references"]
+	if !ok {
+		// Nix always prints it; without it the fingerprint would silently claim
+		// "no references".
+		return errors.New("references: missing")
+	}
+	var refs []string
+	if isNull(raw) || json.Unmarshal(raw, &refs) != nil {
+		return fmt.Errorf("references: want an array of strings, got %s", describe(raw))
+	}
+	for i, ref := range refs {
+		b, err := resolveBase(ref, storeDir)
+		if err != nil {
+			return fmt.Errorf("references[%d]: %w", i, err)
+		}
+		refs[i] = b
+	}
+	c.References = sortRefs(refs)
+
+	if raw, ok := f["deriver"]; ok && !isNull(raw) {
+		var d string
+		if err := json.Unmarshal(raw, &d); err != nil {
+			return fmt.Errorf("deriver: want a string or null, got %s", describe(raw))
+		}
+		if c.Deriver, err = resolveBase(d, storeDir); err != nil {
+			return fmt.Errorf("deriver: %w", err)
+		}
+	}
+
+	if raw, ok := f["signatures"]; ok && !isNull(raw) {
+		if c.Sigs, err = parseSigs(raw); err != nil {
+			return fmt.Errorf("signatures: %w", err)
+		}
+	}
+
+	if raw, ok := f["ca"]; ok && !isNull(raw) {
+		ca, err := parseCAJSON(raw)
+		if err != nil {
+			return fmt.Errorf("ca: %w", err)
+		}
+		c.CA = ca.String()
+	}
+	r.Claims = append(r.Claims, c)
+	return nil
+}
+
+// parseUint accepts a JSON number that is a non-negative integer.
+func parseUint(raw json.RawMessage) (uint64, error) {
+	var n json.Number
+	if err := json.Unmarshal(raw, &n); err != nil {
+		return 0, fmt.Errorf("want a non-negative integer, got %s", describe(raw))
+	}
+	v, err := strconv.ParseUint(n.String(), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("want a non-negative integer, got %s", n)
+	}
+	return v, nil
+}
+
+// parseHashJSON accepts a hash as a string in any Nix form ("sha256-<base64>",
+// "sha256:<nix32|base16|base64>") or as the structured object of Nix >= 2.33
+// {"algorithm": "sha256", "format": "base16|nix32|base64|sri", "hash": "..."}.
+func parseHashJSON(raw json.RawMessage) (string, []byte, error) {
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		return narinfo.ParseHash(s)
+	}
+	ms, err := decodeObject(raw)
+	if err != nil {
+		return "", nil, fmt.Errorf("want a hash string or object, got %s", describe(raw))
+	}
+	var algo, format, hash string
+	for _, m := range ms {
+		var dst *string
+		switch m.Key {
+		case "algorithm":
+			dst = &algo
+		case "format":
+			dst = &format
+		case "hash":
+			dst = &hash
+		default:
+			return "", nil, fmt.Errorf("unknown hash object field %q", m.Key)
+		}
+		if err := json.Unmarshal(m.Value, dst); err != nil {
+			return "", nil, fmt.Errorf("%s: want a string, got %s", m.Key, describe(m.Value))
+		}
+	}
+	if algo == "" || hash == "" {
+		return "", nil, errors.New(`hash object needs "algorithm" and "hash"`)
+	}
+	switch format {
+	case "", "base16", "nix32", "base32", "base64", "sri":
+	default:
+		return "", nil, fmt.Errorf("unknown hash format %q", format)
+	}
+	d, err := narinfo.ParseTypedHash(hash, algo)
+	if err != nil {
+		return "", nil, err
+	}
+	return algo, d, nil
+}
+
+// parseSigs accepts signatures as "keyname:base64" strings or, as in newer Nix JSON,
+// {"keyName": ..., "sig": ...} objects, and returns them as strings.
+func parseSigs(raw json.RawMessage) ([]string, error) {
+	var items []json.RawMessage
+	if err := json.Unmarshal(raw, &items); err != nil {
+		return nil, fmt.Errorf("want an array, got %s", describe(raw))
+	}
+	var out []string
+	for i, it := range items {
+		var s string
+		if json.Unmarshal(it, &s) == nil {
+			if s == "" {
+				return nil, fmt.Errorf("[%d]: empty signature", i)
+			}
+			out = append(out, s)
+			continue
+		}
+		var o struct {
+			KeyName *string `json:"keyName"`
+			Sig     *string `json:"sig"`
+		}
+		if err := json.Unmarshal(it, &o); err != nil || o.KeyName == nil || o.Sig == nil {
+			return nil, fmt.Errorf(`[%d]: want "keyname:base64" or {"keyName","sig"}, got %s`, i, describe(it))
+		}
+		out = append(out, *o.KeyName+":"+*o.Sig)
+	}
+	return out, nil
+}
+
+// parseCAJSON accepts the narinfo-style string ("fixed:r:sha256:...") or the
+// structured {"method": "nar|flat|text|git", "hash": <hash>} of format 2.
+func parseCAJSON(raw json.RawMessage) (narinfo.CA, error) {
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		return narinfo.ParseCA(s)
+	}
+	ms, err := decodeObject(raw)
+	if err != nil {
+		return narinfo.CA{}, fmt.Errorf("want a content-address string or object, got %s", describe(raw))
+	}
+	var method string
+	var hashRaw json.RawMessage
+	for _, m := range ms {
+		switch m.Key {
+		case "method":
+			if err := json.Unmarshal(m.Value, &method); err != nil {
+				return narinfo.CA{}, fmt.Errorf("method: want a string, got %s", describe(m.Value))
+			}
+		case "hash":
+			hashRaw = m.Value
+		default:
+			return narinfo.CA{}, fmt.Errorf("unknown content-address field %q", m.Key)
+		}
+	}
+	if hashRaw == nil {
+		return narinfo.CA{}, errors.New("hash: missing")
+	}
+	algo, d, err := parseHashJSON(hashRaw)
+	if err != nil {
+		return narinfo.CA{}, fmt.Errorf("hash: %w", err)
+	}
+	switch method {
+	case narinfo.CAText, narinfo.CAFlat, narinfo.CANar, narinfo.CAGit:
+	default:
+		return narinfo.CA{}, fmt.Errorf("method: unknown content-address method %q", method)
+	}
+	// Round-trip through the string form so the same rules (text needs sha256)
+	// apply to both spellings.
+	return narinfo.ParseCA(narinfo.CA{Method: method, Algo: algo, Digest: d}.String())
+}

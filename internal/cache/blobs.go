@@ -1,0 +1,308 @@
+package cache
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Blobs is the directory of verified NAR files, named as the proxy serves
+// them, indexed in the DB's blobs bucket. A blob becomes visible only by
+// rename after fsync, and is indexed after the rename: a crash at any point
+// leaves at worst a temp file or an unindexed blob, both removed by Open.
+type Blobs struct {
+	db      *DB
+	dir     string // final blobs
+	tmp     string // downloads in progress
+	maxSize int64
+
+	mu       sync.Mutex
+	size     int64                // sum of indexed blob sizes
+	lastUsed map[string]time.Time // in memory; persisted on eviction and Close
+	onEvict  func(n int, bytes int64)
+}
+
+// OpenBlobs prepares stateDir/blobs and stateDir/tmp, removes leftovers of a
+// crash and reconciles the index with the files on disk.
+func OpenBlobs(db *DB, stateDir string, maxSize int64) (*Blobs, error) {
+	b := &Blobs{db: db, dir: filepath.Join(stateDir, "blobs"), tmp: filepath.Join(stateDir, "tmp"),
+		maxSize: maxSize, lastUsed: map[string]time.Time{}}
+	if err := os.RemoveAll(b.tmp); err != nil {
+		return nil, fmt.Errorf("clear temp dir: %w", err)
+	}
+	for _, d := range []string{b.dir, b.tmp} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	if err := b.reconcile(); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// reconcile drops index entries without a file and files without an entry.
+func (b *Blobs) reconcile() error {
+	onDisk := map[string]bool{}
+	entries, err := os.ReadDir(b.dir)
+	if err != nil {
+		return fmt.Errorf("read blob dir: %w", err)
+	}
+	for _, e := range entries {
+		onDisk[e.Name()] = true
+	}
+	return b.db.update(func(tx *bolt.Tx) error {
+		bk := tx.Bucket(bucketBlobs)
+		var stale [][]byte
+		err := bk.ForEach(func(k, v []byte) error {
+			if k[0] == 0 {
+				return nil
+			}
+			name := string(k)
+			if !onDisk[name] {
+				stale = append(stale, append([]byte(nil), k...))
+				return nil
+			}
+			delete(onDisk, name)
+			var m BlobMeta
+			if err := json.Unmarshal(v, &m); err != nil {
+				return fmt.Errorf("decode blob index %s: %w", name, err)
+			}
+			b.size += m.Size
+			b.lastUsed[name] = m.LastUsed
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		for _, k := range stale {
+			if err := bk.Delete(k); err != nil {
+				return err
+			}
+		}
+		for name := range onDisk {
+			if err := os.Remove(filepath.Join(b.dir, name)); err != nil {
+				return fmt.Errorf("remove unindexed blob: %w", err)
+			}
+		}
+		return nil
+	})
+}
+
+// OnEvict sets a callback for evictions (metrics).
+func (b *Blobs) OnEvict(fn func(n int, bytes int64)) { b.onEvict = fn }
+
+// validName keeps blob names to one path element.
+func validName(name string) error {
+	if name == "" || strings.ContainsAny(name, "/\\") || name == "." || name == ".." || name[0] == '.' {
+		return fmt.Errorf("invalid blob name %q", name)
+	}
+	return nil
+}
+
+// CreateTemp creates a temp file for a download of blob name.
+func (b *Blobs) CreateTemp(name string) (*os.File, error) {
+	if err := validName(name); err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(b.tmp, name+".*")
+	if err != nil {
+		return nil, fmt.Errorf("create temp blob: %w", err)
+	}
+	return f, nil
+}
+
+// Commit makes a fully written and verified temp file the blob name: fsync,
+// rename, fsync the directory, then index it with meta. f is closed.
+func (b *Blobs) Commit(f *os.File, name string, meta BlobMeta) error {
+	tmpName := f.Name()
+	size, err := f.Seek(0, 2)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmpName, filepath.Join(b.dir, name))
+	}
+	if err == nil {
+		err = syncDir(b.dir)
+	}
+	if err != nil {
+		os.Remove(tmpName)
+		return fmt.Errorf("commit blob %s: %w", name, err)
+	}
+	now := time.Now()
+	err = b.db.update(func(tx *bolt.Tx) error {
+		meta.Size, meta.Added, meta.LastUsed = size, now, now
+		return put(tx, bucketBlobs, name, meta)
+	})
+	if err != nil {
+		os.Remove(filepath.Join(b.dir, name))
+		return fmt.Errorf("index blob %s: %w", name, err)
+	}
+	b.mu.Lock()
+	if _, ok := b.lastUsed[name]; !ok {
+		b.size += size
+	}
+	b.lastUsed[name] = now
+	b.mu.Unlock()
+	return b.evict()
+}
+
+// Discard removes a temp file that will never be committed.
+func (b *Blobs) Discard(f *os.File) {
+	f.Close()
+	os.Remove(f.Name())
+}
+
+// Open opens a blob for serving and marks it used.
+func (b *Blobs) Open(name string) (*os.File, error) {
+	if err := validName(name); err != nil {
+		return nil, err
+	}
+	b.mu.Lock()
+	_, ok := b.lastUsed[name]
+	if ok {
+		b.lastUsed[name] = time.Now()
+	}
+	b.mu.Unlock()
+	if !ok {
+		return nil, os.ErrNotExist
+	}
+	return os.Open(filepath.Join(b.dir, name))
+}
+
+// Path returns the file path of a blob (for re-hashing).
+func (b *Blobs) Path(name string) string { return filepath.Join(b.dir, name) }
+
+// Meta returns the index entry of a blob.
+func (b *Blobs) Meta(name string) (m *BlobMeta, err error) {
+	err = b.db.view(func(tx *bolt.Tx) error {
+		m, err = get[BlobMeta](tx, bucketBlobs, name)
+		return err
+	})
+	return m, err
+}
+
+// Names lists the indexed blobs.
+func (b *Blobs) Names() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := make([]string, 0, len(b.lastUsed))
+	for n := range b.lastUsed {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Size returns the bytes held by indexed blobs.
+func (b *Blobs) Size() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.size
+}
+
+// Remove drops a blob and its index entry.
+func (b *Blobs) Remove(name string) error {
+	if err := validName(name); err != nil {
+		return err
+	}
+	err := b.db.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketBlobs).Delete([]byte(name)) })
+	if err != nil {
+		return fmt.Errorf("unindex blob %s: %w", name, err)
+	}
+	b.mu.Lock()
+	size := int64(0)
+	if fi, err := os.Stat(filepath.Join(b.dir, name)); err == nil {
+		size = fi.Size()
+	}
+	if _, ok := b.lastUsed[name]; ok {
+		b.size -= size
+		delete(b.lastUsed, name)
+	}
+	b.mu.Unlock()
+	if err := os.Remove(filepath.Join(b.dir, name)); err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("remove blob %s: %w", name, err)
+	}
+	return nil
+}
+
+// evict removes least-recently-used blobs until the total is within maxSize.
+// An open file keeps its data on Linux, so a client being served an evicted
+// blob is unaffected.
+func (b *Blobs) evict() error {
+	b.mu.Lock()
+	if b.maxSize <= 0 || b.size <= b.maxSize {
+		b.mu.Unlock()
+		return nil
+	}
+	names := make([]string, 0, len(b.lastUsed))
+	for n := range b.lastUsed {
+		names = append(names, n)
+	}
+	sort.Slice(names, func(i, j int) bool { return b.lastUsed[names[i]].Before(b.lastUsed[names[j]]) })
+	excess := b.size - b.maxSize
+	b.mu.Unlock()
+
+	n, freed := 0, int64(0)
+	for _, name := range names {
+		if freed >= excess {
+			break
+		}
+		fi, err := os.Stat(filepath.Join(b.dir, name))
+		if err != nil {
+			continue
+		}
+		if err := b.Remove(name); err != nil {
+			return err
+		}
+		n++
+		freed += fi.Size()
+	}
+	if n > 0 && b.onEvict != nil {
+		b.onEvict(n, freed)
+	}
+	return nil
+}
+
+// Close persists the last-used times so LRU order survives a restart.
+func (b *Blobs) Close() error {
+	b.mu.Lock()
+	used := make(map[string]time.Time, len(b.lastUsed))
+	for k, v := range b.lastUsed {
+		used[k] = v
+	}
+	b.mu.Unlock()
+	return b.db.update(func(tx *bolt.Tx) error {
+		for name, t := range used {
+			m, err := get[BlobMeta](tx, bucketBlobs, name)
+			if err != nil || m == nil {
+				continue
+			}
+			m.LastUsed = t
+			if err := put(tx, bucketBlobs, name, m); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

@@ -1,0 +1,58 @@
+package cache
+
+import (
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/cacheproxy/cacheproxy/internal/verify"
+)
+
+// BlobFailure is a blob that no longer matches what it was verified against.
+type BlobFailure struct {
+	Blob      string `json:"blob"`
+	StorePath string `json:"store_path,omitempty"`
+	Error     string `json:"error"`
+}
+
+// VerifyAll re-hashes every blob against its index entry and removes the
+// ones that fail (disk corruption, tampering on the host). It returns how
+// many it checked and the failures.
+func (b *Blobs) VerifyAll() (int, []BlobFailure, error) {
+	var failed []BlobFailure
+	names := b.Names()
+	for _, name := range names {
+		m, err := b.Meta(name)
+		if err != nil {
+			return 0, failed, err
+		}
+		if m == nil {
+			continue // removed meanwhile
+		}
+		if err := checkBlob(b.Path(name), *m); err != nil {
+			failed = append(failed, BlobFailure{Blob: name, StorePath: m.StorePath, Error: err.Error()})
+			if err := b.Remove(name); err != nil {
+				return len(names), failed, err
+			}
+		}
+	}
+	return len(names), failed, nil
+}
+
+func checkBlob(path string, m BlobMeta) error {
+	v, err := verify.NewVerifier(verify.Expect{Compression: m.Compression, FileHash: m.FileHash, FileSize: m.FileSize,
+		NarHash: m.NarHash, NarSize: m.NarSize, FlatSHA256: m.FlatSHA256})
+	if err != nil {
+		return err
+	}
+	defer v.Abort()
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := io.Copy(v, f); err != nil {
+		return fmt.Errorf("re-hash: %w", err)
+	}
+	return v.Finish()
+}

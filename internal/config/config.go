@@ -1,0 +1,249 @@
+// Package config reads, defaults and validates cacheproxy's TOML configuration.
+//
+// Its job is to turn an optional config file plus the process environment into
+// one Config value whose every field has a meaning, and to refuse at start
+// anything SPEC.md says must be refused (unknown keys, bad URLs, malformed
+// public keys, an impossible quorum, unreadable key files), naming the
+// offending key.
+//
+// Trust model: the config file is operator input and is trusted to say what
+// the operator means — it is where the roots of trust (upstream keys, attester
+// keys, quorum) are declared, so the package is strict rather than forgiving:
+// a typo such as "quorom" must fail loudly instead of silently leaving the
+// default in force. It does not check that keys are the right keys, only that
+// they are well-formed. The environment is read in exactly one place,
+// EnvFromOS; everything else takes an Env value so tests need no os.Setenv.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Defaults that other packages or the CLI may want to mention in help text.
+const (
+	DefaultListen        = "127.0.0.1:5480"
+	DefaultAdminListen   = "127.0.0.1:5481"
+	DefaultStateDir      = "./cacheproxy-state"
+	DefaultStoreDir      = "/nix/store"
+	DefaultPriority      = 40
+	DefaultMode          = ModeEnforce
+	DefaultUpstreamURL   = "https://cache.nixos.org"
+	DefaultUpstreamKey   = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+	DefaultTimeout       = 30 * time.Second
+	DefaultMaxSize       = Size(100 << 30)
+	DefaultQuorum        = 1
+	SigningKeyName       = "gatekeeper.sec"
+	AdminTokenName       = "admin-token"
+	ModeEnforce          = "enforce"
+	ModeReport           = "report"
+	stateDirectoryEnvVar = "STATE_DIRECTORY"
+)
+
+// Upstream is one binary cache cacheproxy fetches from, tried in file order.
+type Upstream struct {
+	URL        string   `toml:"url"`         // http://, https:// or file:///absolute/dir
+	PublicKeys []string `toml:"public_keys"` // "name:base64" ed25519 keys trusted to sign this upstream's narinfos
+	Timeout    Duration `toml:"timeout"`     // default 30s
+	NetrcFile  string   `toml:"netrc_file"`  // optional credentials for private upstreams
+}
+
+// Policy holds the decision-rule parameters.
+type Policy struct {
+	Attesters        []string `toml:"attesters"`         // rebuilder public keys, "name:base64"
+	Quorum           int      `toml:"quorum"`            // distinct attester keys required; default 1
+	ContentAddressed bool     `toml:"content_addressed"` // default true
+	RequireClosure   bool     `toml:"require_closure"`   // default false
+}
+
+// Cache holds the blob store limits.
+type Cache struct {
+	MaxSize Size `toml:"max_size"` // default 100GiB
+}
+
+// Admin configures the admin API listener.
+type Admin struct {
+	Listen    string `toml:"listen"`     // default 127.0.0.1:5481; "" turns the admin API off
+	TokenFile string `toml:"token_file"` // "" means <state_dir>/admin-token; see AdminTokenFile
+}
+
+// Config is the whole effective configuration.
+type Config struct {
+	Listen         string     `toml:"listen"`
+	StateDir       string     `toml:"state_dir"`
+	StoreDir       string     `toml:"store_dir"`
+	Priority       int        `toml:"priority"`
+	Mode           string     `toml:"mode"`
+	SigningKeyFile string     `toml:"signing_key_file"` // "" means <state_dir>/gatekeeper.sec, generated; see SigningKeyPath
+	Upstreams      []Upstream `toml:"upstreams"`
+	Policy         Policy     `toml:"policy"`
+	Cache          Cache      `toml:"cache"`
+	Admin          Admin      `toml:"admin"`
+}
+
+// Env is what Load and Defaults read from the process environment, passed in
+// explicitly so tests need no os.Setenv.
+type Env struct {
+	// StateDirectory is $STATE_DIRECTORY as systemd's StateDirectory= sets it
+	// (possibly a colon-separated list).
+	StateDirectory string
+}
+
+// EnvFromOS reads the process environment. It is the only place in this
+// package that does.
+func EnvFromOS() Env {
+	return Env{StateDirectory: os.Getenv(stateDirectoryEnvVar)}
+}
+
+// Defaults returns the embedded defaults — the one place defaults live.
+// Each call returns fresh slices, so callers may modify the result.
+func Defaults(env Env) Config {
+	return Config{
+		Listen:   DefaultListen,
+		StateDir: defaultStateDir(env),
+		StoreDir: DefaultStoreDir,
+		Priority: DefaultPriority,
+		Mode:     DefaultMode,
+		Upstreams: []Upstream{{
+			URL:        DefaultUpstreamURL,
+			PublicKeys: []string{DefaultUpstreamKey},
+			Timeout:    Duration{DefaultTimeout},
+		}},
+		Policy: Policy{
+			Quorum:           DefaultQuorum,
+			ContentAddressed: true,
+		},
+		Cache: Cache{MaxSize: DefaultMaxSize},
+		Admin: Admin{Listen: DefaultAdminListen},
+	}
+}
+
+// defaultStateDir follows systemd: with several StateDirectory= entries,
+// $STATE_DIRECTORY is colon-separated and the first is the service's own.
+func defaultStateDir(env Env) string {
+	if first, _, _ := strings.Cut(env.StateDirectory, ":"); first != "" {
+		return first
+	}
+	return DefaultStateDir
+}
+
+// Load reads the TOML file at path over the defaults; "" means no file, only
+// defaults. Unknown keys are errors naming the key. Values the file does not
+// set keep their defaults, except that an [[upstreams]] list in the file
+// replaces the default list as a whole (an upstream the operator did not
+// write must never be trusted implicitly). Load does not Validate.
+func Load(path string, env Env) (Config, error) {
+	cfg := Defaults(env)
+	if path == "" {
+		return cfg, nil
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	cfg, err = parse(data, env)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse is Load for TOML already in memory (the admin API or tests).
+func Parse(data []byte, env Env) (Config, error) {
+	cfg, err := parse(data, env)
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	return cfg, nil
+}
+
+func parse(data []byte, env Env) (Config, error) {
+	cfg := Defaults(env)
+	// The TOML decoder reuses existing slice elements, which would let the
+	// default upstream's key leak into the first upstream of the file; start
+	// from an empty list and restore the default only if the file has none.
+	defaultUpstreams := cfg.Upstreams
+	cfg.Upstreams = nil
+
+	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&cfg)
+	if err != nil {
+		return Config{}, err
+	}
+	if undecoded := md.Undecoded(); len(undecoded) > 0 {
+		errs := make([]error, 0, len(undecoded))
+		for _, k := range undecoded {
+			errs = append(errs, fmt.Errorf("unknown key %s", k.String()))
+		}
+		return Config{}, errors.Join(errs...)
+	}
+
+	if !md.IsDefined("upstreams") {
+		cfg.Upstreams = defaultUpstreams
+		return cfg, nil
+	}
+	// Per-entry defaults: TOML metadata does not say which array element
+	// defined a key, so look at the raw tables. Checking presence (rather
+	// than Timeout == 0) keeps an explicit "0s" visible to Validate.
+	var raw struct {
+		Upstreams []map[string]any `toml:"upstreams"`
+	}
+	if _, err := toml.Decode(string(data), &raw); err != nil {
+		return Config{}, err
+	}
+	for i := range cfg.Upstreams {
+		if i < len(raw.Upstreams) {
+			if _, set := raw.Upstreams[i]["timeout"]; set {
+				continue
+			}
+		}
+		cfg.Upstreams[i].Timeout = Duration{DefaultTimeout}
+	}
+	return cfg, nil
+}
+
+// AdminTokenFile is the admin token path: admin.token_file, or
+// <state_dir>/admin-token. It is derived on every call so a --state-dir flag
+// applied after Load moves it too.
+func (c Config) AdminTokenFile() string {
+	if c.Admin.TokenFile != "" {
+		return c.Admin.TokenFile
+	}
+	return filepath.Join(c.StateDir, AdminTokenName)
+}
+
+// SigningKeyPath is the gatekeeper key path: signing_key_file, or
+// <state_dir>/gatekeeper.sec (generated by the server on first start).
+func (c Config) SigningKeyPath() string {
+	if c.SigningKeyFile != "" {
+		return c.SigningKeyFile
+	}
+	return filepath.Join(c.StateDir, SigningKeyName)
+}
+
+// ApplyStateDirDefaults writes the paths derived from StateDir into the
+// struct (admin.token_file), for display by check-config. Call it only after
+// flags have overridden state_dir. signing_key_file is deliberately left
+// empty: a set signing_key_file must exist and be readable, whereas the
+// derived one is generated on first start — use SigningKeyPath.
+func (c *Config) ApplyStateDirDefaults() {
+	c.Admin.TokenFile = c.AdminTokenFile()
+}
+
+// Marshal renders the config as TOML (for `cacheproxy check-config`), with
+// durations and sizes as strings. Parsing the output yields an equal Config.
+func (c Config) Marshal() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := toml.NewEncoder(&buf)
+	enc.Indent = ""
+	if err := enc.Encode(c); err != nil {
+		return nil, fmt.Errorf("config: encoding TOML: %w", err)
+	}
+	return buf.Bytes(), nil
+}

@@ -1,0 +1,394 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+const (
+	keyA = "rebuilder-a-1:cflnkb3HVHh13QHZ7lFmSm1yh3DJwBgNvwKr6STrEbc="
+	keyB = "rebuilder-b-1:OgTBKz42p0bT6N3tXq/6fo2KiNMECJa/zruDbZrdmUs="
+	keyC = "internal-cache-1:Zra8KKykaWyevxZbqsO5EN/uWtp0WXZ9qHgJa4ANxtg="
+)
+
+func writeFile(t *testing.T, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "cacheproxy.toml")
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestDefaultsValidate(t *testing.T) {
+	cfg, err := Load("", Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("defaults do not validate: %v", err)
+	}
+	want := Config{
+		Listen:   "127.0.0.1:5480",
+		StateDir: "./cacheproxy-state",
+		StoreDir: "/nix/store",
+		Priority: 40,
+		Mode:     "enforce",
+		Upstreams: []Upstream{{
+			URL:        "https://cache.nixos.org",
+			PublicKeys: []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="},
+			Timeout:    Duration{30 * time.Second},
+		}},
+		Policy: Policy{Quorum: 1, ContentAddressed: true},
+		Cache:  Cache{MaxSize: 100 << 30},
+		Admin:  Admin{Listen: "127.0.0.1:5481"},
+	}
+	if !reflect.DeepEqual(cfg, want) {
+		t.Fatalf("defaults:\n got %+v\nwant %+v", cfg, want)
+	}
+	if got := cfg.AdminTokenFile(); got != "cacheproxy-state/admin-token" {
+		t.Errorf("AdminTokenFile = %q", got)
+	}
+	if got := cfg.SigningKeyPath(); got != "cacheproxy-state/gatekeeper.sec" {
+		t.Errorf("SigningKeyPath = %q", got)
+	}
+}
+
+func TestDefaultsAreFresh(t *testing.T) {
+	a := Defaults(Env{})
+	a.Upstreams[0].PublicKeys[0] = "mutated"
+	if b := Defaults(Env{}); b.Upstreams[0].PublicKeys[0] == "mutated" {
+		t.Fatal("Defaults shares slices between calls")
+	}
+}
+
+func TestStateDirectoryEnv(t *testing.T) {
+	for _, tc := range []struct{ env, want string }{
+		{"", "./cacheproxy-state"},
+		{"/var/lib/cacheproxy", "/var/lib/cacheproxy"},
+		{"/var/lib/cacheproxy:/var/lib/other", "/var/lib/cacheproxy"},
+	} {
+		cfg, err := Load("", Env{StateDirectory: tc.env})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.StateDir != tc.want {
+			t.Errorf("STATE_DIRECTORY=%q: state_dir %q, want %q", tc.env, cfg.StateDir, tc.want)
+		}
+	}
+	// A state_dir in the file wins over the environment.
+	cfg, err := Load(writeFile(t, `state_dir = "/srv/cp"`), Env{StateDirectory: "/var/lib/x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.StateDir != "/srv/cp" {
+		t.Errorf("state_dir = %q", cfg.StateDir)
+	}
+}
+
+func TestDerivedPathsFollowStateDirOverride(t *testing.T) {
+	cfg, err := Load("", Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.StateDir = "/flag/dir" // what --state-dir does after Load
+	if got := cfg.AdminTokenFile(); got != "/flag/dir/admin-token" {
+		t.Errorf("AdminTokenFile = %q", got)
+	}
+	if got := cfg.SigningKeyPath(); got != "/flag/dir/gatekeeper.sec" {
+		t.Errorf("SigningKeyPath = %q", got)
+	}
+	cfg.ApplyStateDirDefaults()
+	if cfg.Admin.TokenFile != "/flag/dir/admin-token" || cfg.SigningKeyFile != "" {
+		t.Errorf("ApplyStateDirDefaults: token %q signing %q", cfg.Admin.TokenFile, cfg.SigningKeyFile)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Errorf("after ApplyStateDirDefaults: %v", err)
+	}
+}
+
+func TestFullExample(t *testing.T) {
+	cfg, err := Load("testdata/full.toml", Env{StateDirectory: "/ignored"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{
+		Listen:         "127.0.0.1:5480",
+		StateDir:       "/var/lib/cacheproxy",
+		StoreDir:       "/nix/store",
+		Priority:       40,
+		Mode:           "enforce",
+		SigningKeyFile: "/run/keys/cacheproxy.sec",
+		Upstreams: []Upstream{
+			{
+				URL:        "https://cache.nixos.org",
+				PublicKeys: []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="},
+				Timeout:    Duration{30 * time.Second},
+			},
+			{
+				URL:        "file:///srv/internal-cache",
+				PublicKeys: []string{keyC},
+				Timeout:    Duration{30 * time.Second}, // per-entry default
+			},
+		},
+		Policy: Policy{Attesters: []string{keyA, keyB}, Quorum: 2, ContentAddressed: false, RequireClosure: true},
+		Cache:  Cache{MaxSize: 500_000_000},
+		Admin:  Admin{Listen: "127.0.0.1:5481", TokenFile: "/run/keys/cacheproxy-admin-token"},
+	}
+	if !reflect.DeepEqual(cfg, want) {
+		t.Fatalf("full example:\n got %+v\nwant %+v", cfg, want)
+	}
+	// The example names a key file that does not exist here; with a real one
+	// it validates.
+	cfg.SigningKeyFile = writeFile(t, "secret")
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("full example does not validate: %v", err)
+	}
+}
+
+func TestUpstreamsReplaceDefaults(t *testing.T) {
+	cfg, err := Load(writeFile(t, `
+[[upstreams]]
+url = "https://internal.example"
+timeout = "5s"
+`), Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Upstreams) != 1 {
+		t.Fatalf("upstreams = %+v", cfg.Upstreams)
+	}
+	u := cfg.Upstreams[0]
+	// The default cache.nixos.org key must not leak into a file upstream.
+	if u.URL != "https://internal.example" || len(u.PublicKeys) != 0 || u.Timeout.Duration != 5*time.Second {
+		t.Fatalf("upstream = %+v", u)
+	}
+	err = cfg.Validate()
+	if err == nil || !strings.Contains(err.Error(), "upstreams[0].public_keys") {
+		t.Fatalf("want error about upstreams[0].public_keys, got %v", err)
+	}
+}
+
+func TestPartialFileKeepsDefaults(t *testing.T) {
+	cfg, err := Load(writeFile(t, "mode = \"report\"\n[policy]\nrequire_closure = true\n"), Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Defaults(Env{})
+	want.Mode = "report"
+	want.Policy.RequireClosure = true
+	if !reflect.DeepEqual(cfg, want) {
+		t.Fatalf("got %+v\nwant %+v", cfg, want)
+	}
+}
+
+func TestAdminListenEmptyDisables(t *testing.T) {
+	cfg, err := Load(writeFile(t, "[admin]\nlisten = \"\"\n"), Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Admin.Listen != "" {
+		t.Fatalf("admin.listen = %q", cfg.Admin.Listen)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestLoadErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, file string
+		want       []string
+	}{
+		{"unknown key", "[policy]\nquorom = 2\n", []string{"config ", "unknown key policy.quorom"}},
+		{"unknown top key", "listen = \"127.0.0.1:1\"\nlistne = \"x\"\n", []string{"unknown key listne"}},
+		{"unknown upstream key", "[[upstreams]]\nurl = \"https://x\"\npublic_key = \"a\"\n", []string{"unknown key upstreams.public_key"}},
+		{"two unknown keys", "a = 1\nb = 2\n", []string{"unknown key a", "unknown key b"}},
+		{"wrong type", "[policy]\nquorum = \"two\"\n", []string{"policy.quorum"}},
+		{"bad duration", "[[upstreams]]\ntimeout = \"30 parsecs\"\n", []string{"timeout", "30 parsecs"}},
+		{"bad size", "[cache]\nmax_size = \"100 GB-ish\"\n", []string{"max_size"}},
+		{"syntax", "listen = \n", []string{"config "}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := writeFile(t, tc.file)
+			_, err := Load(p, Env{})
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if !strings.Contains(err.Error(), p) {
+				t.Errorf("error %q does not name the file", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+	if _, err := Load(filepath.Join(t.TempDir(), "missing.toml"), Env{}); err == nil || !strings.Contains(err.Error(), "missing.toml") {
+		t.Errorf("missing file: %v", err)
+	}
+}
+
+func TestValidateErrors(t *testing.T) {
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "nope")
+	for _, tc := range []struct {
+		name   string
+		mutate func(*Config)
+		want   string
+	}{
+		{"no upstreams", func(c *Config) { c.Upstreams = nil }, "upstreams: at least one"},
+		{"ftp url", func(c *Config) { c.Upstreams[0].URL = "ftp://x" }, "upstreams[0].url"},
+		{"no scheme", func(c *Config) { c.Upstreams[0].URL = "cache.nixos.org" }, "upstreams[0].url"},
+		{"http no host", func(c *Config) { c.Upstreams[0].URL = "https://" }, "upstreams[0].url"},
+		{"relative file", func(c *Config) { c.Upstreams[0].URL = "file://relative/dir" }, "upstreams[0].url"},
+		{"opaque file", func(c *Config) { c.Upstreams[0].URL = "file:relative" }, "upstreams[0].url"},
+		{"empty url", func(c *Config) { c.Upstreams[0].URL = "" }, "upstreams[0].url"},
+		{"url with query", func(c *Config) { c.Upstreams[0].URL = "https://x/?a=b" }, "upstreams[0].url"},
+		{"upstream without keys", func(c *Config) { c.Upstreams[0].PublicKeys = nil }, "upstreams[0].public_keys: at least one"},
+		{"key no colon", func(c *Config) { c.Upstreams[0].PublicKeys = append(c.Upstreams[0].PublicKeys, "nocolon") }, "upstreams[0].public_keys[1]"},
+		{"key empty name", func(c *Config) { c.Upstreams[0].PublicKeys = []string{":cflnkb3HVHh13QHZ7lFmSm1yh3DJwBgNvwKr6STrEbc="} }, "upstreams[0].public_keys[0]"},
+		{"key bad base64", func(c *Config) { c.Upstreams[0].PublicKeys = []string{"k:not base64!"} }, "upstreams[0].public_keys[0]"},
+		{"key short", func(c *Config) { c.Upstreams[0].PublicKeys = []string{"k:AAAA"} }, "upstreams[0].public_keys[0]"},
+		{"zero timeout", func(c *Config) { c.Upstreams[0].Timeout = Duration{} }, "upstreams[0].timeout"},
+		{"unreadable netrc", func(c *Config) { c.Upstreams[0].NetrcFile = missing }, "upstreams[0].netrc_file"},
+		{"netrc is dir", func(c *Config) { c.Upstreams[0].NetrcFile = dir }, "upstreams[0].netrc_file"},
+		{"quorum zero", func(c *Config) { c.Policy.Quorum = 0 }, "policy.quorum"},
+		{"quorum too large", func(c *Config) { c.Policy.Attesters = []string{keyA}; c.Policy.Quorum = 2 }, "policy.quorum"},
+		{"quorum without attesters", func(c *Config) { c.Policy.Quorum = 3 }, "policy.quorum"},
+		{"bad attester", func(c *Config) { c.Policy.Attesters = []string{keyA, "x:yz"} }, "policy.attesters[1]"},
+		{"duplicate attester key", func(c *Config) {
+			c.Policy.Attesters = []string{keyA, "other-name" + keyA[strings.Index(keyA, ":"):]}
+		}, "policy.attesters[1]: same key"},
+		{"duplicate attester name", func(c *Config) {
+			c.Policy.Attesters = []string{keyA, "rebuilder-a-1" + keyB[strings.Index(keyB, ":"):]}
+		}, "policy.attesters[1]: key name"},
+		{"bad mode", func(c *Config) { c.Mode = "permissive" }, "mode"},
+		{"unreadable signing key", func(c *Config) { c.SigningKeyFile = missing }, "signing_key_file"},
+		{"negative priority", func(c *Config) { c.Priority = -1 }, "priority"},
+		{"relative store dir", func(c *Config) { c.StoreDir = "nix/store" }, "store_dir"},
+		{"unclean store dir", func(c *Config) { c.StoreDir = "/nix/store/" }, "store_dir"},
+		{"bad listen", func(c *Config) { c.Listen = "localhost" }, "listen"},
+		{"bad listen port", func(c *Config) { c.Listen = "127.0.0.1:http" }, "listen"},
+		{"empty listen", func(c *Config) { c.Listen = "" }, "listen"},
+		{"bad admin listen", func(c *Config) { c.Admin.Listen = "127.0.0.1:99999" }, "admin.listen"},
+		{"admin same as main", func(c *Config) { c.Admin.Listen = c.Listen }, "admin.listen"},
+		{"empty state dir", func(c *Config) { c.StateDir = "" }, "state_dir"},
+		{"zero cache", func(c *Config) { c.Cache.MaxSize = 0 }, "cache.max_size"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Defaults(Env{})
+			tc.mutate(&cfg)
+			err := cfg.Validate()
+			if err == nil {
+				t.Fatal("no error")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not contain %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestValidateReportsAllProblems(t *testing.T) {
+	cfg := Defaults(Env{})
+	cfg.Mode = "x"
+	cfg.Priority = -5
+	cfg.Upstreams[0].URL = "gopher://x"
+	err := cfg.Validate()
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, key := range []string{"mode:", "priority:", "upstreams[0].url:"} {
+		if !strings.Contains(err.Error(), key) {
+			t.Errorf("error %q misses %q", err, key)
+		}
+	}
+}
+
+func TestValidAlternatives(t *testing.T) {
+	cfg := Defaults(Env{})
+	cfg.Upstreams = append(cfg.Upstreams,
+		Upstream{URL: "file:///srv/cache", PublicKeys: []string{keyC}, Timeout: Duration{time.Second}},
+		Upstream{URL: "http://[::1]:8080/prefix/", PublicKeys: []string{keyC}, Timeout: Duration{time.Second}},
+	)
+	cfg.Listen = "[::]:80"
+	cfg.Admin.Listen = ":5481"
+	cfg.Mode = "report"
+	cfg.Policy.Attesters = []string{keyA, keyB}
+	cfg.Policy.Quorum = 2
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestMarshalRoundTrip(t *testing.T) {
+	for _, name := range []string{"defaults", "full"} {
+		t.Run(name, func(t *testing.T) {
+			var cfg Config
+			var err error
+			if name == "defaults" {
+				cfg, err = Load("", Env{StateDirectory: "/var/lib/cp"})
+			} else {
+				cfg, err = Load("testdata/full.toml", Env{})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Upstreams[0].Timeout = Duration{90 * time.Second}
+			cfg.Admin.Listen = "" // must survive as "off", not revert to the default
+			cfg.ApplyStateDirDefaults()
+			out, err := cfg.Marshal()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, w := range []string{`timeout = "1m30s"`, `max_size = "`} {
+				if !strings.Contains(string(out), w) {
+					t.Errorf("output lacks %s:\n%s", w, out)
+				}
+			}
+			back, err := Load(writeFile(t, string(out)), Env{StateDirectory: "/somewhere/else"})
+			if err != nil {
+				t.Fatalf("re-Load: %v\n%s", err, out)
+			}
+			if !reflect.DeepEqual(back, cfg) {
+				t.Fatalf("round trip differs:\n got %+v\nwant %+v\n%s", back, cfg, out)
+			}
+		})
+	}
+}
+
+func TestEnvFromOS(t *testing.T) {
+	t.Setenv("STATE_DIRECTORY", "/var/lib/from-env")
+	if got := EnvFromOS().StateDirectory; got != "/var/lib/from-env" {
+		t.Fatalf("EnvFromOS = %q", got)
+	}
+}
+
+// An explicit "0s" is not mistaken for "unset" and replaced by the default.
+func TestExplicitZeroTimeoutIsRefused(t *testing.T) {
+	cfg, err := Load(writeFile(t, `
+[[upstreams]]
+url = "https://a.example"
+public_keys = ["`+keyC+`"]
+timeout = "0s"
+
+[[upstreams]]
+url = "https://b.example"
+public_keys = ["`+keyC+`"]
+`), Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Upstreams[0].Timeout.Duration != 0 || cfg.Upstreams[1].Timeout.Duration != 30*time.Second {
+		t.Fatalf("timeouts %v, %v", cfg.Upstreams[0].Timeout, cfg.Upstreams[1].Timeout)
+	}
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "upstreams[0].timeout") {
+		t.Fatalf("want upstreams[0].timeout error, got %v", err)
+	}
+}

@@ -1,0 +1,203 @@
+package config
+
+import (
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path"
+	"strconv"
+	"strings"
+	"unicode"
+)
+
+// FieldError is one problem with one config key. Key uses the file's
+// spelling with list indices, e.g. "upstreams[0].public_keys[1]".
+type FieldError struct {
+	Key string
+	Err error
+}
+
+func (e *FieldError) Error() string { return e.Key + ": " + e.Err.Error() }
+func (e *FieldError) Unwrap() error { return e.Err }
+
+// Validate checks everything SPEC.md says is refused at start. It returns
+// all problems joined with errors.Join (each a *FieldError naming its key),
+// so an operator fixes a config in one round instead of one error per start.
+func (c Config) Validate() error {
+	var errs []error
+	add := func(key string, format string, args ...any) {
+		errs = append(errs, &FieldError{Key: key, Err: fmt.Errorf(format, args...)})
+	}
+	addErr := func(key string, err error) {
+		if err != nil {
+			errs = append(errs, &FieldError{Key: key, Err: err})
+		}
+	}
+
+	addErr("listen", checkListen(c.Listen))
+	if c.Admin.Listen != "" { // "" is documented as "admin API off"
+		addErr("admin.listen", checkListen(c.Admin.Listen))
+		if c.Admin.Listen == c.Listen {
+			add("admin.listen", "%q is also the main listen address; the admin API needs its own", c.Admin.Listen)
+		}
+	}
+	if strings.TrimSpace(c.StateDir) == "" {
+		add("state_dir", "must not be empty")
+	}
+	// The store dir goes verbatim into fingerprints and store-path checks, so
+	// "/nix/store/" or "/nix//store" would make every signature mismatch.
+	if !path.IsAbs(c.StoreDir) || path.Clean(c.StoreDir) != c.StoreDir || c.StoreDir == "/" {
+		add("store_dir", "%q must be a clean absolute path such as /nix/store", c.StoreDir)
+	}
+	if c.Priority < 0 {
+		add("priority", "%d must not be negative", c.Priority)
+	}
+	if c.Mode != ModeEnforce && c.Mode != ModeReport {
+		add("mode", "%q must be %q or %q", c.Mode, ModeEnforce, ModeReport)
+	}
+	if c.SigningKeyFile != "" {
+		addErr("signing_key_file", checkReadableFile(c.SigningKeyFile))
+	}
+
+	if len(c.Upstreams) == 0 {
+		add("upstreams", "at least one upstream is required")
+	}
+	for i, u := range c.Upstreams {
+		key := fmt.Sprintf("upstreams[%d]", i)
+		addErr(key+".url", checkUpstreamURL(u.URL))
+		// An upstream without keys could never pass rule 2 (upstream_unsigned);
+		// refusing it at start is kinder than rejecting every path it serves.
+		if len(u.PublicKeys) == 0 {
+			add(key+".public_keys", "at least one public key is required")
+		}
+		for j, k := range u.PublicKeys {
+			if _, _, err := parsePublicKey(k); err != nil {
+				addErr(fmt.Sprintf("%s.public_keys[%d]", key, j), err)
+			}
+		}
+		if u.Timeout.Duration <= 0 {
+			add(key+".timeout", "%s must be positive", u.Timeout)
+		}
+		if u.NetrcFile != "" {
+			addErr(key+".netrc_file", checkReadableFile(u.NetrcFile))
+		}
+	}
+
+	// Duplicate attesters would let one rebuilder count twice towards the
+	// quorum (same key) or make "name:sig" lines ambiguous (same name).
+	names := map[string]int{}
+	keys := map[string]int{}
+	for i, a := range c.Policy.Attesters {
+		key := fmt.Sprintf("policy.attesters[%d]", i)
+		name, pub, err := parsePublicKey(a)
+		if err != nil {
+			addErr(key, err)
+			continue
+		}
+		if j, dup := keys[string(pub)]; dup {
+			add(key, "same key as policy.attesters[%d]", j)
+		} else if j, dup := names[name]; dup {
+			add(key, "key name %q already used by policy.attesters[%d]", name, j)
+		}
+		keys[string(pub)] = i
+		names[name] = i
+	}
+	// With no attesters the quorum is unused and its default of 1 is fine;
+	// any larger value is a quorum that can never be met.
+	switch n := len(c.Policy.Attesters); {
+	case c.Policy.Quorum < 1:
+		add("policy.quorum", "%d must be at least 1", c.Policy.Quorum)
+	case c.Policy.Quorum > max(n, 1):
+		add("policy.quorum", "%d is larger than the number of attesters (%d)", c.Policy.Quorum, n)
+	}
+
+	if c.Cache.MaxSize == 0 {
+		add("cache.max_size", "must be larger than zero")
+	}
+	return errors.Join(errs...)
+}
+
+// checkListen accepts host:port with a numeric port; the host may be empty
+// (all interfaces), an IP or a name.
+func checkListen(addr string) error {
+	if addr == "" {
+		return errors.New("must not be empty")
+	}
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port: %w", addr, err)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return fmt.Errorf("%q: port %q must be a number from 0 to 65535", addr, port)
+	}
+	return nil
+}
+
+// checkUpstreamURL accepts http(s)://host[/path] and file:///absolute/dir.
+func checkUpstreamURL(raw string) error {
+	if raw == "" {
+		return errors.New("must not be empty")
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("%q: %w", raw, err)
+	}
+	if u.Fragment != "" || u.RawQuery != "" || u.ForceQuery {
+		return fmt.Errorf("%q: a cache root cannot have a query or fragment", raw)
+	}
+	switch u.Scheme {
+	case "http", "https":
+		if u.Host == "" || u.Hostname() == "" {
+			return fmt.Errorf("%q: missing host", raw)
+		}
+	case "file":
+		if u.Opaque != "" || (u.Host != "" && u.Host != "localhost") || !path.IsAbs(u.Path) {
+			return fmt.Errorf("%q: a file URL must name an absolute directory, like file:///srv/cache", raw)
+		}
+	default:
+		return fmt.Errorf("%q: scheme must be http, https or file", raw)
+	}
+	return nil
+}
+
+// checkReadableFile opens the file, because only opening proves the service
+// user may read it (a stat succeeds on mode 0600 files of other users).
+func checkReadableFile(name string) error {
+	f, err := os.Open(name)
+	if err != nil {
+		return fmt.Errorf("not readable: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("not readable: %w", err)
+	}
+	if st.IsDir() {
+		return fmt.Errorf("%s is a directory, not a file", name)
+	}
+	return nil
+}
+
+// parsePublicKey checks the "name:base64" format of Nix public keys
+// (trusted-public-keys): a non-empty name without spaces and a base64 string
+// decoding to a 32-byte ed25519 key.
+func parsePublicKey(s string) (name string, key []byte, err error) {
+	name, b64, ok := strings.Cut(s, ":")
+	if !ok {
+		return "", nil, fmt.Errorf("malformed public key %q: want name:base64", s)
+	}
+	if name == "" || strings.IndexFunc(name, unicode.IsSpace) >= 0 {
+		return "", nil, fmt.Errorf("malformed public key %q: the name before ':' must be non-empty and without spaces", s)
+	}
+	key, err = base64.StdEncoding.Strict().DecodeString(b64)
+	if err != nil {
+		return "", nil, fmt.Errorf("malformed public key %q: bad base64: %w", s, err)
+	}
+	if len(key) != 32 {
+		return "", nil, fmt.Errorf("malformed public key %q: decodes to %d bytes, an ed25519 key has 32", s, len(key))
+	}
+	return name, key, nil
+}

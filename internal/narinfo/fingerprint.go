@@ -1,0 +1,83 @@
+package narinfo
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Fingerprint is Nix's ValidPathInfo::fingerprint, the exact string that narinfo
+// and attestation signatures cover:
+//
+//	1;<storePath>;<narHash as sha256:nix32>;<narSize>;<references as absolute paths, sorted, comma-joined>
+//
+// refs are basenames. Nix keeps references in a std::set, so they are sorted and
+// de-duplicated here whatever order the caller has them in (go-nix does not sort,
+// which breaks signatures over paths whose narinfo lists references unsorted).
+// narHash may be in any form ParseHash accepts but must be sha256; narSize must be
+// non-zero, as Nix refuses to fingerprint a path of unknown size.
+func Fingerprint(storeDir, storePath, narHash string, narSize uint64, refs []string) (string, error) {
+	if _, err := ParseStorePath(storePath, storeDir); err != nil {
+		return "", fmt.Errorf("fingerprint: %w", err)
+	}
+	algo, digest, err := ParseHash(narHash)
+	if err != nil {
+		return "", fmt.Errorf("fingerprint: NarHash: %w", err)
+	}
+	if algo != "sha256" {
+		return "", fmt.Errorf("fingerprint: NarHash algorithm is %s, want sha256", algo)
+	}
+	if narSize == 0 {
+		return "", errors.New("fingerprint: NarSize is zero (unknown)")
+	}
+	abs, err := absRefs(storeDir, refs)
+	if err != nil {
+		return "", fmt.Errorf("fingerprint: %w", err)
+	}
+	var b strings.Builder
+	b.WriteString("1;")
+	b.WriteString(storePath)
+	b.WriteByte(';')
+	b.WriteString(FormatHash(algo, digest))
+	b.WriteByte(';')
+	b.WriteString(strconv.FormatUint(narSize, 10))
+	b.WriteByte(';')
+	b.WriteString(strings.Join(abs, ","))
+	return b.String(), nil
+}
+
+// Fingerprint returns the fingerprint of n (see the package-level Fingerprint).
+func (n *NarInfo) Fingerprint(storeDir string) (string, error) {
+	return Fingerprint(storeDir, n.StorePath, n.NarHash, n.NarSize, n.References)
+}
+
+// absRefs validates basenames and returns them as sorted, de-duplicated absolute
+// paths. Sorting the absolute paths equals Nix's order (StorePath compares
+// basenames) because they share the store dir prefix.
+func absRefs(storeDir string, refs []string) ([]string, error) {
+	out := make([]string, 0, len(refs))
+	for _, r := range refs {
+		if _, _, err := ParseBaseName(r); err != nil {
+			return nil, fmt.Errorf("reference: %w", err)
+		}
+		out = append(out, storeDir+"/"+r)
+	}
+	sort.Strings(out)
+	return dedupSorted(out), nil
+}
+
+func dedupSorted(s []string) []string {
+	if len(s) < 2 {
+		return s
+	}
+	j := 1
+	for i := 1; i < len(s); i++ {
+		if s[i] != s[j-1] {
+			s[j] = s[i]
+			j++
+		}
+	}
+	return s[:j]
+}

@@ -1,0 +1,356 @@
+// Package policy holds cacheproxy's decision rules, all of them, in the
+// order in which they apply. Decide is a pure function of an upstream
+// narinfo, the evidence stored about its path, and the time; everything else
+// in the program only calls it.
+//
+// Trust model: an upstream's signature proves only where a narinfo came from
+// (rules 1–2). What makes a path acceptable is the organisation's own
+// evidence: rebuild attestations by configured attester keys that sign the
+// very fingerprint the upstream serves (rule 5), a reviewed allowlist entry
+// pinned to that NarHash (rule 6), or Nix's content addressing, which makes
+// the store path itself a commitment to the content (rule 7). Operators can
+// refuse anything (rule 3), and an attester that rebuilt something else than
+// the upstream serves raises the alarm (rule 4).
+package policy
+
+import (
+	"bytes"
+	"fmt"
+	"path"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
+)
+
+// Reason names why a path was approved or rejected. The values are part of
+// the HTTP header, the metrics and the admin API.
+type Reason string
+
+const (
+	UpstreamMalformed   Reason = "upstream_malformed"
+	UpstreamUnsigned    Reason = "upstream_unsigned"
+	Denied              Reason = "denied"
+	AttestationMismatch Reason = "attestation_mismatch"
+	Attested            Reason = "attested"
+	Allowlisted         Reason = "allowlisted"
+	ContentAddressed    Reason = "content_addressed"
+	Unattested          Reason = "unattested"
+	NarMismatch         Reason = "nar_mismatch"
+	ClosureIncomplete   Reason = "closure_incomplete"
+)
+
+// Reasons lists every reason, for documentation and metric initialisation.
+var Reasons = []Reason{UpstreamMalformed, UpstreamUnsigned, Denied, AttestationMismatch,
+	Attested, Allowlisted, ContentAddressed, Unattested, NarMismatch, ClosureIncomplete}
+
+// Policy is the configured policy.
+type Policy struct {
+	StoreDir         string
+	Attesters        []verify.PublicKey
+	Quorum           int
+	ContentAddressed bool
+	RequireClosure   bool
+	Report           bool // mode = "report": policy rejections are recorded but served
+}
+
+// Input is one upstream's answer for one requested store path hash.
+type Input struct {
+	Hash         string // the hash the client asked for
+	Raw          []byte // the upstream narinfo as received
+	Upstream     string
+	UpstreamKeys []verify.PublicKey
+}
+
+// Decision is the outcome with the evidence behind it.
+type Decision struct {
+	Approved bool   `json:"approved"`
+	Reason   Reason `json:"reason"`
+	Detail   string `json:"detail,omitempty"`
+
+	NarInfo         *narinfo.NarInfo  `json:"-"`
+	Fingerprint     string            `json:"fingerprint,omitempty"`
+	Upstream        string            `json:"upstream,omitempty"`
+	UpstreamSigners []string          `json:"upstream_signers,omitempty"`
+	Attesters       []string          `json:"attesters,omitempty"`  // keys whose attestation matches the upstream fingerprint
+	Mismatched      []string          `json:"mismatched,omitempty"` // keys whose attestation differs
+	Allow           *cache.AllowEntry `json:"allow,omitempty"`
+	Deny            *cache.DenyEntry  `json:"deny,omitempty"`
+	Quarantine      *cache.Quarantine `json:"quarantine,omitempty"`
+}
+
+// String is the form of the X-Cacheproxy-Decision header.
+func (d Decision) String() string {
+	if d.Approved {
+		return "approved; reason=" + string(d.Reason)
+	}
+	return "rejected; reason=" + string(d.Reason)
+}
+
+// Served reports whether the path is handed to clients: approved paths, and
+// in report mode also paths that only the policy rules (3–8 and the closure
+// rule) refused. Upstream validity and NAR verification are enforced in
+// both modes.
+func (p Policy) Served(d Decision) bool {
+	if d.Approved {
+		return true
+	}
+	switch d.Reason {
+	case Denied, AttestationMismatch, Unattested, ClosureIncomplete:
+		return p.Report
+	}
+	return false
+}
+
+func reject(d Decision, r Reason, format string, args ...any) Decision {
+	d.Approved, d.Reason, d.Detail = false, r, fmt.Sprintf(format, args...)
+	return d
+}
+
+func approve(d Decision, r Reason, format string, args ...any) Decision {
+	d.Approved, d.Reason, d.Detail = true, r, fmt.Sprintf(format, args...)
+	return d
+}
+
+// Decide applies the rules of SPEC.md in order; the first match wins.
+func (p Policy) Decide(in Input, ev cache.Evidence, now time.Time) Decision {
+	d := Decision{Upstream: in.Upstream}
+
+	// Rule 1: the narinfo must parse with Nix's semantics, name the
+	// requested path and live in our store dir.
+	ni, err := narinfo.Parse(in.Raw, p.StoreDir)
+	if err != nil {
+		return reject(d, UpstreamMalformed, "%v", err)
+	}
+	sp, err := narinfo.ParseStorePath(ni.StorePath, p.StoreDir)
+	if err != nil {
+		return reject(d, UpstreamMalformed, "%v", err)
+	}
+	if sp.Hash != in.Hash {
+		return reject(d, UpstreamMalformed, "narinfo for %s answers a request for %s", ni.StorePath, in.Hash)
+	}
+	fp, err := ni.Fingerprint(p.StoreDir)
+	if err != nil {
+		return reject(d, UpstreamMalformed, "%v", err)
+	}
+	d.NarInfo, d.Fingerprint = ni, fp
+
+	// Rule 2: the upstream must vouch for what it serves.
+	for _, k := range verify.VerifyAny(in.UpstreamKeys, fp, ni.Sigs) {
+		d.UpstreamSigners = append(d.UpstreamSigners, k.Name)
+	}
+	if len(d.UpstreamSigners) == 0 {
+		return reject(d, UpstreamUnsigned, "no valid signature by a key of %s", in.Upstream)
+	}
+
+	// A NAR that failed verification keeps its path refused until an
+	// operator retries it; like rules 1–2 this holds in report mode too.
+	if ev.Quarantine != nil {
+		d.Quarantine = ev.Quarantine
+		return reject(d, NarMismatch, "NAR failed %s check: %s", ev.Quarantine.Check, ev.Quarantine.Detail)
+	}
+
+	// Rule 3: operators can refuse anything.
+	for i := range ev.Deny {
+		if DenyMatches(ev.Deny[i].Pattern, ni, p.StoreDir) {
+			d.Deny = &ev.Deny[i]
+			return reject(d, Denied, "denylist entry %q: %s", ev.Deny[i].Pattern, ev.Deny[i].Reason)
+		}
+	}
+
+	// Evidence from attesters: which configured keys signed this very
+	// fingerprint, and which signed a different one for the same path.
+	for _, a := range ev.Attestations {
+		key, ok := p.attester(a.PublicKey)
+		if !ok {
+			continue // no longer configured
+		}
+		afp, err := narinfo.Fingerprint(p.StoreDir, a.StorePath, a.NarHash, a.NarSize, a.References)
+		switch {
+		case err != nil || afp != fp:
+			d.Mismatched = appendOnce(d.Mismatched, key.Name)
+		case key.Verify(fp, a.Sig):
+			d.Attesters = appendOnce(d.Attesters, key.Name)
+		}
+	}
+	allow := ev.Allow
+	allowPinned := allow != nil && !allow.Expired(now) && (allow.NarHash == "" || allow.NarHash == ni.NarHash)
+	if allow != nil {
+		d.Allow = allow
+	}
+
+	// Rule 4: an attester rebuilt something else than upstream serves.
+	if len(d.Mismatched) > 0 && !(allowPinned && allow.NarHash == ni.NarHash) {
+		return reject(d, AttestationMismatch, "attester %s signed a different fingerprint for %s than upstream serves",
+			strings.Join(d.Mismatched, ", "), ni.StorePath)
+	}
+
+	// Rule 5: enough distinct attester keys sign the upstream fingerprint.
+	if len(d.Attesters) >= p.Quorum && len(d.Attesters) > 0 {
+		return approve(d, Attested, "%d of %d required attester keys: %s", len(d.Attesters), p.Quorum, strings.Join(d.Attesters, ", "))
+	}
+
+	// Rule 6: a reviewer approved this path (pinned to this NarHash).
+	if allowPinned {
+		return approve(d, Allowlisted, "allowlist entry: %s", allow.Reason)
+	}
+
+	// Rule 7: the store path is a commitment to the content.
+	if p.ContentAddressed && ni.CA != "" {
+		if err := caProof(ni, p.StoreDir); err == nil {
+			return approve(d, ContentAddressed, "store path proven by CA %s", ni.CA)
+		} else {
+			d.Detail = err.Error()
+		}
+	}
+
+	// Rule 8.
+	why := "no attestation, allowlist entry or content-address proof"
+	switch {
+	case len(d.Attesters) > 0:
+		why = fmt.Sprintf("%d attester keys of the %d required", len(d.Attesters), p.Quorum)
+	case allow != nil && allow.Expired(now):
+		why = "allowlist entry expired " + allow.Expires.Format(time.RFC3339)
+	case allow != nil:
+		why = "allowlist entry pinned to " + allow.NarHash + ", upstream serves " + ni.NarHash
+	case d.Detail != "":
+		why = "content address does not prove the path: " + d.Detail
+	}
+	return reject(d, Unattested, "%s", why)
+}
+
+// Closure applies require_closure: an approved path whose references are
+// not all approved is rejected. refs maps each reference's base name to its
+// decision; a path's reference to itself is not looked at.
+func (p Policy) Closure(d Decision, refs map[string]Decision) Decision {
+	if !p.RequireClosure || !d.Approved || d.NarInfo == nil {
+		return d
+	}
+	self := path.Base(d.NarInfo.StorePath)
+	var missing []string
+	for _, ref := range d.NarInfo.References {
+		if ref == self {
+			continue
+		}
+		if rd, ok := refs[ref]; !ok || !rd.Approved {
+			r := "not found"
+			if ok {
+				r = string(rd.Reason)
+			}
+			missing = append(missing, ref+" ("+r+")")
+		}
+	}
+	if len(missing) == 0 {
+		return d
+	}
+	sort.Strings(missing)
+	return reject(d, ClosureIncomplete, "references not approved: %s", strings.Join(missing, ", "))
+}
+
+func (p Policy) attester(pub string) (verify.PublicKey, bool) {
+	for _, k := range p.Attesters {
+		if k.String() == pub {
+			return k, true
+		}
+	}
+	return verify.PublicKey{}, false
+}
+
+func appendOnce(list []string, s string) []string {
+	for _, x := range list {
+		if x == s {
+			return list
+		}
+	}
+	return append(list, s)
+}
+
+// caProof accepts the content addresses whose proof cacheproxy can complete:
+// "fixed:r:sha256" (NarHash is the CA hash, and NarHash is verified while
+// streaming), and sha256 flat files and text, whose content hash the NAR
+// verifier checks (FlatSHA256).
+func caProof(ni *narinfo.NarInfo, storeDir string) error {
+	if err := narinfo.VerifyCA(ni, storeDir); err != nil {
+		return err
+	}
+	if _, err := FlatSHA256(ni); err != nil {
+		return err
+	}
+	return nil
+}
+
+// FlatSHA256 returns the file content hash that the NAR verifier must check
+// for flat and text content addresses, or nil for "fixed:r:sha256", where
+// the NarHash itself is the commitment.
+func FlatSHA256(ni *narinfo.NarInfo) ([]byte, error) {
+	method, rest, _ := strings.Cut(ni.CA, ":")
+	switch {
+	case method == "fixed" && strings.HasPrefix(rest, "r:sha256:"):
+		return nil, nil
+	case (method == "fixed" || method == "text") && strings.HasPrefix(rest, "sha256:"):
+		algo, digest, err := narinfo.ParseHash(rest)
+		if err != nil || algo != "sha256" {
+			return nil, fmt.Errorf("content address %q: bad hash", ni.CA)
+		}
+		return digest, nil
+	}
+	return nil, fmt.Errorf("content address %q: only sha256 content addresses are proven", ni.CA)
+}
+
+// DenyMatches reports whether a denylist pattern matches a narinfo. A
+// pattern is a store path, a bare hash, a NarHash ("sha256:…" or SRI), a
+// base name, or a glob over the base name ("*-openssl-3.0.7*").
+func DenyMatches(pattern string, ni *narinfo.NarInfo, storeDir string) bool {
+	base := path.Base(ni.StorePath)
+	switch DenyKind(pattern, storeDir) {
+	case "path":
+		return pattern == ni.StorePath
+	case "hash":
+		return strings.HasPrefix(base, pattern+"-")
+	case "nar_hash":
+		algo, digest, err := narinfo.ParseHash(pattern)
+		if err != nil {
+			return false
+		}
+		a2, d2, err := narinfo.ParseHash(ni.NarHash)
+		return err == nil && algo == a2 && bytes.Equal(digest, d2)
+	case "glob":
+		ok, _ := path.Match(pattern, base)
+		return ok
+	default:
+		return pattern == base
+	}
+}
+
+// DenyKind classifies a deny pattern: "path", "hash", "nar_hash", "glob",
+// "name" or "" when it is not a usable pattern.
+func DenyKind(pattern, storeDir string) string {
+	switch {
+	case pattern == "":
+		return ""
+	case strings.HasPrefix(pattern, storeDir+"/"):
+		if _, err := narinfo.ParseStorePath(pattern, storeDir); err != nil {
+			return ""
+		}
+		return "path"
+	case narinfo.ValidHash(pattern):
+		return "hash"
+	case strings.ContainsAny(pattern, "*?["):
+		if _, err := path.Match(pattern, ""); err != nil || strings.Contains(pattern, "/") {
+			return ""
+		}
+		return "glob"
+	}
+	if _, _, err := narinfo.ParseHash(pattern); err == nil && strings.ContainsAny(pattern, ":-") && !strings.Contains(pattern, "/") {
+		if strings.HasPrefix(pattern, "sha256") || strings.HasPrefix(pattern, "sha512") || strings.HasPrefix(pattern, "sha1") {
+			return "nar_hash"
+		}
+	}
+	if _, _, err := narinfo.ParseBaseName(pattern); err == nil {
+		return "name"
+	}
+	return ""
+}

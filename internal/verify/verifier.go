@@ -1,0 +1,555 @@
+package verify
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+)
+
+// Expect is what a narinfo promises about a NAR download.
+type Expect struct {
+	// Compression is the narinfo's Compression: "none" or "", "xz", "zstd",
+	// "bzip2", "br". Anything else makes NewVerifier fail.
+	Compression string
+	// FileHash is "sha256:<nix32>" of the compressed bytes, "" when unknown.
+	FileHash string
+	// FileSize is the compressed size, 0 when unknown.
+	FileSize uint64
+	// NarHash is "sha256:<nix32>" of the decompressed NAR (required).
+	NarHash string
+	// NarSize is the decompressed size (required, > 0).
+	NarSize uint64
+	// FlatSHA256, when set, additionally requires the NAR to hold exactly one
+	// non-executable regular file whose contents hash to it: the content
+	// address of a "fixed:sha256" flat or "text:sha256" path.
+	FlatSHA256 []byte
+}
+
+// Check names the check that failed, with the label values of the
+// cacheproxy_nar_verification_failures_total metric.
+type Check string
+
+// The checks of SPEC.md's NAR rules. A Verifier never returns CheckTruncated
+// itself: only the caller knows that the upstream connection broke, and then
+// classifies the failure as truncated whatever the Verifier saw.
+const (
+	CheckNarHash    Check = "nar_hash"
+	CheckNarSize    Check = "nar_size"
+	CheckFileHash   Check = "file_hash"
+	CheckFileSize   Check = "file_size"
+	CheckDecompress Check = "decompress"
+	CheckTruncated  Check = "truncated"
+)
+
+// Error is a verification failure: the bytes disagree with the narinfo.
+type Error struct {
+	Check  Check
+	Detail string
+	// Err is the underlying cause (a decoder error), if any.
+	Err error
+}
+
+func (e *Error) Error() string {
+	return "nar verification failed: " + string(e.Check) + ": " + e.Detail
+}
+
+// Unwrap returns the underlying cause.
+func (e *Error) Unwrap() error { return e.Err }
+
+// Misuse errors: programming errors, not verification failures, so they are
+// not *Error.
+var (
+	errFinished = errors.New("verify: Write after Finish")
+	errAborted  = errors.New("verify: verifier was aborted")
+)
+
+// Verifier checks one NAR download on the fly. It is fed the compressed bytes
+// with Write and gives its verdict in Finish. A Verifier is not safe for
+// concurrent use; every Verifier must end with Finish or Abort, which release
+// its goroutines.
+type Verifier struct {
+	fileWant []byte // nil when FileHash is unknown
+	fileSize uint64 // 0 when unknown
+	fileN    uint64
+	// fileHash hashes the compressed bytes; nil for "none", where the
+	// compressed bytes are the NAR and nar.h already hashes them.
+	fileHash hash.Hash
+
+	narWant []byte
+	nar     *narSink
+	dec     *decoder // nil for "none"
+
+	err    error // first failure returned to the caller; sticky
+	closed bool  // Finish or Abort ran
+}
+
+// NewVerifier returns a Verifier for a download expected to match e. It fails
+// only when e itself is unusable (unknown compression, malformed hash,
+// missing NarSize).
+func NewVerifier(e Expect) (*Verifier, error) {
+	narWant, err := parseSHA256(e.NarHash)
+	if err != nil {
+		return nil, fmt.Errorf("new verifier: NarHash: %w", err)
+	}
+	if e.NarSize == 0 {
+		// Every NAR has a header, so 0 can only mean "unknown", and an
+		// unknown size would leave decompression unbounded.
+		return nil, errors.New("new verifier: NarSize is required")
+	}
+	if e.FlatSHA256 != nil && len(e.FlatSHA256) != sha256.Size {
+		return nil, fmt.Errorf("new verifier: FlatSHA256 is %d bytes, want %d", len(e.FlatSHA256), sha256.Size)
+	}
+	v := &Verifier{fileSize: e.FileSize, narWant: narWant}
+	if e.FileHash != "" {
+		if v.fileWant, err = parseSHA256(e.FileHash); err != nil {
+			return nil, fmt.Errorf("new verifier: FileHash: %w", err)
+		}
+	}
+	var dec codec
+	if e.Compression != "none" && e.Compression != "" {
+		if dec, err = codecFor(e.Compression); err != nil {
+			return nil, fmt.Errorf("new verifier: %w", err)
+		}
+		v.fileHash = sha256.New()
+	}
+
+	v.nar = &narSink{h: sha256.New(), limit: e.NarSize}
+	if e.FlatSHA256 != nil {
+		v.nar.flat = newFlatChecker(bytes.Clone(e.FlatSHA256))
+	}
+	if dec.open != nil {
+		v.dec = startDecoder(dec, v.nar)
+	}
+	return v, nil
+}
+
+// fail records the first failure; later calls keep returning it.
+func (v *Verifier) fail(err error) error {
+	if v.err == nil {
+		v.err = err
+	}
+	return v.err
+}
+
+// Write feeds compressed bytes. It returns an *Error as soon as the data is
+// provably bad: more compressed bytes than FileSize, more decompressed bytes
+// than NarSize, undecodable data, trailing bytes after the compressed stream.
+// Decoding runs concurrently, so a decoder failure may surface on a later
+// Write (or, at the latest, in Finish); Write of no bytes just polls for it.
+func (v *Verifier) Write(p []byte) (int, error) {
+	if v.err != nil {
+		return 0, v.err
+	}
+	if v.closed {
+		return 0, errFinished
+	}
+	if v.fileSize > 0 && uint64(len(p)) > v.fileSize-v.fileN {
+		return 0, v.fail(&Error{Check: CheckFileSize,
+			Detail: fmt.Sprintf("more than the expected %d compressed bytes", v.fileSize)})
+	}
+	v.fileN += uint64(len(p))
+	if v.dec == nil {
+		if err := v.nar.write(p); err != nil {
+			return 0, v.fail(err)
+		}
+		return len(p), nil
+	}
+	v.fileHash.Write(p)
+	if err := v.dec.feed(p); err != nil {
+		return 0, v.fail(err)
+	}
+	return len(p), nil
+}
+
+// Finish is called after the last byte. It waits for the decoder to reach
+// the end of the stream and checks, in this order: compressed size, clean
+// decoder end (no corrupt data, no trailing garbage), decompressed size,
+// compressed hash, NAR hash, content address. It returns nil or an *Error.
+// A stream that is shorter than expected but otherwise consistent fails with
+// CheckFileSize (when FileSize is known) or CheckNarSize.
+func (v *Verifier) Finish() error {
+	if v.closed {
+		return v.err
+	}
+	if v.err != nil {
+		v.Abort()
+		return v.err
+	}
+	v.closed = true
+
+	// Stop the decoder first, so that every path below has released it.
+	var decErr error
+	if v.dec != nil {
+		decErr = v.dec.finish()
+	}
+	var flatErr error
+	if v.nar.flat != nil {
+		if decErr != nil {
+			v.nar.flat.stop()
+		} else {
+			flatErr = v.nar.flat.finish()
+		}
+	}
+
+	if v.fileSize > 0 && v.fileN < v.fileSize {
+		return v.fail(&Error{Check: CheckFileSize,
+			Detail: fmt.Sprintf("compressed stream ended after %d of %d bytes", v.fileN, v.fileSize)})
+	}
+	if decErr != nil {
+		return v.fail(decErr)
+	}
+	if v.nar.n != v.nar.limit {
+		return v.fail(&Error{Check: CheckNarSize,
+			Detail: fmt.Sprintf("NAR ended after %d of %d bytes", v.nar.n, v.nar.limit)})
+	}
+	narGot := v.nar.h.Sum(nil)
+	if v.fileWant != nil {
+		fileGot := narGot
+		if v.fileHash != nil {
+			fileGot = v.fileHash.Sum(nil)
+		}
+		if !bytes.Equal(fileGot, v.fileWant) {
+			return v.fail(&Error{Check: CheckFileHash,
+				Detail: fmt.Sprintf("compressed bytes hash to %s, narinfo says %s", formatSHA256(fileGot), formatSHA256(v.fileWant))})
+		}
+	}
+	if !bytes.Equal(narGot, v.narWant) {
+		return v.fail(&Error{Check: CheckNarHash,
+			Detail: fmt.Sprintf("NAR hashes to %s, narinfo says %s", formatSHA256(narGot), formatSHA256(v.narWant))})
+	}
+	if flatErr != nil {
+		return v.fail(flatErr)
+	}
+	return nil
+}
+
+// Abort releases the decoder goroutine (if any) without checking anything.
+// It is safe to call at any time, also after Finish, and more than once.
+func (v *Verifier) Abort() {
+	if v.closed {
+		return
+	}
+	v.closed = true
+	// A later Finish must not mistake "nothing checked" for "verified".
+	v.fail(errAborted)
+	if v.dec != nil {
+		v.dec.abort()
+	}
+	if v.nar.flat != nil {
+		v.nar.flat.stop()
+	}
+}
+
+// narSink hashes and counts the decompressed NAR and refuses to go past its
+// declared size: an upstream cannot make us hash or forward more than
+// NarSize bytes, whatever the compressed stream expands to.
+type narSink struct {
+	h     hash.Hash
+	n     uint64
+	limit uint64
+	flat  *flatChecker // nil unless a content address is to be proven
+}
+
+func (s *narSink) write(p []byte) error {
+	if uint64(len(p)) > s.limit-s.n {
+		return &Error{Check: CheckNarSize,
+			Detail: fmt.Sprintf("NAR is longer than the expected %d bytes", s.limit)}
+	}
+	s.h.Write(p)
+	s.n += uint64(len(p))
+	if s.flat != nil {
+		return s.flat.write(p)
+	}
+	return nil
+}
+
+// Buffers between Write and the decoder goroutine. Write copies into them so
+// the caller's network reads and the compressed-stream hashing overlap with
+// decoding; their number bounds the memory one download can pin.
+const (
+	feedBufSize  = 64 << 10
+	feedBufCount = 4
+	// outBufSize is the decoder goroutine's read size.
+	outBufSize = 128 << 10
+)
+
+// decoder runs a reader-based decompressor in a goroutine, fed by a bounded
+// channel of buffers.
+type decoder struct {
+	in      chan []byte   // filled buffers, Write -> decoder
+	free    chan []byte   // emptied buffers, decoder -> Write
+	nbuf    int           // buffers allocated so far (Write side)
+	stopped chan struct{} // closed by abort
+	done    chan struct{} // closed when the goroutine has returned
+	err     error         // *Error or nil; written before done is closed
+	pulled  uint64        // decompressed bytes taken from the decompressor
+}
+
+func startDecoder(c codec, sink *narSink) *decoder {
+	d := &decoder{
+		in:      make(chan []byte, feedBufCount),
+		free:    make(chan []byte, feedBufCount),
+		stopped: make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	go d.run(c, sink)
+	return d
+}
+
+// feed hands p to the decoder goroutine, in buffer-sized pieces.
+func (d *decoder) feed(p []byte) error {
+	select {
+	case <-d.done:
+		return d.failure()
+	default:
+	}
+	for len(p) > 0 {
+		var b []byte
+		select {
+		case b = <-d.free:
+		default:
+			if d.nbuf < feedBufCount {
+				d.nbuf++
+				b = make([]byte, feedBufSize)
+			} else {
+				select {
+				case b = <-d.free:
+				case <-d.done:
+					return d.failure()
+				}
+			}
+		}
+		n := copy(b, p)
+		p = p[n:]
+		select {
+		case d.in <- b[:n]:
+		case <-d.done:
+			return d.failure()
+		}
+	}
+	return nil
+}
+
+// failure returns the goroutine's error once it has ended.
+func (d *decoder) failure() error {
+	if d.err != nil {
+		return d.err
+	}
+	// The goroutine only ends early on an error or on abort, and abort
+	// closes the Verifier first; this is defensive.
+	return &Error{Check: CheckDecompress, Detail: "decoder stopped"}
+}
+
+// finish signals the end of the compressed stream and waits for the
+// decoder's verdict.
+func (d *decoder) finish() error {
+	close(d.in)
+	<-d.done
+	return d.err
+}
+
+func (d *decoder) abort() {
+	close(d.stopped)
+	<-d.done
+}
+
+func (d *decoder) run(c codec, sink *narSink) {
+	defer close(d.done)
+	src := &chanReader{in: d.in, free: d.free, stopped: d.stopped}
+	d.err = d.decode(c, src, sink)
+	if d.err != nil && sink.flat != nil {
+		// The flat parser would wait for bytes that will never come.
+		sink.flat.stop()
+	}
+}
+
+func (d *decoder) decode(c codec, src *chanReader, sink *narSink) error {
+	var in io.Reader = src
+	var held *holdbackReader
+	if c.holdback > 0 {
+		held = newHoldbackReader(src, c.holdback)
+		in = held
+	}
+	r, closeDec, err := c.open(in)
+	if err != nil {
+		return d.decodeError(src, sink, err)
+	}
+	defer closeDec()
+	buf := make([]byte, outBufSize)
+	for {
+		// Ask for at most one byte more than the NAR may still hold: enough
+		// to notice an overlong stream, never more (decompression bombs).
+		want := len(buf)
+		if rest := sink.limit - sink.n; rest < uint64(want) {
+			want = int(rest) + 1
+		}
+		n, err := r.Read(buf[:want])
+		d.pulled += uint64(n)
+		if n > 0 {
+			if werr := sink.write(buf[:n]); werr != nil {
+				return werr
+			}
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return d.decodeError(src, sink, err)
+		}
+	}
+	// The decoder is done; anything after the compressed stream is garbage
+	// (padding and further streams/frames are the decoders' business).
+	extra, err := src.drain()
+	if held != nil {
+		extra += held.pending()
+	}
+	if errors.Is(err, errStopped) {
+		return &Error{Check: CheckDecompress, Detail: "aborted", Err: err}
+	}
+	if extra > 0 {
+		return &Error{Check: CheckDecompress, Detail: "trailing bytes after the compressed stream"}
+	}
+	return nil
+}
+
+// decodeError classifies a decompressor error. A stream that simply stopped
+// early (all input consumed, decoder wants more) is a short NAR rather than
+// corrupt data, so it is reported like a short uncompressed stream.
+func (d *decoder) decodeError(src *chanReader, sink *narSink, err error) error {
+	if errors.Is(err, errStopped) {
+		return &Error{Check: CheckDecompress, Detail: "aborted", Err: err}
+	}
+	if src.eof && errors.Is(err, io.ErrUnexpectedEOF) && sink.n < sink.limit {
+		return &Error{Check: CheckNarSize,
+			Detail: fmt.Sprintf("compressed stream ended early, NAR after %d of %d bytes", sink.n, sink.limit), Err: err}
+	}
+	return &Error{Check: CheckDecompress, Detail: fmt.Sprintf("after %d NAR bytes: %v", sink.n, err), Err: err}
+}
+
+// holdbackReader passes bytes through but keeps the last n it has received
+// until more arrive or the input ends (see brotliHoldback).
+type holdbackReader struct {
+	r    io.Reader
+	n    int
+	buf  []byte // store; unread bytes are buf[off:end]
+	off  int
+	end  int
+	rerr error // the underlying reader's terminal error
+}
+
+func newHoldbackReader(r io.Reader, n int) *holdbackReader {
+	return &holdbackReader{r: r, n: n, buf: make([]byte, feedBufSize+n)}
+}
+
+func (h *holdbackReader) pending() int { return h.end - h.off }
+
+func (h *holdbackReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	for {
+		avail := h.end - h.off
+		if h.rerr != nil {
+			if avail == 0 {
+				return 0, h.rerr
+			}
+		} else {
+			avail -= h.n
+		}
+		if avail > 0 {
+			k := copy(p, h.buf[h.off:h.off+avail])
+			h.off += k
+			return k, nil
+		}
+		// Keep the held bytes at the front and read behind them.
+		h.end = copy(h.buf, h.buf[h.off:h.end])
+		h.off = 0
+		k, err := h.r.Read(h.buf[h.end:])
+		h.end += k
+		if err != nil {
+			h.rerr = err
+		}
+	}
+}
+
+// errStopped is what the decoder reads after Abort.
+var errStopped = errors.New("verify: aborted")
+
+// chanReader is the decompressor's io.Reader (and io.ByteReader, so that
+// decoders that want one do not add their own buffering) over the buffers
+// Write sends.
+type chanReader struct {
+	in      <-chan []byte
+	free    chan<- []byte
+	stopped <-chan struct{}
+	buf     []byte // buffer being read, to recycle
+	cur     []byte // unread part of buf
+	eof     bool   // in was closed: Finish was called
+}
+
+func (r *chanReader) fill() error {
+	for len(r.cur) == 0 {
+		if r.buf != nil {
+			// free has room for every buffer in existence: never blocks.
+			r.free <- r.buf[:cap(r.buf)]
+			r.buf = nil
+		}
+		if r.eof {
+			return io.EOF
+		}
+		select {
+		case b, ok := <-r.in:
+			if !ok {
+				r.eof = true
+				return io.EOF
+			}
+			r.buf, r.cur = b, b
+		case <-r.stopped:
+			return errStopped
+		}
+	}
+	return nil
+}
+
+func (r *chanReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if len(r.cur) == 0 {
+		if err := r.fill(); err != nil {
+			return 0, err
+		}
+	}
+	n := copy(p, r.cur)
+	r.cur = r.cur[n:]
+	return n, nil
+}
+
+func (r *chanReader) ReadByte() (byte, error) {
+	if len(r.cur) == 0 {
+		if err := r.fill(); err != nil {
+			return 0, err
+		}
+	}
+	c := r.cur[0]
+	r.cur = r.cur[1:]
+	return c, nil
+}
+
+// drain consumes the rest of the input and counts it. It returns as soon as
+// it has seen a byte, since one is enough to fail.
+func (r *chanReader) drain() (int, error) {
+	if len(r.cur) > 0 {
+		return len(r.cur), nil
+	}
+	if err := r.fill(); err != nil {
+		if err == io.EOF {
+			return 0, nil
+		}
+		return 0, err
+	}
+	return len(r.cur), nil
+}
