@@ -345,7 +345,8 @@ func addEntry(r *Result, abs string, f map[string]json.RawMessage, storeDir stri
 // parseUint accepts a JSON number that is a non-negative integer.
 func parseUint(raw json.RawMessage) (uint64, error) {
 	var n json.Number
-	if err := json.Unmarshal(raw, &n); err != nil {
+	// json.Number would also accept a quoted number; Nix never quotes sizes.
+	if describe(raw) != "a number" || json.Unmarshal(raw, &n) != nil {
 		return 0, fmt.Errorf("want a non-negative integer, got %s", describe(raw))
 	}
 	v, err := strconv.ParseUint(n.String(), 10, 64)

@@ -26,14 +26,21 @@ type Blobs struct {
 	mu       sync.Mutex
 	size     int64                // sum of indexed blob sizes
 	lastUsed map[string]time.Time // in memory; persisted on eviction and Close
-	onEvict  func(n int, bytes int64)
+	// sizes holds the indexed size of every blob in lastUsed. Remove and
+	// evict account with it rather than with a stat of the file, which
+	// drifted when a file had been truncated or deleted behind our back
+	// (found by TestVerifyAll), and they count a blob as removed only when
+	// it was still in the map, so concurrent evictions neither count one
+	// blob twice nor evict more than needed (found by TestBlobsConcurrent).
+	sizes   map[string]int64
+	onEvict func(n int, bytes int64)
 }
 
 // OpenBlobs prepares stateDir/blobs and stateDir/tmp, removes leftovers of a
 // crash and reconciles the index with the files on disk.
 func OpenBlobs(db *DB, stateDir string, maxSize int64) (*Blobs, error) {
 	b := &Blobs{db: db, dir: filepath.Join(stateDir, "blobs"), tmp: filepath.Join(stateDir, "tmp"),
-		maxSize: maxSize, lastUsed: map[string]time.Time{}}
+		maxSize: maxSize, lastUsed: map[string]time.Time{}, sizes: map[string]int64{}}
 	if err := os.RemoveAll(b.tmp); err != nil {
 		return nil, fmt.Errorf("clear temp dir: %w", err)
 	}
@@ -77,6 +84,7 @@ func (b *Blobs) reconcile() error {
 			}
 			b.size += m.Size
 			b.lastUsed[name] = m.LastUsed
+			b.sizes[name] = m.Size
 			return nil
 		})
 		if err != nil {
@@ -150,9 +158,8 @@ func (b *Blobs) Commit(f *os.File, name string, meta BlobMeta) error {
 		return fmt.Errorf("index blob %s: %w", name, err)
 	}
 	b.mu.Lock()
-	if _, ok := b.lastUsed[name]; !ok {
-		b.size += size
-	}
+	b.size += size - b.sizes[name] // a second commit of name replaces the first
+	b.sizes[name] = size
 	b.lastUsed[name] = now
 	b.mu.Unlock()
 	return b.evict()
@@ -214,27 +221,34 @@ func (b *Blobs) Size() int64 {
 
 // Remove drops a blob and its index entry.
 func (b *Blobs) Remove(name string) error {
+	_, _, err := b.remove(name)
+	return err
+}
+
+// remove drops a blob; removed reports whether this call took it out of
+// the in-memory index (and so freed its size), which is what eviction counts.
+func (b *Blobs) remove(name string) (freed int64, removed bool, err error) {
 	if err := validName(name); err != nil {
-		return err
+		return 0, false, err
 	}
-	err := b.db.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketBlobs).Delete([]byte(name)) })
-	if err != nil {
-		return fmt.Errorf("unindex blob %s: %w", name, err)
-	}
+	// Stop serving it first; a failure below leaves at worst an unserved
+	// index entry or file, which OpenBlobs reconciles.
 	b.mu.Lock()
-	size := int64(0)
-	if fi, err := os.Stat(filepath.Join(b.dir, name)); err == nil {
-		size = fi.Size()
-	}
 	if _, ok := b.lastUsed[name]; ok {
-		b.size -= size
+		freed, removed = b.sizes[name], true
+		b.size -= freed
 		delete(b.lastUsed, name)
+		delete(b.sizes, name)
 	}
 	b.mu.Unlock()
-	if err := os.Remove(filepath.Join(b.dir, name)); err != nil && !os.IsNotExist(err) {
-		return fmt.Errorf("remove blob %s: %w", name, err)
+	err = b.db.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketBlobs).Delete([]byte(name)) })
+	if err != nil {
+		return freed, removed, fmt.Errorf("unindex blob %s: %w", name, err)
 	}
-	return nil
+	if err := os.Remove(filepath.Join(b.dir, name)); err != nil && !os.IsNotExist(err) {
+		return freed, removed, fmt.Errorf("remove blob %s: %w", name, err)
+	}
+	return freed, removed, nil
 }
 
 // evict removes least-recently-used blobs until the total is within maxSize.
@@ -251,23 +265,25 @@ func (b *Blobs) evict() error {
 		names = append(names, n)
 	}
 	sort.Slice(names, func(i, j int) bool { return b.lastUsed[names[i]].Before(b.lastUsed[names[j]]) })
-	excess := b.size - b.maxSize
 	b.mu.Unlock()
 
 	n, freed := 0, int64(0)
 	for _, name := range names {
-		if freed >= excess {
+		// Re-check: another Commit may be evicting at the same time.
+		b.mu.Lock()
+		over := b.size > b.maxSize
+		b.mu.Unlock()
+		if !over {
 			break
 		}
-		fi, err := os.Stat(filepath.Join(b.dir, name))
+		size, removed, err := b.remove(name)
 		if err != nil {
-			continue
-		}
-		if err := b.Remove(name); err != nil {
 			return err
 		}
-		n++
-		freed += fi.Size()
+		if removed {
+			n++
+			freed += size
+		}
 	}
 	if n > 0 && b.onEvict != nil {
 		b.onEvict(n, freed)

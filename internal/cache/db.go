@@ -55,6 +55,14 @@ type Record struct {
 	NarSize     uint64    `json:"nar_size"`
 	FlatSHA256  []byte    `json:"flat_sha256,omitempty"` // content-address proof to check while streaming
 	Decided     time.Time `json:"decided"`
+	// ValidUntil ends a decision that rests on evidence with an expiry (an
+	// allowlist entry with --expires); zero means until an admin change.
+	ValidUntil time.Time `json:"valid_until,omitzero"`
+}
+
+// Expired reports whether the record must be decided again at now.
+func (r Record) Expired(now time.Time) bool {
+	return !r.ValidUntil.IsZero() && !now.Before(r.ValidUntil)
 }
 
 // Attestation is one attester key's verified signature over a fingerprint
@@ -452,11 +460,24 @@ func (d *DB) RecordRejection(r Rejection) error {
 			return err
 		}
 		b := tx.Bucket(bucketRejections)
-		if n := b.Stats().KeyN; n > MaxRejections {
+		// Not b.Stats().KeyN: bbolt's Stats reads only the committed pages
+		// and misses the Put above, which let the log grow to
+		// MaxRejections+1 (found by TestRejectionsPruned).
+		if n := countKeys(b); n > MaxRejections {
 			return pruneOldest(b, n-MaxRejections)
 		}
 		return nil
 	})
+}
+
+// countKeys counts a bucket's keys as this transaction sees them.
+func countKeys(b *bolt.Bucket) int {
+	n := 0
+	c := b.Cursor()
+	for k, _ := c.First(); k != nil; k, _ = c.Next() {
+		n++
+	}
+	return n
 }
 
 func pruneOldest(b *bolt.Bucket, n int) error {

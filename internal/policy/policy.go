@@ -136,6 +136,12 @@ func (p Policy) Decide(in Input, ev cache.Evidence, now time.Time) Decision {
 	if err != nil {
 		return reject(d, UpstreamMalformed, "%v", err)
 	}
+	switch ni.Compression {
+	case "none", "xz", "zstd", "bzip2", "br":
+	default:
+		// A NAR we cannot decode is a NAR we cannot verify.
+		return reject(d, UpstreamMalformed, "unsupported Compression %q", ni.Compression)
+	}
 	d.NarInfo, d.Fingerprint = ni, fp
 
 	// Rule 2: the upstream must vouch for what it serves.
@@ -153,16 +159,11 @@ func (p Policy) Decide(in Input, ev cache.Evidence, now time.Time) Decision {
 		return reject(d, NarMismatch, "NAR failed %s check: %s", ev.Quarantine.Check, ev.Quarantine.Detail)
 	}
 
-	// Rule 3: operators can refuse anything.
-	for i := range ev.Deny {
-		if DenyMatches(ev.Deny[i].Pattern, ni, p.StoreDir) {
-			d.Deny = &ev.Deny[i]
-			return reject(d, Denied, "denylist entry %q: %s", ev.Deny[i].Pattern, ev.Deny[i].Reason)
-		}
-	}
-
-	// Evidence from attesters: which configured keys signed this very
-	// fingerprint, and which signed a different one for the same path.
+	// Gather all the evidence before applying rules 3–8, so that a
+	// decision (and explain) always shows every attestation and entry that
+	// bears on the path, not only the one that decided it.
+	// Attesters: which configured keys signed this very fingerprint, and
+	// which signed a different one for the same path.
 	for _, a := range ev.Attestations {
 		key, ok := p.attester(a.PublicKey)
 		if !ok {
@@ -180,6 +181,14 @@ func (p Policy) Decide(in Input, ev cache.Evidence, now time.Time) Decision {
 	allowPinned := allow != nil && !allow.Expired(now) && (allow.NarHash == "" || allow.NarHash == ni.NarHash)
 	if allow != nil {
 		d.Allow = allow
+	}
+
+	// Rule 3: operators can refuse anything.
+	for i := range ev.Deny {
+		if DenyMatches(ev.Deny[i].Pattern, ni, p.StoreDir) {
+			d.Deny = &ev.Deny[i]
+			return reject(d, Denied, "denylist entry %q: %s", ev.Deny[i].Pattern, ev.Deny[i].Reason)
+		}
 	}
 
 	// Rule 4: an attester rebuilt something else than upstream serves.
@@ -344,7 +353,10 @@ func DenyKind(pattern, storeDir string) string {
 		}
 		return "glob"
 	}
-	if _, _, err := narinfo.ParseHash(pattern); err == nil && strings.ContainsAny(pattern, ":-") && !strings.Contains(pattern, "/") {
+	// No check for '/' here: ParseHash validates the digest strictly, and an
+	// SRI or base64 NarHash contains a '/' about half of the time (such deny
+	// patterns used to be refused as unusable; fixed with policy_test.go).
+	if _, _, err := narinfo.ParseHash(pattern); err == nil && strings.ContainsAny(pattern, ":-") {
 		if strings.HasPrefix(pattern, "sha256") || strings.HasPrefix(pattern, "sha512") || strings.HasPrefix(pattern, "sha1") {
 			return "nar_hash"
 		}

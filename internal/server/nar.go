@@ -37,7 +37,7 @@ func (s *Server) handleNar(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "internal error", http.StatusInternalServerError)
 		return
 	}
-	if rec == nil || rec.NarFile != file {
+	if rec == nil || rec.NarFile != file || rec.Expired(s.now()) {
 		http.Error(w, "no approved narinfo refers to this NAR", http.StatusNotFound)
 		return
 	}
@@ -195,6 +195,16 @@ func (s *Server) fetch(dl *download, u *upstreamCache, tmp *os.File) {
 		s.blobs.Discard(tmp)
 	}
 
+	// Fix (found by TestNarTamperedTailQuarantines): count the failure and
+	// write the quarantine *before* any reader learns of it. This used to
+	// run after publish, so a client that retried the moment its transfer
+	// broke (Nix does) still got the approved narinfo and started a second
+	// download of the bad NAR. While the download is still in the table, a
+	// new request either joins it (and sees the failure) or finds the
+	// record gone.
+	if err != nil {
+		s.narFailed(rec, u, err)
+	}
 	// Remove the download from the table before announcing the end, so
 	// that a new request either joins it or sees the committed blob.
 	s.dlMu.Lock()
@@ -202,9 +212,6 @@ func (s *Server) fetch(dl *download, u *upstreamCache, tmp *os.File) {
 	s.dlMu.Unlock()
 	dl.publish(written, true, err)
 	dl.release()
-	if err != nil {
-		s.narFailed(rec, u, err)
-	}
 }
 
 // copyVerified runs the transfer and returns the bytes written or why it

@@ -72,7 +72,7 @@ func (s *Server) resolve(ctx context.Context, hash string) (outcome, error) {
 	if err != nil {
 		return outcome{}, err
 	}
-	if rec != nil {
+	if rec != nil && !rec.Expired(s.now()) {
 		s.m.cacheHits.WithLabelValues("narinfo").Inc()
 		return outcome{rec: rec}, nil
 	}
@@ -90,7 +90,7 @@ func (s *Server) resolve(ctx context.Context, hash string) (outcome, error) {
 // decideAndStore fetches, decides, and stores an approved (or, in report
 // mode, served) record; rejections are logged, counted and recorded.
 func (s *Server) decideAndStore(ctx context.Context, hash string, visiting map[string]bool) (outcome, error) {
-	if rec, err := s.db.Record(hash); err != nil || rec != nil {
+	if rec, err := s.db.Record(hash); err != nil || (rec != nil && !rec.Expired(s.now())) {
 		return outcome{rec: rec}, err // decided while we waited
 	}
 	out, err := s.decide(ctx, hash, visiting)
@@ -191,7 +191,7 @@ func (s *Server) referenceDecisions(ctx context.Context, hash string, d policy.D
 		if err != nil {
 			return nil, err
 		}
-		if rec != nil {
+		if rec != nil && !rec.Expired(s.now()) {
 			refs[ref] = policy.Decision{Approved: rec.Approved, Reason: policy.Reason(rec.Reason)}
 			continue
 		}
@@ -251,6 +251,9 @@ func (s *Server) approve(d policy.Decision) (cache.Record, error) {
 		Upstream: d.Upstream, NarURL: ni.URL, NarFile: narFile,
 		Compression: ni.Compression, FileHash: ni.FileHash, FileSize: ni.FileSize,
 		NarHash: ni.NarHash, NarSize: ni.NarSize, FlatSHA256: flat, Decided: s.now(),
+	}
+	if d.Reason == policy.Allowlisted && d.Allow != nil {
+		rec.ValidUntil = d.Allow.Expires
 	}
 	ni.URL = "nar/" + narFile
 	ni.Sigs = append(append([]string(nil), ni.Sigs...), s.key.Sign(d.Fingerprint))

@@ -375,7 +375,7 @@ func (d *decoder) decode(c codec, src *chanReader, sink *narSink) error {
 	}
 	r, closeDec, err := c.open(in)
 	if err != nil {
-		return d.decodeError(src, sink, err)
+		return d.decodeError(c, src, sink, err)
 	}
 	defer closeDec()
 	buf := make([]byte, outBufSize)
@@ -397,7 +397,7 @@ func (d *decoder) decode(c codec, src *chanReader, sink *narSink) error {
 			break
 		}
 		if err != nil {
-			return d.decodeError(src, sink, err)
+			return d.decodeError(c, src, sink, err)
 		}
 	}
 	// The decoder is done; anything after the compressed stream is garbage
@@ -418,11 +418,11 @@ func (d *decoder) decode(c codec, src *chanReader, sink *narSink) error {
 // decodeError classifies a decompressor error. A stream that simply stopped
 // early (all input consumed, decoder wants more) is a short NAR rather than
 // corrupt data, so it is reported like a short uncompressed stream.
-func (d *decoder) decodeError(src *chanReader, sink *narSink, err error) error {
+func (d *decoder) decodeError(c codec, src *chanReader, sink *narSink, err error) error {
 	if errors.Is(err, errStopped) {
 		return &Error{Check: CheckDecompress, Detail: "aborted", Err: err}
 	}
-	if src.eof && errors.Is(err, io.ErrUnexpectedEOF) && sink.n < sink.limit {
+	if src.eof && c.truncated(err) && sink.n < sink.limit {
 		return &Error{Check: CheckNarSize,
 			Detail: fmt.Sprintf("compressed stream ended early, NAR after %d of %d bytes", sink.n, sink.limit), Err: err}
 	}

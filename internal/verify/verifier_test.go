@@ -256,8 +256,9 @@ func cliDecode(t *testing.T, compression string, data []byte) []byte {
 	return out
 }
 
-// Where the upstream's reads split the stream must not matter: every split
-// of every fixture into two writes, and into three, passes.
+// Where the upstream's reads split the stream must not matter: splits of
+// every fixture into two writes, and into three, pass. (This found the
+// brotli "excessive input" bug worked around by brotliHoldback.)
 func TestEverySplit(t *testing.T) {
 	for _, c := range compressions {
 		for _, dir := range []string{"cache", "cli"} {
@@ -276,7 +277,17 @@ func TestEverySplit(t *testing.T) {
 			}
 			t.Run(c+"/"+dir, func(t *testing.T) {
 				t.Parallel()
+				// Every split near the ends (headers, footers, checksums),
+				// a stride through the middle; decoders allocate their
+				// window per stream, so all 4000 splits of each would be slow.
+				stride := 1
+				if testing.Short() || raceEnabled {
+					stride = 31
+				}
 				for k := 0; k <= len(f.data); k++ {
+					if k > 64 && k < len(f.data)-256 && k%(7*stride) != 0 {
+						continue
+					}
 					if err := runParts(f.expect, f.data[:k], f.data[k:]); err != nil {
 						t.Fatalf("split at %d of %d: %v", k, len(f.data), err)
 					}
