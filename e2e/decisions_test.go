@@ -1,6 +1,6 @@
 package e2e
 
-// Every decision reason of SPEC.md, observed over HTTP: the narinfo status,
+// Every decision reason of the README, observed over HTTP: the narinfo status,
 // the X-Cacheproxy-Decision header and cacheproxy_decisions_total.
 
 import (

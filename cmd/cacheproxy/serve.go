@@ -106,14 +106,24 @@ func cmdServe(args []string, io cmdIO) error {
 	return err
 }
 
-func cmdPubkey(args []string, io cmdIO) error {
-	fs := newFlags("pubkey", "pubkey [-c FILE] [--state-dir DIR]", io)
+// configCommand parses a command that takes only the config flags and
+// returns the validated config.
+func configCommand(name string, args []string, io cmdIO) (config.Config, error) {
+	fs := newFlags(name, name+" [-c FILE] [--state-dir DIR]", io)
 	var cf configFlags
 	cf.register(fs, false)
-	if _, err := parseInterspersed(fs, args); err != nil {
-		return err
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return config.Config{}, err
 	}
-	cfg, err := cf.load()
+	if len(pos) > 0 {
+		return config.Config{}, usageErr("unexpected argument %q", pos[0])
+	}
+	return cf.load()
+}
+
+func cmdPubkey(args []string, io cmdIO) error {
+	cfg, err := configCommand("pubkey", args, io)
 	if err != nil {
 		return err
 	}
@@ -126,13 +136,7 @@ func cmdPubkey(args []string, io cmdIO) error {
 }
 
 func cmdCheckConfig(args []string, io cmdIO) error {
-	fs := newFlags("check-config", "check-config [-c FILE] [--state-dir DIR]", io)
-	var cf configFlags
-	cf.register(fs, false)
-	if _, err := parseInterspersed(fs, args); err != nil {
-		return err
-	}
-	cfg, err := cf.load()
+	cfg, err := configCommand("check-config", args, io)
 	if err != nil {
 		return err
 	}
@@ -141,8 +145,8 @@ func cmdCheckConfig(args []string, io cmdIO) error {
 	if err != nil {
 		return err
 	}
-	io.stdout.Write(out)
-	return nil
+	_, err = io.stdout.Write(out)
+	return err
 }
 
 // cmdKeygen writes NAME.sec and NAME.pub in the format of

@@ -6,7 +6,7 @@
 // Trust model: this package trusts nothing and decides nothing. A Claim is only what
 // the input says; it becomes an attestation only after a caller verifies one of its
 // Sigs, with a configured attester key, over the fingerprint built from the upstream
-// narinfo (SPEC "Decision rules"). Parsing is therefore strict about shape (so a
+// narinfo (README, "Decision rules"). Parsing is therefore strict about shape (so a
 // typo is reported instead of silently producing a claim nobody can verify) and
 // all-or-nothing (so an import is never half applied), but it does not reject claims
 // for lacking signatures: the importer reports those.

@@ -2,7 +2,7 @@
 //
 // Its job is to turn an optional config file plus the process environment into
 // one Config value whose every field has a meaning, and to refuse at start
-// anything SPEC.md says must be refused (unknown keys, bad URLs, malformed
+// anything the README says must be refused (unknown keys, bad URLs, malformed
 // public keys, an impossible quorum, unreadable key files), naming the
 // offending key.
 //

@@ -23,7 +23,7 @@ type FieldError struct {
 func (e *FieldError) Error() string { return e.Key + ": " + e.Err.Error() }
 func (e *FieldError) Unwrap() error { return e.Err }
 
-// Validate checks everything SPEC.md says is refused at start. It returns
+// Validate checks everything the README says is refused at start. It returns
 // all problems joined with errors.Join (each a *FieldError naming its key),
 // so an operator fixes a config in one round instead of one error per start.
 func (c Config) Validate() error {

@@ -153,7 +153,7 @@ func StorePathFromCA(storeDir string, c CA, name string, refs []string, selfBase
 	}
 }
 
-// VerifyCA implements SPEC decision rule 7: it returns nil when n's CA field proves
+// VerifyCA implements decision rule 7 (README, "Decision rules"): it returns nil when n's CA field proves
 // n's store path, i.e. the path recomputed from CA, name, references and storeDir
 // (makeTextPath for "text:sha256:...", makeFixedOutputPath with type "source" and
 // references (+ ":self") for "fixed:r:sha256:...", the "output:out" path for other

@@ -115,7 +115,7 @@ func approve(d Decision, r Reason, format string, args ...any) Decision {
 	return d
 }
 
-// Decide applies the rules of SPEC.md in order; the first match wins.
+// Decide applies the rules of the README (Decision rules) in order; the first match wins.
 func (p Policy) Decide(in Input, ev cache.Evidence, now time.Time) Decision {
 	d := Decision{Upstream: in.Upstream}
 

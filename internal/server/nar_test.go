@@ -664,3 +664,71 @@ func TestNarEviction(t *testing.T) {
 		t.Errorf("evicted NAR 0 fetched %d times in all, want 2", got)
 	}
 }
+
+// Each upstream fault lands in its own class: transient failures are
+// counted and retried, bad data is counted under its check and quarantined.
+func TestNarUpstreamFaultsClassified(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		fileHash   bool // keep FileHash in the narinfo
+		compress   string
+		fault      func(o *storeObj) http.HandlerFunc
+		check      string // failure counted, "" for none
+		quarantine bool
+	}{
+		{"nar-503", true, "zstd", func(o *storeObj) http.HandlerFunc {
+			return func(w http.ResponseWriter, r *http.Request) { http.Error(w, "busy", 503) }
+		}, "", false},
+		{"undecodable", false, "zstd", func(o *storeObj) http.HandlerFunc {
+			garbage := bytes.Repeat([]byte{0xa5}, len(o.file))
+			return func(w http.ResponseWriter, r *http.Request) { w.Write(garbage) }
+		}, "decompress", true},
+		{"longer-than-filesize", true, "zstd", func(o *storeObj) http.HandlerFunc {
+			return func(w http.ResponseWriter, r *http.Request) {
+				w.Write(append(bytes.Clone(o.file), make([]byte, 100)...))
+			}
+		}, "file_size", true},
+		// (a flipped byte inside a zstd frame is a decompress failure; with
+		// "none" FileHash is checked before NarHash)
+		{"file-hash", true, "none", func(o *storeObj) http.HandlerFunc {
+			bad := bytes.Clone(o.file)
+			bad[len(bad)/2] ^= 1
+			return func(w http.ResponseWriter, r *http.Request) { w.Write(bad) }
+		}, "file_hash", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			o := newObj(t, "fault-"+tc.name, dirNAR(t, 40, 200<<10), tc.compress)
+			if !tc.fileHash {
+				o.ni.FileHash = ""
+			}
+			f.up.publish(o)
+			f.attest(o)
+			narPath := f.narURL(o)
+			f.up.handle("/"+o.ni.URL, tc.fault(o))
+
+			resp, body, err := f.get(narPath)
+			if err == nil && resp.StatusCode == 200 {
+				t.Fatalf("faulty upstream: client got a clean 200 with %d bytes", len(body))
+			}
+			if err == nil && resp.StatusCode == http.StatusBadGateway && resp.Header.Get("Retry-After") == "" {
+				t.Errorf("502 without Retry-After")
+			}
+			for _, c := range []string{"nar_hash", "nar_size", "file_hash", "file_size", "decompress", "truncated"} {
+				want := 0.0
+				if c == tc.check {
+					want = 1
+				}
+				if v := f.metric("cacheproxy_nar_verification_failures_total", `check="`+c+`"`); v != want {
+					t.Errorf(`failures{check=%q} = %v, want %v`, c, v, want)
+				}
+			}
+			f.assertNoBlobsOrTemps()
+			resp, _ = f.mustGet("/" + o.hash + ".narinfo")
+			quarantined := resp.StatusCode == 404 && resp.Header.Get("X-Cacheproxy-Decision") == "rejected; reason=nar_mismatch"
+			if quarantined != tc.quarantine || (!quarantined && resp.StatusCode != 200) {
+				t.Errorf("narinfo after the fault: %d %q; want quarantined=%v", resp.StatusCode, resp.Header.Get("X-Cacheproxy-Decision"), tc.quarantine)
+			}
+		})
+	}
+}

@@ -18,8 +18,7 @@
 // reports the first disagreement as an *Error naming the failed Check, with
 // the label values of the cacheproxy_nar_verification_failures_total metric.
 // It only says "good" from Finish, after the last byte, so callers can hold
-// back the final bytes of a response until then (DESIGN.md, "Holding back the
-// last bytes").
+// back the final bytes of a response until then.
 //
 // The package knows nothing about HTTP, storage or policy.
 package verify

@@ -32,7 +32,7 @@ type Expect struct {
 // cacheproxy_nar_verification_failures_total metric.
 type Check string
 
-// The checks of SPEC.md's NAR rules. A Verifier never returns CheckTruncated
+// The checks of the README's NAR rules. A Verifier never returns CheckTruncated
 // itself: only the caller knows that the upstream connection broke, and then
 // classifies the failure as truncated whatever the Verifier saw.
 const (
