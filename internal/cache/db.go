@@ -12,6 +12,7 @@
 package cache
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,14 +26,17 @@ import (
 
 // Bucket names. Keys are store path hashes (32 nix32 characters) unless noted.
 var (
-	bucketRecords      = []byte("records")      // hash -> Record (approved, served as stored)
-	bucketAttestations = []byte("attestations") // hash "/" public key -> Attestation
-	bucketAllow        = []byte("allowlist")    // hash -> AllowEntry
-	bucketDeny         = []byte("denylist")     // pattern -> DenyEntry
-	bucketQuarantine   = []byte("quarantine")   // hash -> Quarantine
-	bucketRejections   = []byte("rejections")   // hash -> Rejection (latest per path)
-	bucketBlobs        = []byte("blobs")        // blob name -> BlobMeta
-	allBuckets         = [][]byte{bucketRecords, bucketAttestations, bucketAllow, bucketDeny, bucketQuarantine, bucketRejections, bucketBlobs}
+	bucketRecords      = []byte("records")            // hash -> Record (approved, served as stored)
+	bucketAttestations = []byte("attestations")       // hash "/" public key -> Attestation
+	bucketAllow        = []byte("allowlist")          // hash -> AllowEntry
+	bucketDeny         = []byte("denylist")           // pattern -> DenyEntry
+	bucketQuarantine   = []byte("quarantine")         // hash -> Quarantine
+	bucketRejections   = []byte("rejections")         // hash -> Rejection (latest per path)
+	bucketRejectOrder  = []byte("rejections_by_time") // 8-byte big-endian Last (unix ns) + hash -> nothing; oldest first
+	bucketMeta         = []byte("meta")               // counters
+	keyRejectionCount  = []byte("rejections")
+	bucketBlobs        = []byte("blobs") // blob name -> BlobMeta
+	allBuckets         = [][]byte{bucketRecords, bucketAttestations, bucketAllow, bucketDeny, bucketQuarantine, bucketRejections, bucketRejectOrder, bucketMeta, bucketBlobs}
 )
 
 // MaxRejections bounds the rejection log; the oldest entries are dropped first.
@@ -444,7 +448,8 @@ func (d *DB) Retry(hashes []string) (notQuarantined []string, err error) {
 }
 
 // RecordRejection adds one refusal to the rejection log, keeping the latest
-// per path and at most MaxRejections paths.
+// per path and at most MaxRejections paths. A time index keeps pruning the
+// oldest entry O(log n) however full the log is.
 func (d *DB) RecordRejection(r Rejection) error {
 	hash := hashOf(r.StorePath)
 	return d.update(func(tx *bolt.Tx) error {
@@ -455,55 +460,58 @@ func (d *DB) RecordRejection(r Rejection) error {
 		r.Count, r.First = 1, r.Last
 		if old != nil {
 			r.Count, r.First = old.Count+1, old.First
+			if err := tx.Bucket(bucketRejectOrder).Delete(orderKey(old.Last, hash)); err != nil {
+				return err
+			}
 		}
 		if err := put(tx, bucketRejections, hash, r); err != nil {
 			return err
 		}
-		b := tx.Bucket(bucketRejections)
-		// Not b.Stats().KeyN: bbolt's Stats reads only the committed pages
-		// and misses the Put above, which let the log grow to
-		// MaxRejections+1 (found by TestRejectionsPruned).
-		if n := countKeys(b); n > MaxRejections {
-			return pruneOldest(b, n-MaxRejections)
-		}
-		return nil
-	})
-}
-
-// countKeys counts a bucket's keys as this transaction sees them.
-func countKeys(b *bolt.Bucket) int {
-	n := 0
-	c := b.Cursor()
-	for k, _ := c.First(); k != nil; k, _ = c.Next() {
-		n++
-	}
-	return n
-}
-
-func pruneOldest(b *bolt.Bucket, n int) error {
-	type kt struct {
-		k string
-		t time.Time
-	}
-	var all []kt
-	err := b.ForEach(func(k, v []byte) error {
-		var r Rejection
-		if err := json.Unmarshal(v, &r); err != nil {
+		if err := tx.Bucket(bucketRejectOrder).Put(orderKey(r.Last, hash), nil); err != nil {
 			return err
 		}
-		all = append(all, kt{string(k), r.Last})
-		return nil
+		if old != nil {
+			return nil
+		}
+		n, err := addCount(tx, keyRejectionCount, 1)
+		for ; err == nil && n > MaxRejections; n-- {
+			err = dropOldestRejection(tx)
+		}
+		return err
 	})
-	if err != nil {
+}
+
+// orderKey sorts rejections by time; the hash keeps equal times apart.
+func orderKey(t time.Time, hash string) []byte {
+	k := binary.BigEndian.AppendUint64(nil, uint64(t.UnixNano()))
+	return append(k, hash...)
+}
+
+func dropOldestRejection(tx *bolt.Tx) error {
+	c := tx.Bucket(bucketRejectOrder).Cursor()
+	k, _ := c.First()
+	if k == nil {
+		return nil
+	}
+	if err := c.Delete(); err != nil {
 		return err
 	}
-	sort.Slice(all, func(i, j int) bool { return all[i].t.Before(all[j].t) })
-	for _, e := range all[:n] {
-		if err := b.Delete([]byte(e.k)); err != nil {
-			return err
-		}
+	if err := tx.Bucket(bucketRejections).Delete(k[8:]); err != nil {
+		return err
 	}
-	return nil
+	_, err := addCount(tx, keyRejectionCount, -1)
+	return err
+}
+
+// addCount adjusts a counter in the meta bucket and returns its new value.
+func addCount(tx *bolt.Tx, key []byte, delta int64) (int64, error) {
+	b := tx.Bucket(bucketMeta)
+	var n int64
+	if v := b.Get(key); len(v) == 8 {
+		n = int64(binary.BigEndian.Uint64(v))
+	}
+	n += delta
+	return n, b.Put(key, binary.BigEndian.AppendUint64(nil, uint64(n)))
 }
 
 // Rejections returns the rejection log, newest first.
@@ -518,7 +526,20 @@ func (d *DB) Rejections() (out []Rejection, err error) {
 
 // ClearRejection drops a path from the rejection log (it was approved since).
 func (d *DB) ClearRejection(hash string) error {
-	return d.update(func(tx *bolt.Tx) error { return tx.Bucket(bucketRejections).Delete([]byte(hash)) })
+	return d.update(func(tx *bolt.Tx) error {
+		old, err := get[Rejection](tx, bucketRejections, hash)
+		if err != nil || old == nil {
+			return err
+		}
+		if err := tx.Bucket(bucketRejectOrder).Delete(orderKey(old.Last, hash)); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketRejections).Delete([]byte(hash)); err != nil {
+			return err
+		}
+		_, err = addCount(tx, keyRejectionCount, -1)
+		return err
+	})
 }
 
 // hashOf returns the 32-character hash of an absolute store path.

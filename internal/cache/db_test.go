@@ -366,13 +366,20 @@ func TestRejectionsPruned(t *testing.T) {
 			if err := put(tx, bucketRejections, hashOf(r.StorePath), r); err != nil {
 				return err
 			}
+			if err := tx.Bucket(bucketRejectOrder).Put(orderKey(r.Last, hashOf(r.StorePath)), nil); err != nil {
+				return err
+			}
 		}
-		return nil
+		_, err := addCount(tx, keyRejectionCount, MaxRejections)
+		return err
 	}))
 	count := func() (n int) {
 		t.Helper()
 		must(t, db.view(func(tx *bolt.Tx) error {
-			n = countKeys(tx.Bucket(bucketRejections))
+			n = tx.Bucket(bucketRejections).Stats().KeyN
+			if m := tx.Bucket(bucketRejectOrder).Stats().KeyN; m != n {
+				t.Errorf("time index has %d entries, log %d", m, n)
+			}
 			return nil
 		}))
 		return n

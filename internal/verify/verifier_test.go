@@ -637,3 +637,21 @@ func TestErrorString(t *testing.T) {
 		t.Fatal("Unwrap")
 	}
 }
+
+// A stream whose header asks for a dictionary beyond maxXZDict is refused
+// before anything is allocated for it.
+func TestXZDictLimit(t *testing.T) {
+	if _, err := exec.LookPath("xz"); err != nil {
+		t.Skip("xz not installed")
+	}
+	f := loadFixture(t, "none", treeHash)
+	cmd := exec.Command("xz", "-c", "--lzma2=dict=128MiB")
+	cmd.Stdin = bytes.NewReader(f.nar)
+	data, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := f.expect
+	e.Compression, e.FileHash, e.FileSize = "xz", sha256Nix(data), uint64(len(data))
+	wantCheck(t, run(t, e, data, 4096), CheckDecompress)
+}
