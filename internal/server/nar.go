@@ -65,6 +65,13 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// ReadFrom passes sendfile through (see statusWriter.ReadFrom).
+func (w *countingWriter) ReadFrom(r io.Reader) (int64, error) {
+	n, err := readFrom(w.ResponseWriter, r)
+	w.n += n
+	return n, err
+}
+
 // download is the one upstream fetch of one NAR. Clients read the temp file
 // as it grows, up to avail; the writer never waits for them.
 type download struct {
