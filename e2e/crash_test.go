@@ -1,0 +1,440 @@
+package e2e
+
+// Crash safety of the real binary: `cacheproxy serve` is SIGKILLed (no
+// graceful shutdown, no deferred Close, no fsync of anything still in
+// flight) in the middle of a download, right after a commit, and at random
+// moments in a loop; a new process on the same config and state dir must
+// start clean: no temp files, no partial or unindexed blob, the approved
+// narinfos intact, the cache still serving what it had committed.
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// crash SIGKILLs the running serve process and waits until it is gone. The
+// killed instance's log is kept for the failure report (start replaces it).
+func (p *Proxy) crash(t testing.TB) {
+	t.Helper()
+	if err := p.cmd.Process.Kill(); err != nil {
+		t.Fatalf("SIGKILL cacheproxy serve (pid %d): %v (did it exit on its own?)\nlog:\n%s", p.cmd.Process.Pid, err, p.Logs())
+	}
+	select {
+	case <-p.exited:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("cacheproxy serve (pid %d) still running 10s after SIGKILL", p.cmd.Process.Pid)
+	}
+	if ws, ok := p.cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGKILL {
+		t.Fatalf("cacheproxy serve did not die of SIGKILL: %v\nlog:\n%s", p.cmd.ProcessState, p.Logs())
+	}
+	logs, pid := p.Logs(), p.cmd.Process.Pid
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("---- log of the SIGKILLed cacheproxy serve (pid %d) ----\n%s", pid, logs)
+		}
+	})
+}
+
+// crashRestart SIGKILLs the server and starts a new one on the same config
+// and state dir; it checks the gatekeeper key survived.
+func (p *Proxy) crashRestart(t testing.TB) {
+	t.Helper()
+	key := p.GatekeeperKey
+	p.crash(t)
+	p.start(t)
+	if p.GatekeeperKey != key {
+		t.Fatalf("gatekeeper key changed across a crash: %q -> %q", key, p.GatekeeperKey)
+	}
+}
+
+// stateFiles lists the names in <state>/sub (nil when it does not exist).
+func (p *Proxy) stateFiles(t testing.TB, sub string) []string {
+	t.Helper()
+	es, err := os.ReadDir(filepath.Join(p.StateDir, sub))
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range es {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// expectNoTemp asserts <state>/tmp is empty.
+func (p *Proxy) expectNoTemp(t testing.TB, when string) {
+	t.Helper()
+	if got := p.stateFiles(t, "tmp"); len(got) != 0 {
+		t.Errorf("%s: <state>/tmp holds %v, want it empty", when, got)
+	}
+}
+
+// narBlobName is the blob name of an approved narinfo: the last element of
+// its URL (nar/<hash>-<narhash>.nar<ext>).
+func narBlobName(ni *Narinfo) string { return path.Base(narPath(ni)) }
+
+// expectCompleteBlobs asserts that every file in <state>/blobs holds exactly
+// the bytes its upstream serves for that store path: a crash may lose a
+// blob, never leave a partial or foreign one where the cache serves from.
+func (p *Proxy) expectCompleteBlobs(t testing.TB, up *Upstream, when string, paths ...StorePath) {
+	t.Helper()
+	want := map[string][]byte{}
+	for _, sp := range paths {
+		b, err := os.ReadFile(up.NarFile(t, sp))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want[sp.Hash()] = b
+	}
+	for _, name := range p.stateFiles(t, "blobs") {
+		b, err := os.ReadFile(filepath.Join(p.StateDir, "blobs", name))
+		if err != nil {
+			t.Errorf("%s: reading blob %s: %v", when, name, err)
+			continue
+		}
+		w, ok := want[name[:min(32, len(name))]]
+		switch {
+		case !ok:
+			t.Errorf("%s: <state>/blobs holds %s (%d bytes), which is no NAR of %v", when, name, len(b), paths)
+		case !bytes.Equal(b, w):
+			t.Errorf("%s: blob %s has %d bytes that differ from the upstream NAR (%d bytes): a partial or corrupt blob survived", when, name, len(b), len(w))
+		}
+	}
+}
+
+// waitPartialTemp waits until <state>/tmp holds a temp file of blob with at
+// least min bytes and returns its name.
+func (p *Proxy) waitPartialTemp(t testing.TB, blob string, minSize int64) string {
+	t.Helper()
+	var found string
+	eventually(t, 20*time.Second, func() error {
+		for _, name := range p.stateFiles(t, "tmp") {
+			if !strings.HasPrefix(name, blob+".") {
+				continue
+			}
+			fi, err := os.Stat(filepath.Join(p.StateDir, "tmp", name))
+			if err == nil && fi.Size() >= minSize {
+				found = name
+				return nil
+			}
+		}
+		return fmt.Errorf("no temp file of %s with >= %d bytes in <state>/tmp (holds %v)", blob, minSize, p.stateFiles(t, "tmp"))
+	})
+	return found
+}
+
+// verifyCacheClean runs `cacheproxy verify-cache -c CFG` and asserts it
+// checked want blobs and dropped none.
+func (p *Proxy) verifyCacheClean(t testing.TB, want int, when string) {
+	t.Helper()
+	out, errOut, err := p.CLI(t, "verify-cache")
+	if err != nil || !strings.Contains(out, fmt.Sprintf("checked %d blobs, dropped 0", want)) {
+		t.Errorf("%s: verify-cache: err=%v, want exit 0 and \"checked %d blobs, dropped 0\"\nstdout:\n%s\nstderr:\n%s", when, err, want, out, errOut)
+	}
+}
+
+// TestCrashMidDownload: the proxy dies with half of a NAR in a temp file.
+// After the restart the temp file is gone, no blob exists for the NAR, the
+// approved narinfo is still served from the state store, and a fresh client
+// gets the path (one new upstream fetch), after which the NAR is cached.
+func TestCrashMidDownload(t *testing.T) {
+	t.Parallel()
+	c := buildClosure(t, ClosureOpts{BigSize: 4 << 20})
+	up := newUpstream(t, upKey)
+	up.Publish(t, "none", c.App)
+	px := startProxy(t, ProxyConfig{Upstreams: []UpstreamSpec{up.Spec()}, Attesters: []*Key{rb1Key}})
+	px.Attest(t, attestFile(t, rb1Key, c.Paths()...))
+	code, _, niText := px.NarinfoDecision(t, c.App)
+	if code != 200 {
+		t.Fatalf("narinfo of %s: %d, want 200\n%s", c.App, code, niText)
+	}
+	ni := px.ExpectApproved(t, c.App)
+	blob := narBlobName(ni)
+	upNar := up.NarURLPath(t, c.App)
+	narSize := int64(len(must(os.ReadFile(up.NarFile(t, c.App)))))
+
+	// The upstream sends half of app's NAR, then stalls until released or
+	// until the proxy's connection goes away.
+	release := make(chan struct{})
+	var once sync.Once
+	releaseFn := func() { once.Do(func() { close(release) }) }
+	defer releaseFn()
+	up.NarHook(t, c.App, func(w http.ResponseWriter, r *http.Request, orig []byte) {
+		half := len(orig) / 2
+		w.Header().Set("Content-Length", fmt.Sprint(len(orig)))
+		w.WriteHeader(200)
+		w.Write(orig[:half])
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+			w.Write(orig[half:])
+		case <-r.Context().Done():
+		}
+	})
+
+	cl1 := newClient(t)
+	type result struct {
+		out string
+		err error
+	}
+	first := make(chan result, 1)
+	go func() {
+		out, err := cl1.Substitute(t, px.URL, px.GatekeeperKey, c.App)
+		first <- result{out, err}
+	}()
+	tmpName := px.waitPartialTemp(t, blob, narSize/2)
+	if slices.Contains(px.stateFiles(t, "blobs"), blob) {
+		t.Fatalf("blob %s exists while its download is stalled at half", blob)
+	}
+
+	key := px.GatekeeperKey
+	px.crash(t)
+	// Nothing cleaned up behind our back: the restart is what must do it.
+	if !slices.Contains(px.stateFiles(t, "tmp"), tmpName) {
+		t.Errorf("the partial temp file %s vanished with the SIGKILL alone (tmp: %v)", tmpName, px.stateFiles(t, "tmp"))
+	}
+	px.expectCompleteBlobs(t, up, "right after SIGKILL", c.Paths()...)
+	select {
+	case r := <-first:
+		if r.err == nil {
+			t.Errorf("the client whose proxy died mid-NAR reports success:\n%s", r.out)
+		}
+		if cl1.Has(c.App) {
+			t.Errorf("the client whose proxy died mid-NAR has %s valid in its store", c.App)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("the first client did not give up within 60s of its proxy dying")
+	}
+
+	px.start(t)
+	if px.GatekeeperKey != key {
+		t.Errorf("gatekeeper key changed across a crash: %q -> %q", key, px.GatekeeperKey)
+	}
+	px.expectNoTemp(t, "after restart")
+	if slices.Contains(px.stateFiles(t, "blobs"), blob) {
+		t.Errorf("after restart <state>/blobs holds %s, the NAR whose download was killed", blob)
+	}
+	px.expectCompleteBlobs(t, up, "after restart", c.Paths()...)
+
+	// The approved record survived: served byte for byte, no upstream round.
+	niReqs := up.NarinfoCount(c.App)
+	code, dec, body := px.NarinfoDecision(t, c.App)
+	if code != 200 || body != niText {
+		t.Errorf("after restart narinfo of %s: %d (%s), body changed=%v; want the stored approved narinfo byte for byte\n%s", c.App.Name(), code, dec, body != niText, body)
+	}
+	if n := up.NarinfoCount(c.App) - niReqs; n != 0 {
+		t.Errorf("after restart serving the approved narinfo took %d upstream narinfo requests, want 0 (the stored record)", n)
+	}
+
+	releaseFn()
+	up.SetHook(nil)
+	narReqs := up.Count(upNar)
+	cl2 := newClient(t)
+	cl2.MustSubstitute(t, px.URL, px.GatekeeperKey, c.App)
+	assertSameTree(t, string(c.App), cl2.Path(c.App))
+	assertSameTree(t, string(c.Leaf), cl2.Path(c.Leaf))
+	if n := up.Count(upNar) - narReqs; n != 1 {
+		t.Errorf("substituting after the crash fetched app's NAR %d times from upstream, want 1", n)
+	}
+	if !slices.Contains(px.stateFiles(t, "blobs"), blob) {
+		t.Errorf("after a complete download %s is not in <state>/blobs (%v)", blob, px.stateFiles(t, "blobs"))
+	}
+	px.expectNoTemp(t, "after the re-fetch")
+
+	all := up.NarCount()
+	cl3 := newClient(t)
+	cl3.MustSubstitute(t, px.URL, px.GatekeeperKey, c.App)
+	assertSameTree(t, string(c.App), cl3.Path(c.App))
+	if n := up.NarCount() - all; n != 0 {
+		t.Errorf("a second client after the re-fetch caused %d upstream NAR requests, want 0 (cached)", n)
+	}
+	px.verifyCacheClean(t, 2, "at the end")
+}
+
+// TestCrashAfterCommit: a NAR cached before a SIGKILL is served from the
+// cache afterwards, and verify-cache (online and offline) finds it good.
+func TestCrashAfterCommit(t *testing.T) {
+	t.Parallel()
+	c := buildClosure(t, ClosureOpts{BigSize: 1 << 20})
+	up := newUpstream(t, upKey)
+	up.Publish(t, "zstd", c.App)
+	px := startProxy(t, ProxyConfig{Upstreams: []UpstreamSpec{up.Spec()}, Attesters: []*Key{rb1Key}})
+	px.Attest(t, attestFile(t, rb1Key, c.Paths()...))
+	newClient(t).MustSubstitute(t, px.URL, px.GatekeeperKey, c.App)
+	n := up.NarCount()
+	if n != 2 {
+		t.Errorf("first client: %d upstream NAR requests, want 2", n)
+	}
+	wantBlobs := []string{narBlobName(px.ExpectApproved(t, c.Leaf)), narBlobName(px.ExpectApproved(t, c.App))}
+	slices.Sort(wantBlobs)
+	if got := px.stateFiles(t, "blobs"); !slices.Equal(got, wantBlobs) {
+		t.Fatalf("before the crash <state>/blobs holds %v, want %v", got, wantBlobs)
+	}
+
+	px.crashRestart(t)
+	if got := px.stateFiles(t, "blobs"); !slices.Equal(got, wantBlobs) {
+		t.Errorf("after SIGKILL and restart <state>/blobs holds %v, want %v", got, wantBlobs)
+	}
+	px.expectNoTemp(t, "after restart")
+	px.expectCompleteBlobs(t, up, "after restart", c.Paths()...)
+	if v := px.MetricSum(t, "cacheproxy_cache_size_bytes", nil); v <= 1<<20 {
+		t.Errorf("cacheproxy_cache_size_bytes = %v after restart, want the two committed blobs (> 1 MiB)", v)
+	}
+
+	cl := newClient(t)
+	cl.MustSubstitute(t, px.URL, px.GatekeeperKey, c.App)
+	assertSameTree(t, string(c.App), cl.Path(c.App))
+	assertSameTree(t, string(c.Leaf), cl.Path(c.Leaf))
+	if got := up.NarCount(); got != n {
+		t.Errorf("after the crash a client caused %d upstream NAR requests, want 0 (served from the blobs committed before)", got-n)
+	}
+	if v := px.MetricSum(t, "cacheproxy_cache_hits_total", map[string]string{"kind": "nar"}); v < 2 {
+		t.Errorf("cacheproxy_cache_hits_total{kind=\"nar\"} = %v after the crash, want >= 2", v)
+	}
+	px.verifyCacheClean(t, 2, "through the restarted server")
+
+	// And offline, straight on the state dir of a killed server.
+	px.crash(t)
+	px.verifyCacheClean(t, 2, "offline, after a second SIGKILL")
+	px.start(t)
+	newClient(t).MustSubstitute(t, px.URL, px.GatekeeperKey, c.App)
+	if got := up.NarCount(); got != n {
+		t.Errorf("after offline verify-cache a client caused %d upstream NAR requests, want 0", got-n)
+	}
+}
+
+// TestCrashLoop: five times, start a download and SIGKILL the server at a
+// random moment 0-300 ms later, then restart it. Every state the kill leaves
+// must be one a restart cleans up; at the end a client substitutes, the
+// cache verifies clean and no temp file is left.
+func TestCrashLoop(t *testing.T) {
+	t.Parallel()
+	const iterations = 5
+	c := buildClosure(t, ClosureOpts{BigSize: 2 << 20})
+	up := newUpstream(t, upKey)
+	up.Publish(t, "zstd", c.App)
+	px := startProxy(t, ProxyConfig{Upstreams: []UpstreamSpec{up.Spec()}, Attesters: []*Key{rb1Key}})
+	px.Attest(t, attestFile(t, rb1Key, c.Paths()...))
+
+	// A slow upstream: NARs trickle out in 64 KiB chunks 6 ms apart, so
+	// app's 2 MiB take ~200 ms and a kill lands before, during or after
+	// the narinfo decision, the download, the commit.
+	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if !strings.HasPrefix(r.URL.Path, "/nar/") {
+			return false
+		}
+		b, err := os.ReadFile(filepath.Join(up.Dir, filepath.FromSlash(r.URL.Path)))
+		if err != nil {
+			http.NotFound(w, r)
+			return true
+		}
+		w.Header().Set("Content-Length", fmt.Sprint(len(b)))
+		w.WriteHeader(200)
+		for off := 0; off < len(b); off += 64 << 10 {
+			if _, err := w.Write(b[off:min(off+64<<10, len(b))]); err != nil {
+				return true
+			}
+			w.(http.Flusher).Flush()
+			select {
+			case <-r.Context().Done():
+				return true
+			case <-time.After(6 * time.Millisecond):
+			}
+		}
+		return true
+	})
+	upBytes := map[string][]byte{}
+	for _, sp := range c.Paths() {
+		upBytes[sp.Hash()] = must(os.ReadFile(up.NarFile(t, sp)))
+	}
+
+	// fetch is what Nix does for one path: narinfo, then the NAR. A body
+	// that arrives complete must be the real NAR; anything else must be an
+	// error, never a short or wrong 200.
+	fetch := func(sp StorePath) string {
+		resp, body, err := px.Get(t, "/"+sp.Hash()+".narinfo")
+		if err != nil {
+			return "narinfo: " + err.Error()
+		}
+		if resp.StatusCode != 200 {
+			return fmt.Sprintf("narinfo: %d", resp.StatusCode)
+		}
+		ni, err := parseNarinfo(string(body))
+		if err != nil {
+			t.Errorf("%s: narinfo does not parse: %v\n%s", sp.Name(), err, body)
+			return "narinfo: bad"
+		}
+		resp, body, err = px.Get(t, narPath(ni))
+		switch {
+		case err != nil:
+			return fmt.Sprintf("nar: cut after %d bytes", len(body))
+		case resp.StatusCode != 200:
+			return fmt.Sprintf("nar: %d", resp.StatusCode)
+		case !bytes.Equal(body, upBytes[sp.Hash()]):
+			t.Errorf("%s: a complete 200 NAR response of %d bytes differs from the upstream NAR (%d bytes)", sp.Name(), len(body), len(upBytes[sp.Hash()]))
+			return "nar: WRONG"
+		}
+		return "nar: complete"
+	}
+
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0))
+	for i := 0; i < iterations; i++ {
+		delay := time.Duration(rng.IntN(301)) * time.Millisecond
+		results := make([]string, 2)
+		var wg sync.WaitGroup
+		for j, sp := range []StorePath{c.App, c.Leaf} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				results[j] = fetch(sp)
+			}()
+		}
+		time.Sleep(delay)
+		px.crash(t)
+		wg.Wait()
+		when := fmt.Sprintf("iteration %d (SIGKILL after %v)", i, delay)
+		tmp, blobs := px.stateFiles(t, "tmp"), px.stateFiles(t, "blobs")
+		t.Logf("%s: app %s, leaf %s; left behind: tmp %d files, blobs %d files", when, results[0], results[1], len(tmp), len(blobs))
+		px.expectCompleteBlobs(t, up, when+", before restart", c.Paths()...)
+
+		key := px.GatekeeperKey
+		px.start(t)
+		if px.GatekeeperKey != key {
+			t.Fatalf("%s: gatekeeper key changed across a crash: %q -> %q", when, key, px.GatekeeperKey)
+		}
+		px.expectNoTemp(t, when+", after restart")
+		px.expectCompleteBlobs(t, up, when+", after restart", c.Paths()...)
+		if t.Failed() {
+			t.FailNow()
+		}
+	}
+
+	cl := newClient(t)
+	cl.MustSubstitute(t, px.URL, px.GatekeeperKey, c.App)
+	assertSameTree(t, string(c.App), cl.Path(c.App))
+	assertSameTree(t, string(c.Leaf), cl.Path(c.Leaf))
+	if got := len(px.stateFiles(t, "blobs")); got != 2 {
+		t.Errorf("after the final substitution <state>/blobs holds %d files, want 2: %v", got, px.stateFiles(t, "blobs"))
+	}
+	px.verifyCacheClean(t, 2, "after the crash loop")
+	px.expectNoTemp(t, "after the crash loop")
+	px.expectCompleteBlobs(t, up, "after the crash loop", c.Paths()...)
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
