@@ -12,7 +12,8 @@
 # connections, default 32), NAR_CONNS (big-NAR connections, default 4),
 # BIG_MIB (size of the big NAR, default 256), SMALL (number of small paths,
 # default 200), COLD_RUNS (cold fetches per variant, best kept, default 2),
-# KEEP=1 keeps the temp dir.
+# REV=<git rev> builds that commit instead of the work tree, KEEP=1 keeps
+# the temp dir.
 set -euo pipefail
 
 DURATION=${DURATION:-10}
@@ -20,7 +21,7 @@ CONNS=${CONNS:-32}
 NAR_CONNS=${NAR_CONNS:-4}
 BIG_MIB=${BIG_MIB:-256}
 SMALL=${SMALL:-200}
-COLD_RUNS=${COLD_RUNS:-2}
+COLD_RUNS=${COLD_RUNS:-3}
 NIX_OPTS=(--option substituters '')
 X_NIX=(--extra-experimental-features nix-command)
 
@@ -34,6 +35,7 @@ command -v nginx >/dev/null || need_pkgs+=(nginx)
 command -v wrk >/dev/null || need_pkgs+=(wrk)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
 command -v curl >/dev/null || need_pkgs+=(curl)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
 if ((${#need_pkgs[@]})); then
 	[[ $(id -u) == 0 ]] || die "missing ${need_pkgs[*]}; run as root to install them"
 	log "installing ${need_pkgs[*]}"
@@ -41,7 +43,7 @@ if ((${#need_pkgs[@]})); then
 	apt-get install -y "${need_pkgs[@]}" >/dev/null 2>&1 ||
 		{ apt-get update >/dev/null && apt-get install -y "${need_pkgs[@]}" >/dev/null; }
 fi
-for t in nix-store nix go nginx wrk zstd curl sha256sum awk; do
+for t in nix-store nix go nginx wrk zstd curl openssl sha256sum awk; do
 	command -v "$t" >/dev/null || die "$t is not on PATH"
 done
 
@@ -84,8 +86,20 @@ wait_http() { # URL
 }
 
 # ---------------------------------------------------------------- build
-log "building cacheproxy"
-(cd "$REPO" && go build -o "$T/cacheproxy" ./cmd/cacheproxy)
+# REV=<git rev> builds that commit (git archive, the work tree untouched);
+# by default the work tree as it is.
+if [[ -n ${REV:-} ]]; then
+	mkdir -p "$T/src"
+	git -C "$REPO" archive "$REV" | tar -x -C "$T/src"
+	BUILT="$REV ($(git -C "$REPO" rev-parse --short "$REV"))"
+	SRC=$T/src
+else
+	BUILT="work tree at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+	[[ -z $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]] || BUILT+=" + uncommitted changes"
+	SRC=$REPO
+fi
+log "building cacheproxy from $BUILT"
+(cd "$SRC" && go build -o "$T/cacheproxy" ./cmd/cacheproxy)
 CP=$T/cacheproxy
 
 # ---------------------------------------------------------------- upstream caches
@@ -160,16 +174,16 @@ allow "${ALL[@]}"
 # --parallel from generated config files to avoid 400 forks).
 mkdir -p warm
 awk -v u="$WARM_URL" '{ printf "url = \"%s/%s.narinfo\"\noutput = \"warm/%s.narinfo\"\n", u, $1, $1 }' hashes >warm/ni.curl
-curl -fsS --parallel --parallel-max 16 -K warm/ni.curl
+curl -fsS --parallel --parallel-max 16 -K warm/ni.curl 2>>warm/curl.log || die "warming narinfos: $(tail -3 warm/curl.log)"
 for h in $(cat hashes); do
 	[[ -s warm/$h.narinfo ]] || die "no narinfo for $h from cacheproxy"
 	echo "url = \"$WARM_URL/$(field URL "warm/$h.narinfo")\""
 	echo "output = \"/dev/null\""
 done >warm/nar.curl
-curl -fsS --parallel --parallel-max 8 -K warm/nar.curl
+curl -fsS --parallel --parallel-max 8 -K warm/nar.curl 2>>warm/curl.log || die "warming NARs: $(tail -3 warm/curl.log)"
 BIG_URL_PROXY=$(field URL "warm/$BIG_HASH.narinfo")
-hits=$(curl -fs "$WARM_URL/metrics" | awk '/^cacheproxy_cache_size_bytes/ { print $2 }')
-log "cacheproxy blob cache holds $hits bytes"
+cached=$(curl -fs "$WARM_URL/metrics" | awk '/^cacheproxy_cache_size_bytes/ { printf "%.0f", $2 }')
+log "cacheproxy blob cache holds $cached bytes"
 
 # ---------------------------------------------------------------- nginx reference
 NPORT=$(free_port)
@@ -200,12 +214,25 @@ http {
 }
 EOF
 nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" -e "$T/nginx/error.log" &
-PIDS+=($!)
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
 NGINX_URL=http://127.0.0.1:$NPORT
 wait_http "$NGINX_URL/nix-cache-info"
 
-# ---------------------------------------------------------------- wrk
-cat >narinfo.lua <<'EOF'
+# ---------------------------------------------------------------- measuring
+# Server CPU time (user+system, in clock ticks) of a process and its
+# children (nginx: master and workers), read from /proc around each run.
+TCK=$(getconf CLK_TCK)
+cpu_ticks() {
+	local p t=0
+	for p in "$1" $(ps -o pid= --ppid "$1"); do
+		[[ -r /proc/$p/stat ]] || continue
+		t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 }')))
+	done
+	echo "$t"
+}
+
+cat >wrk-narinfo.lua <<'EOF'
 local paths = {}
 for h in io.lines(os.getenv("HASHES_FILE")) do paths[#paths + 1] = "/" .. h .. ".narinfo" end
 local i = 0
@@ -213,45 +240,71 @@ request = function()
 	i = i + 1
 	return wrk.format("GET", paths[(i % #paths) + 1])
 end
-EOF
-cat >report.lua <<'EOF'
 done = function(s, latency, requests)
 	local e = s.errors
 	io.write(string.format("RESULT %d %d %d %d %d %d %d %d\n", s.requests, s.bytes, s.duration,
 		e.connect, e.read, e.write, e.status, e.timeout))
 end
 EOF
-cat narinfo.lua report.lua >wrk-narinfo.lua
-{ echo 'wrk.path = os.getenv("NAR_PATH")'; cat report.lua; } >wrk-nar.lua
 
-# run_wrk LABEL LUA CONNS URL -> "requests bytes duration_us"; logs errors.
-run_wrk() {
-	local label=$1 lua=$2 conns=$3 url=$4 out r
-	out=$(wrk -t2 -c"$conns" -d"${DURATION}s" --timeout 60s -s "$lua" "$url" 2>&1) || die "wrk $label: $out"
+# narinfo_run LABEL URL SERVER_PID -> "requests seconds cpu_seconds"
+narinfo_run() {
+	local label=$1 url=$2 pid=$3 out r c0 c1
+	c0=$(cpu_ticks "$pid")
+	out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s wrk-narinfo.lua "$url" 2>&1) || die "wrk $label: $out"
+	c1=$(cpu_ticks "$pid")
 	r=$(grep '^RESULT' <<<"$out") || die "wrk $label: no result: $out"
 	read -r _ req bytes dur ec er ew es et <<<"$r"
 	((ec + er + ew + es + et == 0)) ||
 		log "WARNING $label: errors connect=$ec read=$er write=$ew status=$es timeout=$et"
-	log "$label: $req requests, $bytes bytes in $((dur / 1000)) ms"
-	echo "$req $bytes $dur"
+	log "$label: $req requests, $bytes bytes in $((dur / 1000)) ms, server CPU $(((c1 - c0) * 1000 / TCK)) ms"
+	awk -v r="$req" -v d="$dur" -v c=$((c1 - c0)) -v t="$TCK" 'BEGIN { print r, d / 1e6, c / t }'
 }
 
-# Sanity: both serve every narinfo and the big NAR with 200.
-for h in $BIG_HASH $(sed -n 2p hashes); do
-	curl -fs -o /dev/null "$WARM_URL/$h.narinfo" || die "cacheproxy: $h.narinfo"
+# nar_run LABEL URL SERVER_PID -> "bytes seconds cpu_seconds": NAR_CONNS
+# curl loops (libcurl is what Nix uses; wrk reads 8 KiB at a time and
+# mostly measures itself) fetching the whole NAR again and again for
+# DURATION seconds; every transfer runs to its end and is checked for size.
+nar_run() {
+	local label=$1 url=$2 pid=$3 c0 c1 s e i pids=() bytes bad
+	rm -f nar-run.*
+	c0=$(cpu_ticks "$pid")
+	s=$(date +%s.%N)
+	for i in $(seq "$NAR_CONNS"); do
+		(
+			end=$((SECONDS + DURATION))
+			while ((SECONDS < end)); do
+				curl -s -o /dev/null -w '%{http_code} %{size_download}\n' "$url" || echo "curl-error 0"
+			done >"nar-run.$i"
+		) &
+		pids+=($!)
+	done
+	wait "${pids[@]}"
+	e=$(date +%s.%N)
+	c1=$(cpu_ticks "$pid")
+	bad=$(cat nar-run.* | awk -v n="$BIG_SIZE" '$1 != 200 || $2 != n' | wc -l)
+	((bad == 0)) || log "WARNING $label: $bad transfers failed or were short"
+	bytes=$(cat nar-run.* | awk '{ b += $2 } END { printf "%.0f", b }')
+	log "$label: $(cat nar-run.* | wc -l) transfers, $bytes bytes, server CPU $(((c1 - c0) * 1000 / TCK)) ms"
+	awk -v b="$bytes" -v s="$s" -v e="$e" -v c=$((c1 - c0)) -v t="$TCK" 'BEGIN { print b, e - s, c / t }'
+}
+
+# Sanity: nginx serves every narinfo (cacheproxy did while warming), both
+# serve the big NAR with 200 and its full size.
+while read -r h; do
 	curl -fs -o /dev/null "$NGINX_URL/$h.narinfo" || die "nginx: $h.narinfo"
-done
+done <hashes
 [[ $(curl -fs -o /dev/null -w '%{size_download}' "$WARM_URL/$BIG_URL_PROXY") == "$BIG_SIZE" ]] || die "cacheproxy big NAR size"
 [[ $(curl -fs -o /dev/null -w '%{size_download}' "$NGINX_URL/$BIG_URL_UP") == "$BIG_SIZE" ]] || die "nginx big NAR size"
 
 export HASHES_FILE=$T/hashes
-log "narinfo: ${DURATION}s x $CONNS connections each"
-read -r p_req _ p_dur < <(run_wrk "cacheproxy narinfo" wrk-narinfo.lua "$CONNS" "$WARM_URL")
-read -r n_req _ n_dur < <(run_wrk "nginx narinfo" wrk-narinfo.lua "$CONNS" "$NGINX_URL")
+log "narinfo: wrk, ${DURATION}s x $CONNS connections each"
+read -r p_req p_dur p_cpu < <(narinfo_run "cacheproxy narinfo" "$WARM_URL" "$PROXY_PID")
+read -r n_req n_dur n_cpu < <(narinfo_run "nginx narinfo" "$NGINX_URL" "$NGINX_PID")
 
-log "cached ${BIG_MIB} MiB NAR: ${DURATION}s x $NAR_CONNS connections each"
-read -r _ p_bytes p_bdur < <(NAR_PATH=/$BIG_URL_PROXY run_wrk "cacheproxy NAR" wrk-nar.lua "$NAR_CONNS" "$WARM_URL")
-read -r _ n_bytes n_bdur < <(NAR_PATH=/$BIG_URL_UP run_wrk "nginx NAR" wrk-nar.lua "$NAR_CONNS" "$NGINX_URL")
+log "cached ${BIG_MIB} MiB NAR: curl, ${DURATION}s x $NAR_CONNS connections each"
+read -r p_bytes p_bdur p_bcpu < <(nar_run "cacheproxy NAR" "$WARM_URL/$BIG_URL_PROXY" "$PROXY_PID")
+read -r n_bytes n_bdur n_bcpu < <(nar_run "nginx NAR" "$NGINX_URL/$BIG_URL_UP" "$NGINX_PID")
 
 stop_pid "$PROXY_PID"
 
@@ -277,32 +330,47 @@ now() { date +%s.%N; }
 timed() { local s e; s=$(now); "$@" >/dev/null; e=$(now); awk -v s="$s" -v e="$e" 'BEGIN { printf "%.6f\n", e - s }'; }
 best() { sort -g "$1" | head -1; }
 zref() { zstd -dc "$UPZ/$BIG_URL_UPZ" | sha256sum; }
+zref_ssl() { zstd -dc "$UPZ/$BIG_URL_UPZ" | openssl dgst -sha256; }
 
 log "cold path: $COLD_RUNS fetch(es) per variant, fresh state dir each"
 for i in $(seq "$COLD_RUNS"); do
 	cold cold-none "$UP" "$BIG_SIZE"
 	timed sha256sum "$UP/$BIG_URL_UP" >>ref-none.times
+	timed openssl dgst -sha256 "$UP/$BIG_URL_UP" >>ref-none-ssl.times
 	cold cold-zst "$UPZ" "$BIG_ZSIZE"
 	timed zref >>ref-zst.times
+	timed zref_ssl >>ref-zst-ssl.times
 done
 pc_none=$(best cold-none.times)
 rc_none=$(best ref-none.times)
 pc_zst=$(best cold-zst.times)
 rc_zst=$(best ref-zst.times)
+rs_none=$(best ref-none-ssl.times)
+rs_zst=$(best ref-zst-ssl.times)
 
 # ---------------------------------------------------------------- table
-awk -v dur="$DURATION" -v conns="$CONNS" -v nconns="$NAR_CONNS" \
-	-v p_req="$p_req" -v p_dur="$p_dur" -v n_req="$n_req" -v n_dur="$n_dur" \
-	-v p_bytes="$p_bytes" -v p_bdur="$p_bdur" -v n_bytes="$n_bytes" -v n_bdur="$n_bdur" \
-	-v nar="$BIG_SIZE" -v pcn="$pc_none" -v rcn="$rc_none" -v pcz="$pc_zst" -v rcz="$rc_zst" \
-	-v mib="$BIG_MIB" -v small="$SMALL" 'function row(m, a, b) { printf "| %-44s | %12.1f | %12.1f | %6.2f |\n", m, a, b, a / b }
+awk -v conns="$CONNS" -v nconns="$NAR_CONNS" -v mib="$BIG_MIB" -v small="$SMALL" \
+	-v p_req="$p_req" -v p_dur="$p_dur" -v p_cpu="$p_cpu" -v n_req="$n_req" -v n_dur="$n_dur" -v n_cpu="$n_cpu" \
+	-v p_bytes="$p_bytes" -v p_bdur="$p_bdur" -v p_bcpu="$p_bcpu" \
+	-v n_bytes="$n_bytes" -v n_bdur="$n_bdur" -v n_bcpu="$n_bcpu" \
+	-v nar="$BIG_SIZE" -v pcn="$pc_none" -v rcn="$rc_none" -v pcz="$pc_zst" -v rcz="$rc_zst" -v rsn="$rs_none" -v rsz="$rs_zst" \
+	-v built="$BUILT" -v when="$(date "+%Y-%m-%d %H:%M %Z")" -v nginxv="$(nginx -v 2>&1 | sed 's/.*\///')" \
+	'function row(m, a, b) { printf("| %-48s | %10.0f | %10.0f | %5.2f |\n", m, a, b, (b > 0 ? a / b : 0)) }
+	function per(x, c) { return c > 0 ? x / c : 0 }
 BEGIN {
-	printf "\n| %-44s | %12s | %12s | %6s |\n", "metric (higher is better)", "cacheproxy", "reference", "ratio"
-	printf "|%s|%s|%s|%s|\n", "----------------------------------------------", "--------------", "--------------", "--------"
-	row(sprintf("narinfo hit, req/s (%d paths, %d conns)", small + 1, conns), p_req / (p_dur / 1e6), n_req / (n_dur / 1e6))
-	row(sprintf("cached %d MiB NAR, MB/s (%d conns)", mib, nconns), p_bytes / p_bdur, n_bytes / n_bdur)
-	row("cold NAR none, MB/s (vs sha256sum)", nar / pcn / 1e6, nar / rcn / 1e6)
-	row("cold NAR zstd, MB/s (vs zstd -dc|sha256sum)", nar / pcz / 1e6, nar / rcz / 1e6)
-	printf "\nreference: nginx (sendfile, 2 workers) on the same files for the first two rows;\n"
-	printf "cold rows: best of runs, seconds cacheproxy/reference: none %.2f/%.2f, zstd %.2f/%.2f\n", pcn, rcn, pcz, rcz
+	printf "\ncacheproxy built from %s; %s\n", built, when
+	printf "\n| %-48s | %10s | %10s | %5s |\n", "metric (higher is better)", "cacheproxy", "reference", "ratio"
+	printf "|%s|%s|%s|%s|\n", "--------------------------------------------------", "------------", "------------", "-------"
+	row(sprintf("narinfo hit, req/s (wrk, %d paths, %d conns)", small + 1, conns), p_req / p_dur, n_req / n_dur)
+	row("narinfo hit, req per server CPU-second", per(p_req, p_cpu), per(n_req, n_cpu))
+	row(sprintf("cached %d MiB NAR, MB/s (curl, %d conns)", mib, nconns), p_bytes / p_bdur / 1e6, n_bytes / n_bdur / 1e6)
+	row("cached NAR, MB per server CPU-second", per(p_bytes / 1e6, p_bcpu), per(n_bytes / 1e6, n_bcpu))
+	row("cold NAR none, MB/s (ref: sha256sum)", nar / pcn / 1e6, nar / rcn / 1e6)
+	row("cold NAR zstd, MB/s (ref: zstd -dc | sha256sum)", nar / pcz / 1e6, nar / rcz / 1e6)
+	row("cold NAR none, MB/s (ref: openssl dgst -sha256)", nar / pcn / 1e6, nar / rsn / 1e6)
+	row("cold NAR zstd, MB/s (ref: zstd -dc | openssl)", nar / pcz / 1e6, nar / rsz / 1e6)
+	printf "\nratio = cacheproxy / reference. Reference of rows 1-4: nginx %s (sendfile, 2 workers)\n", nginxv
+	printf "serving the same upstream files. Server CPU s (cacheproxy / nginx incl. workers):\n"
+	printf "narinfo %.2f / %.2f, NAR %.2f / %.2f. Cold rows: best of runs, seconds for %d\n", p_cpu, n_cpu, p_bcpu, n_bcpu, nar
+	printf "NAR bytes (cacheproxy / sha256sum / openssl): none %.2f / %.2f / %.2f, zstd %.2f / %.2f / %.2f.\n", pcn, rcn, rsn, pcz, rcz, rsz
 }'

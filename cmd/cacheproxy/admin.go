@@ -35,7 +35,7 @@ func (a *adminFlags) register(fs *flag.FlagSet) {
 func (a *adminFlags) client() (*adminapi.Client, error) {
 	server, tokenFile := a.server, a.tokenFile
 	if server == "" || tokenFile == "" {
-		cfg, err := a.load()
+		cfg, err := a.read()
 		if err != nil {
 			return nil, err
 		}
@@ -47,10 +47,12 @@ func (a *adminFlags) client() (*adminapi.Client, error) {
 		}
 	}
 	if server == "" {
-		return nil, errors.New("the admin API is off (admin.listen is empty); pass --server")
+		return nil, errAdminOff
 	}
 	return adminapi.NewClient(server, tokenFile)
 }
+
+var errAdminOff = errors.New("the admin API is off (admin.listen is empty); pass --server")
 
 // adminCommand parses flags, builds the client and returns the positionals.
 func adminCommand(name, synopsis string, args []string, io cmdIO, extra func(*flag.FlagSet)) (*adminapi.Client, []string, error) {
@@ -68,15 +70,15 @@ func adminCommand(name, synopsis string, args []string, io cmdIO, extra func(*fl
 	return c, pos, err
 }
 
-func cmdAttest(args []string, io cmdIO) error {
+func cmdAttest(args []string, cio cmdIO) error {
 	if len(args) == 0 || args[0] != "import" {
 		if len(args) > 0 && (args[0] == "--help" || args[0] == "-h") {
-			fmt.Fprintln(io.stderr, "Usage: cacheproxy attest import [-c FILE] FILE...|-")
+			fmt.Fprintln(cio.stderr, "Usage: cacheproxy attest import [-c FILE] FILE...|-")
 			return errHelp
 		}
 		return usageErr("the only attest command is: attest import FILE...|-")
 	}
-	c, files, err := adminCommand("attest import", "attest import [-c FILE] FILE...|-  (nix path-info --json --sigs output or narinfo text)", args[1:], io, nil)
+	c, files, err := adminCommand("attest import", "attest import [-c FILE] FILE...|-  (nix path-info --json --sigs output or narinfo text)", args[1:], cio, nil)
 	if err != nil {
 		return err
 	}
@@ -87,7 +89,7 @@ func cmdAttest(args []string, io cmdIO) error {
 	for _, f := range files {
 		var raw []byte
 		if f == "-" {
-			raw, err = io2ReadAll(io.stdin)
+			raw, err = io.ReadAll(cio.stdin)
 		} else {
 			raw, err = os.ReadFile(f)
 		}
@@ -101,11 +103,11 @@ func cmdAttest(args []string, io cmdIO) error {
 		for _, r := range resp.Results {
 			total[r.Status]++
 			if r.Status != adminapi.AttestStored && r.Status != adminapi.AttestKnown {
-				fmt.Fprintf(io.stdout, "%s\t%s\t%s\n", r.Status, r.Path, r.Key)
+				fmt.Fprintf(cio.stdout, "%s\t%s\t%s\n", r.Status, r.Path, r.Key)
 			}
 		}
 	}
-	fmt.Fprintf(io.stdout, "stored %d, already known %d, no attester signature %d, bad signature %d\n",
+	fmt.Fprintf(cio.stdout, "stored %d, already known %d, no attester signature %d, bad signature %d\n",
 		total[adminapi.AttestStored], total[adminapi.AttestKnown], total[adminapi.AttestNoAttester], total[adminapi.AttestBadSignature])
 	return nil
 }
@@ -380,8 +382,8 @@ func cmdVerifyCache(args []string, io cmdIO) error {
 	if err == nil {
 		err = c.Do(context.Background(), http.MethodPost, adminapi.PathVerifyCache, nil, &resp)
 	}
-	if err != nil && (errors.Is(err, adminapi.ErrUnreachable) || errors.Is(err, os.ErrNotExist)) {
-		cfg, lerr := af.load()
+	if err != nil && (errors.Is(err, adminapi.ErrUnreachable) || errors.Is(err, os.ErrNotExist) || errors.Is(err, errAdminOff)) {
+		cfg, lerr := af.read()
 		if lerr != nil {
 			return lerr
 		}
@@ -450,5 +452,3 @@ func expiry(t time.Time) string {
 	}
 	return t.Format(time.RFC3339)
 }
-
-func io2ReadAll(r io.Reader) ([]byte, error) { return io.ReadAll(r) }

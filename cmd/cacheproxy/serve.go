@@ -36,6 +36,24 @@ func (c *configFlags) register(fs *flag.FlagSet, serve bool) {
 
 // load reads the config file over the defaults, applies flags, validates.
 func (c *configFlags) load() (config.Config, error) {
+	cfg, err := c.read()
+	if err != nil {
+		return cfg, err
+	}
+	if err := cfg.Validate(); err != nil {
+		where := "configuration"
+		if c.file != "" {
+			where = "config " + c.file
+		}
+		return cfg, fmt.Errorf("%s is invalid:\n%w", where, err)
+	}
+	return cfg, nil
+}
+
+// read reads the config file over the defaults and applies flags, without
+// the start-up checks: admin commands only need the admin address and token,
+// and an operator who may read the token need not read the signing key.
+func (c *configFlags) read() (config.Config, error) {
 	cfg, err := config.Load(c.file, config.EnvFromOS())
 	if err != nil {
 		return cfg, err
@@ -48,13 +66,6 @@ func (c *configFlags) load() (config.Config, error) {
 	}
 	if c.mode != "" {
 		cfg.Mode = c.mode
-	}
-	if err := cfg.Validate(); err != nil {
-		where := "configuration"
-		if c.file != "" {
-			where = "config " + c.file
-		}
-		return cfg, fmt.Errorf("%s is invalid:\n%w", where, err)
 	}
 	return cfg, nil
 }

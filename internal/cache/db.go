@@ -35,7 +35,9 @@ var (
 	bucketRejectOrder  = []byte("rejections_by_time") // 8-byte big-endian Last (unix ns) + hash -> nothing; oldest first
 	bucketMeta         = []byte("meta")               // counters
 	keyRejectionCount  = []byte("rejections")
-	bucketBlobs        = []byte("blobs") // blob name -> BlobMeta
+	keyEpoch           = []byte("epoch")    // moves on with every change of evidence
+	keySettings        = []byte("settings") // digest of the settings stored decisions were made under
+	bucketBlobs        = []byte("blobs")    // blob name -> BlobMeta
 	allBuckets         = [][]byte{bucketRecords, bucketAttestations, bucketAllow, bucketDeny, bucketQuarantine, bucketRejections, bucketRejectOrder, bucketMeta, bucketBlobs}
 )
 
@@ -146,7 +148,15 @@ type BlobMeta struct {
 // DB is the bbolt file. It is safe for concurrent use.
 type DB struct {
 	bolt *bolt.DB
+	// forgetAll makes every change of evidence drop every stored decision,
+	// not only the path's own: with require_closure a path's decision also
+	// rests on the decisions of everything it references.
+	forgetAll bool
 }
+
+// ForgetAllOnChange sets whether evidence changes drop every stored
+// decision. Call it before the DB is shared.
+func (d *DB) ForgetAllOnChange(on bool) { d.forgetAll = on }
 
 // OpenDB opens (creating if needed) the bbolt file at path.
 func OpenDB(path string) (*DB, error) {
@@ -232,20 +242,69 @@ func (d *DB) Record(hash string) (rec *Record, err error) {
 	return rec, err
 }
 
-// PutRecord stores an approved record, replacing any older one.
-func (d *DB) PutRecord(hash string, rec Record) error {
-	return d.update(func(tx *bolt.Tx) error { return put(tx, bucketRecords, hash, rec) })
+// PutRecord stores a served record, replacing any older one, unless the
+// evidence changed since epoch (Evidence.Epoch): then the decision may be
+// stale and nothing is stored (stored is false); the next request decides
+// again. An approved record also clears the path's rejection log entry.
+func (d *DB) PutRecord(hash string, rec Record, epoch int64) (stored bool, err error) {
+	err = d.update(func(tx *bolt.Tx) error {
+		if readCount(tx, keyEpoch) != epoch {
+			return nil
+		}
+		stored = true
+		if rec.Approved {
+			if err := clearRejection(tx, hash); err != nil {
+				return err
+			}
+		}
+		return put(tx, bucketRecords, hash, rec)
+	})
+	return stored, err
+}
+
+// Epoch returns the current evidence epoch (see PutRecord).
+func (d *DB) Epoch() (n int64, err error) {
+	err = d.view(func(tx *bolt.Tx) error {
+		n = readCount(tx, keyEpoch)
+		return nil
+	})
+	return n, err
+}
+
+// SyncSettings drops every stored decision when the settings they were made
+// under (mode, policy, upstreams and their keys, the gatekeeper key: digest)
+// differ from those of the last start, so that a revoked key or a stricter
+// policy takes effect at once.
+func (d *DB) SyncSettings(digest string) (changed bool, err error) {
+	err = d.update(func(tx *bolt.Tx) error {
+		meta := tx.Bucket(bucketMeta)
+		if string(meta.Get(keySettings)) == digest {
+			return nil
+		}
+		changed = true
+		if err := d.forget(tx, nil); err != nil {
+			return err
+		}
+		return meta.Put(keySettings, []byte(digest))
+	})
+	return changed, err
 }
 
 // Forget drops the stored decisions for these hashes so the next request
 // decides again. With no hashes it forgets every decision (a deny glob or a
 // policy change can touch any path).
 func (d *DB) Forget(hashes ...string) error {
-	return d.update(func(tx *bolt.Tx) error { return forget(tx, hashes) })
+	return d.update(func(tx *bolt.Tx) error { return d.forget(tx, hashes) })
 }
 
-func forget(tx *bolt.Tx, hashes []string) error {
-	if len(hashes) == 0 {
+// forget drops stored decisions and moves the epoch on, so that a decision
+// computed from evidence read before this change is not stored after it
+// (PutRecord).
+func (d *DB) forget(tx *bolt.Tx, hashes []string) error {
+	if _, err := addCount(tx, keyEpoch, 1); err != nil {
+		return err
+	}
+	if len(hashes) == 0 || d.forgetAll {
 		if err := tx.DeleteBucket(bucketRecords); err != nil {
 			return err
 		}
@@ -264,6 +323,7 @@ func forget(tx *bolt.Tx, hashes []string) error {
 // Evidence is everything the policy reads about one path, from one read
 // transaction so that it is consistent.
 type Evidence struct {
+	Epoch        int64 // pass to PutRecord
 	Attestations []Attestation
 	Allow        *AllowEntry
 	Deny         []DenyEntry
@@ -273,6 +333,7 @@ type Evidence struct {
 // Evidence reads the evidence for one store path hash.
 func (d *DB) Evidence(hash string) (ev Evidence, err error) {
 	err = d.view(func(tx *bolt.Tx) error {
+		ev.Epoch = readCount(tx, keyEpoch)
 		if ev.Attestations, err = list[Attestation](tx, bucketAttestations, hash+"/"); err != nil {
 			return err
 		}
@@ -316,7 +377,7 @@ func (d *DB) PutAttestations(as []Attestation) ([]AttestResult, error) {
 			if err := put(tx, bucketAttestations, key, a); err != nil {
 				return err
 			}
-			if err := forget(tx, []string{hash}); err != nil {
+			if err := d.forget(tx, []string{hash}); err != nil {
 				return err
 			}
 			res[i] = AttestStored
@@ -343,7 +404,7 @@ func (d *DB) PutAllow(entries []AllowEntry) error {
 			if err := put(tx, bucketAllow, h, e); err != nil {
 				return err
 			}
-			if err := forget(tx, []string{h}); err != nil {
+			if err := d.forget(tx, []string{h}); err != nil {
 				return err
 			}
 		}
@@ -365,7 +426,7 @@ func (d *DB) RemoveAllow(hashes []string) (missing []string, err error) {
 				return err
 			}
 		}
-		return forget(tx, hashes)
+		return d.forget(tx, hashes)
 	})
 	return missing, err
 }
@@ -388,7 +449,7 @@ func (d *DB) PutDeny(entries []DenyEntry) error {
 				return err
 			}
 		}
-		return forget(tx, nil)
+		return d.forget(tx, nil)
 	})
 }
 
@@ -405,7 +466,7 @@ func (d *DB) RemoveDeny(patterns []string) (missing []string, err error) {
 				return err
 			}
 		}
-		return forget(tx, nil)
+		return d.forget(tx, nil)
 	})
 	return missing, err
 }
@@ -425,7 +486,7 @@ func (d *DB) PutQuarantine(hash string, q Quarantine) error {
 		if err := put(tx, bucketQuarantine, hash, q); err != nil {
 			return err
 		}
-		return forget(tx, []string{hash})
+		return d.forget(tx, []string{hash})
 	})
 }
 
@@ -442,7 +503,7 @@ func (d *DB) Retry(hashes []string) (notQuarantined []string, err error) {
 				return err
 			}
 		}
-		return forget(tx, hashes)
+		return d.forget(tx, hashes)
 	})
 	return notQuarantined, err
 }
@@ -505,13 +566,15 @@ func dropOldestRejection(tx *bolt.Tx) error {
 
 // addCount adjusts a counter in the meta bucket and returns its new value.
 func addCount(tx *bolt.Tx, key []byte, delta int64) (int64, error) {
-	b := tx.Bucket(bucketMeta)
-	var n int64
-	if v := b.Get(key); len(v) == 8 {
-		n = int64(binary.BigEndian.Uint64(v))
+	n := readCount(tx, key) + delta
+	return n, tx.Bucket(bucketMeta).Put(key, binary.BigEndian.AppendUint64(nil, uint64(n)))
+}
+
+func readCount(tx *bolt.Tx, key []byte) int64 {
+	if v := tx.Bucket(bucketMeta).Get(key); len(v) == 8 {
+		return int64(binary.BigEndian.Uint64(v))
 	}
-	n += delta
-	return n, b.Put(key, binary.BigEndian.AppendUint64(nil, uint64(n)))
+	return 0
 }
 
 // Rejections returns the rejection log, newest first.
@@ -526,20 +589,31 @@ func (d *DB) Rejections() (out []Rejection, err error) {
 
 // ClearRejection drops a path from the rejection log (it was approved since).
 func (d *DB) ClearRejection(hash string) error {
-	return d.update(func(tx *bolt.Tx) error {
-		old, err := get[Rejection](tx, bucketRejections, hash)
-		if err != nil || old == nil {
-			return err
-		}
-		if err := tx.Bucket(bucketRejectOrder).Delete(orderKey(old.Last, hash)); err != nil {
-			return err
-		}
-		if err := tx.Bucket(bucketRejections).Delete([]byte(hash)); err != nil {
-			return err
-		}
-		_, err = addCount(tx, keyRejectionCount, -1)
+	return d.update(func(tx *bolt.Tx) error { return clearRejection(tx, hash) })
+}
+
+func clearRejection(tx *bolt.Tx, hash string) error {
+	old, err := get[Rejection](tx, bucketRejections, hash)
+	if err != nil || old == nil {
+		return err
+	}
+	if err := tx.Bucket(bucketRejectOrder).Delete(orderKey(old.Last, hash)); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bucketRejections).Delete([]byte(hash)); err != nil {
+		return err
+	}
+	_, err = addCount(tx, keyRejectionCount, -1)
+	return err
+}
+
+// Rejection returns the rejection log entry of one path, or nil.
+func (d *DB) Rejection(hash string) (r *Rejection, err error) {
+	err = d.view(func(tx *bolt.Tx) error {
+		r, err = get[Rejection](tx, bucketRejections, hash)
 		return err
 	})
+	return r, err
 }
 
 // hashOf returns the 32-character hash of an absolute store path.

@@ -61,7 +61,7 @@ func haveRecords(t *testing.T, db *DB, want map[string]bool) {
 func putRecords(t *testing.T, db *DB, hashes ...string) {
 	t.Helper()
 	for _, h := range hashes {
-		must(t, db.PutRecord(h, record(h)))
+		must(t, putRec(db, h, record(h)))
 	}
 }
 
@@ -82,7 +82,7 @@ func TestRecords(t *testing.T) {
 
 	// A newer record replaces the older one.
 	want.Reason = "allowlisted"
-	must(t, db.PutRecord(hashA, want))
+	must(t, putRec(db, hashA, want))
 	got, _ = db.Record(hashA)
 	if got.Reason != "allowlisted" {
 		t.Errorf("replaced record: %+v", got)
@@ -481,7 +481,7 @@ func TestDBConcurrent(t *testing.T) {
 			var err error
 			for i := 0; i < 20 && err == nil; i++ {
 				h := fmt.Sprintf("%031d%d", i, g)
-				err = db.PutRecord(h, record(h))
+				err = putRec(db, h, record(h))
 				if err == nil {
 					_, err = db.Evidence(h)
 				}
@@ -499,5 +499,71 @@ func TestDBConcurrent(t *testing.T) {
 	must(t, err)
 	if len(rj) != 80 {
 		t.Errorf("%d rejections, want 80", len(rj))
+	}
+}
+
+// putRec stores a record decided on the current evidence.
+func putRec(db *DB, hash string, rec Record) error {
+	ev, err := db.Evidence(hash)
+	if err != nil {
+		return err
+	}
+	_, err = db.PutRecord(hash, rec, ev.Epoch)
+	return err
+}
+
+// A decision made on evidence that changed before it was stored is not
+// stored: the change would otherwise be silently undone.
+func TestPutRecordStaleEpoch(t *testing.T) {
+	db, _ := openTestDB(t)
+	ev, err := db.Evidence(hashA)
+	must(t, err)
+	must(t, db.PutDeny([]DenyEntry{{Pattern: hashA}}))
+	stored, err := db.PutRecord(hashA, record(hashA), ev.Epoch)
+	must(t, err)
+	if stored {
+		t.Fatal("a decision older than the last evidence change was stored")
+	}
+	if rec, _ := db.Record(hashA); rec != nil {
+		t.Fatal("record present")
+	}
+	must(t, putRec(db, hashA, record(hashA)))
+	if rec, _ := db.Record(hashA); rec == nil {
+		t.Fatal("a current decision was not stored")
+	}
+}
+
+// Changed settings drop every stored decision; unchanged ones keep them.
+func TestSyncSettings(t *testing.T) {
+	db, _ := openTestDB(t)
+	changed, err := db.SyncSettings("a")
+	must(t, err)
+	if !changed {
+		t.Fatal("first settings not reported as a change")
+	}
+	must(t, putRec(db, hashA, record(hashA)))
+	if changed, _ := db.SyncSettings("a"); changed {
+		t.Fatal("same settings reported as a change")
+	}
+	if rec, _ := db.Record(hashA); rec == nil {
+		t.Fatal("record dropped although settings did not change")
+	}
+	if changed, _ := db.SyncSettings("b"); !changed {
+		t.Fatal("new settings not reported")
+	}
+	if rec, _ := db.Record(hashA); rec != nil {
+		t.Fatal("record kept across a settings change")
+	}
+}
+
+// With require_closure every evidence change forgets every decision.
+func TestForgetAllOnChange(t *testing.T) {
+	db, _ := openTestDB(t)
+	db.ForgetAllOnChange(true)
+	must(t, putRec(db, hashA, record(hashA)))
+	must(t, putRec(db, hashB, record(hashB)))
+	must(t, db.PutQuarantine(hashB, Quarantine{StorePath: sp(hashB, "b")}))
+	if rec, _ := db.Record(hashA); rec != nil {
+		t.Fatal("a change to another path's evidence kept this path's decision")
 	}
 }

@@ -26,15 +26,8 @@ func (s *Server) handleExplain(w http.ResponseWriter, r *http.Request) {
 			NarHash: rec.NarHash, Decided: rec.Decided, Cached: err == nil && meta != nil}
 		ex.StorePath = rec.StorePath
 	}
-	if rejs, err := s.db.Rejections(); err == nil {
-		for i := range rejs {
-			if len(rejs[i].StorePath) >= len(s.cfg.StoreDir)+33 && rejs[i].StorePath[len(s.cfg.StoreDir)+1:][:32] == hash {
-				ex.Rejection = &rejs[i]
-				break
-			}
-		}
-	}
-	out, err := s.decide(r.Context(), hash, map[string]bool{})
+	ex.Rejection, _ = s.db.Rejection(hash)
+	out, err := s.decide(r.Context(), hash, map[string]bool{}, false)
 	switch {
 	case err != nil:
 		writeError(w, http.StatusInternalServerError, "%v", err)
@@ -42,10 +35,13 @@ func (s *Server) handleExplain(w http.ResponseWriter, r *http.Request) {
 	case out.decision != nil:
 		d := out.decision
 		ex.Decision = d
-		ex.Served = s.policy.Served(*d)
+		ex.Served = s.policy.Served(*d) && out.unavailable == nil
 		ex.Status = decisionLabel(d.Approved)
 		if d.NarInfo != nil {
 			ex.StorePath = d.NarInfo.StorePath
+		}
+		if out.unavailable != nil {
+			ex.Error = "another upstream is unavailable: " + out.unavailable.Error()
 		}
 	case out.unavailable != nil:
 		ex.Status, ex.Error = "unavailable", out.unavailable.Error()

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -31,28 +32,63 @@ func (s *Server) handleNar(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "malformed NAR file name", http.StatusBadRequest)
 		return
 	}
-	rec, err := s.db.Record(file[:32])
+	rec, err := s.storedRecord(file[:32])
 	if err != nil {
 		s.log.Error("nar", "file", file, "err", err)
 		http.Error(w, "internal error", http.StatusInternalServerError)
 		return
 	}
-	if rec == nil || rec.NarFile != file || rec.Expired(s.now()) {
+	if rec == nil || rec.NarFile != file {
 		http.Error(w, "no approved narinfo refers to this NAR", http.StatusNotFound)
 		return
 	}
 	w.Header().Set("Content-Type", "application/x-nix-nar")
-	if f, err := s.blobs.Open(file); err == nil {
-		defer f.Close()
+	if s.serveCached(w, r, *rec) {
 		s.m.cacheHits.WithLabelValues("nar").Inc()
-		cw := &countingWriter{ResponseWriter: w}
-		http.ServeContent(cw, r, "", time.Time{}, f)
-		s.m.servedBytes.WithLabelValues("cache").Add(float64(cw.n))
 		return
 	}
 	s.m.cacheMisses.WithLabelValues("nar").Inc()
 	s.streamNar(w, r, rec)
 }
+
+// serveCached serves rec's NAR from the blob store (sendfile, Range) if a
+// blob verified against exactly rec's hashes and sizes is there. A blob of
+// the same name verified against another variant (another upstream's
+// compression of the same NAR) is dropped: its bytes would not match the
+// narinfo the client holds.
+func (s *Server) serveCached(w http.ResponseWriter, r *http.Request, rec cache.Record) bool {
+	f, err := s.blobs.Open(rec.NarFile)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if meta, err := s.blobs.Meta(rec.NarFile); err != nil || meta == nil || !sameNar(*meta, rec) {
+		s.log.Warn("cached blob was verified against another narinfo; dropping it", "blob", rec.NarFile)
+		s.blobs.Remove(rec.NarFile)
+		return false
+	}
+	cw := &countingWriter{ResponseWriter: w}
+	http.ServeContent(cw, r, "", time.Time{}, f)
+	s.m.servedBytes.WithLabelValues("cache").Add(float64(cw.n))
+	return true
+}
+
+// sameNar reports whether a blob was verified against rec's expectations.
+func sameNar(m cache.BlobMeta, rec cache.Record) bool {
+	return m.Compression == rec.Compression && m.FileHash == rec.FileHash && m.FileSize == rec.FileSize &&
+		m.NarHash == rec.NarHash && m.NarSize == rec.NarSize && bytes.Equal(m.FlatSHA256, rec.FlatSHA256)
+}
+
+func blobMeta(rec cache.Record) cache.BlobMeta {
+	return cache.BlobMeta{StorePath: rec.StorePath, Compression: rec.Compression, FileHash: rec.FileHash,
+		FileSize: rec.FileSize, NarHash: rec.NarHash, NarSize: rec.NarSize, FlatSHA256: rec.FlatSHA256}
+}
+
+var (
+	errClosed       = errors.New("server is shutting down")
+	errOtherVariant = errors.New("another variant of this NAR is being fetched")
+	errNotApproved  = errors.New("no longer approved")
+)
 
 type countingWriter struct {
 	http.ResponseWriter
@@ -104,7 +140,13 @@ func expectedSize(rec cache.Record) int64 {
 func (s *Server) join(rec cache.Record) (*download, error) {
 	s.dlMu.Lock()
 	defer s.dlMu.Unlock()
+	if s.closed {
+		return nil, errClosed
+	}
 	if dl := s.downloads[rec.NarFile]; dl != nil {
+		if !sameNar(blobMeta(dl.rec), rec) {
+			return nil, errOtherVariant
+		}
 		dl.mu.Lock()
 		dl.readers++
 		dl.mu.Unlock()
@@ -113,6 +155,11 @@ func (s *Server) join(rec cache.Record) (*download, error) {
 	if f, err := s.blobs.Open(rec.NarFile); err == nil {
 		f.Close()
 		return nil, nil // finished between our lookup and now
+	}
+	// A failed download quarantines its path before it leaves the table:
+	// look again, so that no second fetch starts for a quarantined path.
+	if cur, err := s.storedRecord(rec.NarFile[:32]); err != nil || cur == nil || cur.NarFile != rec.NarFile {
+		return nil, errNotApproved
 	}
 	u := s.upstreamNamed(rec.Upstream)
 	if u == nil {
@@ -192,9 +239,7 @@ func (s *Server) fetch(dl *download, u *upstreamCache, tmp *os.File) {
 	s.m.upstreamDuration.WithLabelValues(u.name, "nar").Observe(time.Since(start).Seconds())
 
 	if err == nil {
-		meta := cache.BlobMeta{StorePath: rec.StorePath, Compression: rec.Compression, FileHash: rec.FileHash,
-			FileSize: rec.FileSize, NarHash: rec.NarHash, NarSize: rec.NarSize, FlatSHA256: rec.FlatSHA256}
-		if err = s.blobs.Commit(tmp, rec.NarFile, meta); err == nil {
+		if err = s.blobs.Commit(tmp, rec.NarFile, blobMeta(rec)); err == nil {
 			s.m.upstreamRequests.WithLabelValues(u.name, "nar", "found").Inc()
 			s.m.cacheSize.Set(float64(s.blobs.Size()))
 		}
@@ -315,19 +360,20 @@ func (s *Server) streamNar(w http.ResponseWriter, r *http.Request, rec *cache.Re
 		return
 	}
 	dl, err := s.join(*rec)
-	if err != nil {
-		s.log.Error("start NAR download", "path", rec.StorePath, "err", err)
-		http.Error(w, "cannot fetch NAR", http.StatusBadGateway)
+	switch {
+	case errors.Is(err, errNotApproved):
+		http.Error(w, "no approved narinfo refers to this NAR", http.StatusNotFound)
 		return
-	}
-	if dl == nil { // committed meanwhile
-		f, err := s.blobs.Open(rec.NarFile)
-		if err != nil {
+	case err != nil:
+		s.log.Warn("start NAR download", "path", rec.StorePath, "err", err)
+		w.Header().Set("Retry-After", retryAfter)
+		http.Error(w, "cannot fetch NAR now: "+err.Error(), http.StatusServiceUnavailable)
+		return
+	case dl == nil: // committed meanwhile
+		if !s.serveCached(w, r, *rec) {
+			w.Header().Set("Retry-After", retryAfter)
 			http.Error(w, "NAR vanished", http.StatusServiceUnavailable)
-			return
 		}
-		defer f.Close()
-		http.ServeContent(w, r, "", time.Time{}, f)
 		return
 	}
 	defer dl.release()

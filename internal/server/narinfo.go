@@ -25,9 +25,11 @@ const retryAfter = "30"
 // outcome is the answer for one store path hash.
 type outcome struct {
 	rec         *cache.Record    // the narinfo to serve, when the path is served
-	decision    *policy.Decision // nil when served from the stored record
-	notFound    bool
-	unavailable error
+	decision    *policy.Decision // the decision, when one was made (nil for a stored record)
+	unavailable error            // set when nothing was approved and an upstream failed transiently
+	// until ends an approval that rests on evidence with an expiry (its own
+	// allowlist entry, or with require_closure one of its references').
+	until time.Time
 }
 
 func (s *Server) handleNarInfo(w http.ResponseWriter, r *http.Request) {
@@ -46,13 +48,18 @@ func (s *Server) handleNarInfo(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Cacheproxy-Decision", decisionHeader(out.rec.Approved, out.rec.Reason))
 		w.Header().Set("Content-Length", fmt.Sprint(len(out.rec.NarInfo)))
 		w.Write(out.rec.NarInfo)
+	case out.unavailable != nil:
+		// Some upstream might have approved it: a 404 now would be cached
+		// by the client for an hour.
+		if out.decision != nil {
+			w.Header().Set("X-Cacheproxy-Decision", out.decision.String())
+		}
+		w.Header().Set("Retry-After", retryAfter)
+		http.Error(w, oneLine("upstreams unavailable: "+out.unavailable.Error()), http.StatusServiceUnavailable)
 	case out.decision != nil:
 		d := out.decision
 		w.Header().Set("X-Cacheproxy-Decision", d.String())
 		http.Error(w, oneLine(fmt.Sprintf("%s: %s", d, d.Detail)), http.StatusNotFound)
-	case out.unavailable != nil:
-		w.Header().Set("Retry-After", retryAfter)
-		http.Error(w, oneLine("upstreams unavailable: "+out.unavailable.Error()), http.StatusServiceUnavailable)
 	default:
 		http.Error(w, "not found in any upstream", http.StatusNotFound)
 	}
@@ -64,16 +71,34 @@ func decisionHeader(approved bool, reason string) string {
 
 func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
 
+// storedRecord returns the stored record for hash if it may still be
+// served: not expired, and approved unless in report mode.
+func (s *Server) storedRecord(hash string) (*cache.Record, error) {
+	rec, err := s.db.Record(hash)
+	if err != nil || rec == nil {
+		return nil, err
+	}
+	if rec.Expired(s.now()) || (!rec.Approved && !s.policy.Report) {
+		return nil, nil
+	}
+	return rec, nil
+}
+
 // resolve answers a narinfo request: the stored record when there is one,
 // otherwise one upstream round (shared by concurrent requests for the same
 // hash) that decides and stores the result.
 func (s *Server) resolve(ctx context.Context, hash string) (outcome, error) {
-	rec, err := s.db.Record(hash)
+	rec, err := s.storedRecord(hash)
 	if err != nil {
 		return outcome{}, err
 	}
-	if rec != nil && !rec.Expired(s.now()) {
+	if rec != nil {
 		s.m.cacheHits.WithLabelValues("narinfo").Inc()
+		if !rec.Approved {
+			// Report mode counts every request for a rejected path, as
+			// enforce mode does, though the answer comes from the store.
+			s.m.decisions.WithLabelValues("rejected", rec.Reason).Inc()
+		}
 		return outcome{rec: rec}, nil
 	}
 	s.m.cacheMisses.WithLabelValues("narinfo").Inc()
@@ -89,17 +114,24 @@ func (s *Server) resolve(ctx context.Context, hash string) (outcome, error) {
 
 // decideAndStore fetches, decides, and stores an approved (or, in report
 // mode, served) record; rejections are logged, counted and recorded.
+// visiting holds the paths whose closure walk is under way.
 func (s *Server) decideAndStore(ctx context.Context, hash string, visiting map[string]bool) (outcome, error) {
-	if rec, err := s.db.Record(hash); err != nil || (rec != nil && !rec.Expired(s.now())) {
+	if rec, err := s.storedRecord(hash); err != nil || rec != nil {
 		return outcome{rec: rec}, err // decided while we waited
 	}
-	out, err := s.decide(ctx, hash, visiting)
+	// A decision rests on the evidence as it was when deciding began; if an
+	// admin change lands meanwhile, the decision is answered but not stored.
+	epoch, err := s.db.Epoch()
+	if err != nil {
+		return outcome{}, err
+	}
+	out, err := s.decide(ctx, hash, visiting, true)
 	if err != nil || out.decision == nil {
 		return out, err
 	}
 	d := out.decision
 	s.m.decisions.WithLabelValues(decisionLabel(d.Approved), string(d.Reason)).Inc()
-	if !s.policy.Served(*d) {
+	if !s.policy.Served(*d) || out.unavailable != nil {
 		s.logRejection(*d, hash)
 		return out, nil
 	}
@@ -108,15 +140,12 @@ func (s *Server) decideAndStore(ctx context.Context, hash string, visiting map[s
 	} else {
 		s.log.Info("approved", "path", d.NarInfo.StorePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream)
 	}
-	rec, err := s.approve(*d)
+	rec, err := s.approve(*d, out.until)
 	if err != nil {
 		return outcome{}, err
 	}
-	if err := s.db.PutRecord(hash, rec); err != nil {
+	if _, err := s.db.PutRecord(hash, rec, epoch); err != nil {
 		return outcome{}, err
-	}
-	if d.Approved {
-		s.db.ClearRejection(hash)
 	}
 	return outcome{rec: &rec, decision: d}, nil
 }
@@ -129,9 +158,11 @@ func decisionLabel(approved bool) string {
 }
 
 // decide asks the upstreams in order and returns the first approved
-// decision; failing that, the first rejection; failing that, not found or
-// unavailable. It stores nothing. visiting guards the closure walk.
-func (s *Server) decide(ctx context.Context, hash string, visiting map[string]bool) (outcome, error) {
+// decision; failing that, the first rejection, marked unavailable when an
+// upstream failed transiently (it might have approved); failing that, not
+// found or unavailable. It stores nothing of the path itself; with store
+// set, the closure walk stores what it decides about references.
+func (s *Server) decide(ctx context.Context, hash string, visiting map[string]bool, store bool) (outcome, error) {
 	var first *policy.Decision
 	var unavailable error
 	for _, u := range s.upstreams {
@@ -154,61 +185,95 @@ func (s *Server) decide(ctx context.Context, hash string, visiting map[string]bo
 			return outcome{}, err
 		}
 		d := s.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.name, UpstreamKeys: u.keys}, ev, s.now())
+		var until time.Time
+		if d.Reason == policy.Allowlisted && d.Allow != nil {
+			until = d.Allow.Expires
+		}
 		if d.Approved && s.policy.RequireClosure {
-			refs, err := s.referenceDecisions(ctx, hash, d, visiting)
+			refs, refsUntil, err := s.referenceDecisions(ctx, hash, d, visiting, store)
+			var ru *refUnavailableError
+			if errors.As(err, &ru) {
+				return outcome{unavailable: err}, nil // 503, not a 404 the client would cache
+			}
 			if err != nil {
 				return outcome{}, err
 			}
 			d = s.policy.Closure(d, refs)
+			until = earliest(until, refsUntil)
 		}
 		if d.Approved {
-			return outcome{decision: &d}, nil
+			return outcome{decision: &d, until: until}, nil
 		}
 		if first == nil {
 			first = &d
 		}
 	}
-	if first != nil {
-		return outcome{decision: first}, nil
+	return outcome{decision: first, unavailable: unavailable}, nil
+}
+
+// refUnavailableError: a reference could not be decided because its
+// upstreams failed transiently.
+type refUnavailableError struct {
+	ref string
+	err error
+}
+
+func (e *refUnavailableError) Error() string { return "reference " + e.ref + ": " + e.err.Error() }
+func (e *refUnavailableError) Unwrap() error { return e.err }
+
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
 	}
-	if unavailable != nil {
-		return outcome{unavailable: unavailable}, nil
-	}
-	return outcome{notFound: true}, nil
+	return a
 }
 
 // referenceDecisions decides every reference of an approved path (through
-// the stored records where they exist) for require_closure.
-func (s *Server) referenceDecisions(ctx context.Context, hash string, d policy.Decision, visiting map[string]bool) (map[string]policy.Decision, error) {
+// the stored records where they exist) for require_closure, and returns
+// the earliest expiry among their approvals.
+func (s *Server) referenceDecisions(ctx context.Context, hash string, d policy.Decision, visiting map[string]bool, store bool) (map[string]policy.Decision, time.Time, error) {
+	// visiting is the current walk only: a reference shared by two branches
+	// (a diamond) must be decided, not skipped, on the second branch.
 	visiting[hash] = true
+	defer delete(visiting, hash)
+	var until time.Time
 	refs := map[string]policy.Decision{}
 	for _, ref := range d.NarInfo.References {
 		rh, _, err := narinfo.ParseBaseName(ref)
-		if err != nil || visiting[rh] {
-			continue // the path itself; store paths have no other cycles
+		if err != nil || rh == hash {
+			continue // the path itself
 		}
-		rec, err := s.db.Record(rh)
+		rec, err := s.storedRecord(rh)
 		if err != nil {
-			return nil, err
+			return nil, until, err
 		}
-		if rec != nil && !rec.Expired(s.now()) {
-			refs[ref] = policy.Decision{Approved: rec.Approved, Reason: policy.Reason(rec.Reason)}
-			continue
+		if rec == nil && visiting[rh] {
+			continue // a cycle: store paths have none but self-references
 		}
-		out, err := s.decideAndStore(ctx, rh, visiting)
+		var out outcome
+		switch {
+		case rec != nil:
+			out = outcome{rec: rec}
+		case store:
+			out, err = s.decideAndStore(ctx, rh, visiting)
+		default:
+			out, err = s.decide(ctx, rh, visiting, false)
+		}
 		if err != nil {
-			return nil, err
+			return nil, until, err
 		}
 		switch {
 		case out.rec != nil:
 			refs[ref] = policy.Decision{Approved: out.rec.Approved, Reason: policy.Reason(out.rec.Reason)}
+			until = earliest(until, out.rec.ValidUntil)
+		case out.unavailable != nil:
+			return nil, until, &refUnavailableError{ref: ref, err: out.unavailable}
 		case out.decision != nil:
 			refs[ref] = *out.decision
-		case out.unavailable != nil:
-			return nil, fmt.Errorf("reference %s: %w", ref, out.unavailable)
+			until = earliest(until, out.until)
 		}
 	}
-	return refs, nil
+	return refs, until, nil
 }
 
 // narExt is the file extension Nix uses for each compression.
@@ -222,8 +287,6 @@ func narExt(compression string) string {
 		return ".bz2"
 	case "br":
 		return ".br"
-	case "gzip":
-		return ".gz"
 	}
 	return ""
 }
@@ -231,7 +294,7 @@ func narExt(compression string) string {
 // approve turns a served decision into the record served from now on: the
 // upstream narinfo with its URL pointing here and the gatekeeper's
 // signature added. It is signed once, here, and served as stored.
-func (s *Server) approve(d policy.Decision) (cache.Record, error) {
+func (s *Server) approve(d policy.Decision, until time.Time) (cache.Record, error) {
 	ni := *d.NarInfo
 	sp, err := narinfo.ParseStorePath(ni.StorePath, s.cfg.StoreDir)
 	if err != nil {
@@ -252,9 +315,7 @@ func (s *Server) approve(d policy.Decision) (cache.Record, error) {
 		Compression: ni.Compression, FileHash: ni.FileHash, FileSize: ni.FileSize,
 		NarHash: ni.NarHash, NarSize: ni.NarSize, FlatSHA256: flat, Decided: s.now(),
 	}
-	if d.Reason == policy.Allowlisted && d.Allow != nil {
-		rec.ValidUntil = d.Allow.Expires
-	}
+	rec.ValidUntil = until
 	ni.URL = "nar/" + narFile
 	ni.Sigs = append(append([]string(nil), ni.Sigs...), s.key.Sign(d.Fingerprint))
 	rec.NarInfo = ni.Marshal()

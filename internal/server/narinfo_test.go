@@ -171,8 +171,9 @@ func TestReportMode(t *testing.T) {
 				i+1, resp.StatusCode, resp.Header.Get("X-Cacheproxy-Decision"))
 		}
 	}
-	if v := f.metric("cacheproxy_decisions_total", `decision="rejected",reason="unattested"`); v != 1 {
-		t.Errorf(`decisions_total{rejected,unattested} = %v, want 1`, v)
+	// Counted per request, exactly as enforce mode counts its re-decisions.
+	if v := f.metric("cacheproxy_decisions_total", `decision="rejected",reason="unattested"`); v != 2 {
+		t.Errorf(`decisions_total{rejected,unattested} = %v, want 2`, v)
 	}
 	narPath := f.narURL(o)
 	if resp, body := f.mustGet(narPath); resp.StatusCode != 200 || !bytes.Equal(body, o.file) {

@@ -19,7 +19,7 @@ func (s *Server) handleListing(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "malformed store path hash", http.StatusBadRequest)
 		return
 	}
-	rec, err := s.db.Record(hash)
+	rec, err := s.storedRecord(hash)
 	if err != nil || rec == nil {
 		http.Error(w, "no approved narinfo for this path", http.StatusNotFound)
 		return

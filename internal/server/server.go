@@ -12,8 +12,10 @@ package server
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -22,6 +24,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -59,6 +62,7 @@ type Server struct {
 
 	dlMu      sync.Mutex
 	downloads map[string]*download // by NAR file name
+	closed    bool
 
 	// bg is the lifetime of downloads: they outlive the request that
 	// started them (followers and the cache still want the bytes) but not
@@ -122,9 +126,52 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 		return nil, err
 	}
 	s.blobs.OnEvict(func(n int, _ int64) { s.m.evictions.Add(float64(n)) })
+	s.db.ForgetAllOnChange(cfg.Policy.RequireClosure)
+	changed, err := s.db.SyncSettings(s.settingsDigest())
+	if err != nil {
+		s.Close()
+		return nil, fmt.Errorf("state db: %w", err)
+	}
+	if changed {
+		log.Info("decision settings changed since the last start: every path will be decided again")
+	}
 	s.refreshGauges()
 	s.bg, s.stopBg = context.WithCancel(context.Background())
 	return s, nil
+}
+
+// settingsDigest names everything a stored decision depends on besides the
+// evidence in the DB: if any of it changes between starts (a revoked
+// upstream key, a higher quorum, report mode turned off, a new gatekeeper
+// key), stored decisions must not be served.
+func (s *Server) settingsDigest() string {
+	type up struct {
+		URL  string
+		Keys []string
+	}
+	v := struct {
+		Report, ContentAddressed, RequireClosure bool
+		StoreDir, Gatekeeper                     string
+		Quorum                                   int
+		Attesters                                []string
+		Upstreams                                []up
+	}{s.policy.Report, s.policy.ContentAddressed, s.policy.RequireClosure,
+		s.cfg.StoreDir, s.key.Public().String(), s.policy.Quorum, nil, nil}
+	for _, a := range s.policy.Attesters {
+		v.Attesters = append(v.Attesters, a.String())
+	}
+	sort.Strings(v.Attesters)
+	for _, u := range s.upstreams {
+		e := up{URL: u.name}
+		for _, k := range u.keys {
+			e.Keys = append(e.Keys, k.String())
+		}
+		sort.Strings(e.Keys)
+		v.Upstreams = append(v.Upstreams, e)
+	}
+	raw, _ := json.Marshal(v)
+	sum := sha256.Sum256(raw)
+	return hex.EncodeToString(sum[:])
 }
 
 // PublicKey is the gatekeeper key fleet machines trust.
@@ -132,7 +179,12 @@ func (s *Server) PublicKey() verify.PublicKey { return s.key.Public() }
 
 // Close stops downloads and closes the state.
 func (s *Server) Close() error {
-	s.stopBg()
+	s.dlMu.Lock()
+	s.closed = true // join starts no download after this
+	s.dlMu.Unlock()
+	if s.stopBg != nil {
+		s.stopBg()
+	}
 	s.dlWG.Wait()
 	return errors.Join(s.blobs.Close(), s.db.Close())
 }
@@ -364,7 +416,8 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
 		return err
 	}
 	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err == nil {
+	_, err = tmp.Write(data)
+	if err == nil {
 		err = tmp.Chmod(mode)
 	}
 	if err == nil {
