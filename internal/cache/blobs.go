@@ -25,7 +25,7 @@ type Blobs struct {
 
 	mu       sync.Mutex
 	size     int64                // sum of indexed blob sizes
-	lastUsed map[string]time.Time // in memory; persisted on eviction and Close
+	lastUsed map[string]time.Time // in memory; persisted by Close (after a crash LRU order falls back to the last saved times)
 	// sizes holds the indexed size of every blob in lastUsed. Remove and
 	// evict account with it rather than with a stat of the file, which
 	// drifted when a file had been truncated or deleted behind our back
@@ -128,7 +128,8 @@ func (b *Blobs) CreateTemp(name string) (*os.File, error) {
 }
 
 // Commit makes a fully written and verified temp file the blob name: fsync,
-// rename, fsync the directory, then index it with meta. f is closed.
+// rename, fsync the directory, then index it with meta. f is closed. It
+// does not evict: callers run Evict once readers of the new blob are served.
 func (b *Blobs) Commit(f *os.File, name string, meta BlobMeta) error {
 	tmpName := f.Name()
 	size, err := f.Seek(0, 2)
@@ -162,7 +163,7 @@ func (b *Blobs) Commit(f *os.File, name string, meta BlobMeta) error {
 	b.sizes[name] = size
 	b.lastUsed[name] = now
 	b.mu.Unlock()
-	return b.evict()
+	return nil
 }
 
 // Discard removes a temp file that will never be committed.
@@ -251,10 +252,10 @@ func (b *Blobs) remove(name string) (freed int64, removed bool, err error) {
 	return freed, removed, nil
 }
 
-// evict removes least-recently-used blobs until the total is within maxSize.
+// Evict removes least-recently-used blobs until the total is within maxSize.
 // An open file keeps its data on Linux, so a client being served an evicted
 // blob is unaffected.
-func (b *Blobs) evict() error {
+func (b *Blobs) Evict() error {
 	b.mu.Lock()
 	if b.maxSize <= 0 || b.size <= b.maxSize {
 		b.mu.Unlock()

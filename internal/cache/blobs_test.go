@@ -33,6 +33,7 @@ func commit(t *testing.T, b *Blobs, name string, data []byte, meta BlobMeta) {
 		t.Fatal(err)
 	}
 	must(t, b.Commit(f, name, meta))
+	must(t, b.Evict())
 }
 
 func readBlob(t *testing.T, b *Blobs, name string) []byte {

@@ -131,3 +131,40 @@ func TestExplainStoresNothing(t *testing.T) {
 		t.Errorf("explain counted %v decisions", v)
 	}
 }
+
+// An upstream that keeps ending a NAR early while declaring no length
+// anywhere (no Content-Length, no FileSize) cannot hide behind "truncated"
+// forever: after a few transfers in a row the path is quarantined.
+func TestRepeatedShortNarWithoutLength(t *testing.T) {
+	f := newFixture(t)
+	o := newObj(t, "short-unknown-length-1", dirNAR(t, 71, 64<<10), "zstd")
+	o.ni.FileSize = 0
+	f.up.publish(o)
+	f.attest(o)
+	f.up.handle("/"+o.ni.URL, func(w http.ResponseWriter, r *http.Request) {
+		w.Write(o.file[:len(o.file)/2]) // no Content-Length: chunked, then a clean end
+	})
+	nar := f.narURL(o)
+	for i := 1; i <= maxAmbiguousTruncations; i++ {
+		resp, body, err := f.get(nar)
+		if err == nil && resp.StatusCode == 200 && len(body) == len(o.file) {
+			t.Fatalf("transfer %d: a short NAR was delivered whole", i)
+		}
+		want := `decision="approved"`
+		if i == maxAmbiguousTruncations {
+			want = `decision="rejected"`
+		}
+		code, hdr := f.narinfoDecision(o)
+		if !strings.Contains(hdr, strings.Trim(strings.TrimPrefix(want, `decision=`), `"`)) {
+			t.Fatalf("after %d short transfers: %d %q, want %s", i, code, hdr, want)
+		}
+	}
+	if v := f.metric("cacheproxy_nar_verification_failures_total", `check="truncated"`); v != maxAmbiguousTruncations-1 {
+		t.Errorf("truncated = %v, want %d", v, maxAmbiguousTruncations-1)
+	}
+}
+
+func (f *fixture) narinfoDecision(o *storeObj) (int, string) {
+	resp, _ := f.mustGet("/" + o.hash + ".narinfo")
+	return resp.StatusCode, resp.Header.Get("X-Cacheproxy-Decision")
+}

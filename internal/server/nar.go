@@ -241,7 +241,9 @@ func (s *Server) fetch(dl *download, u *upstreamCache, tmp *os.File) {
 	if err == nil {
 		if err = s.blobs.Commit(tmp, rec.NarFile, blobMeta(rec)); err == nil {
 			s.m.upstreamRequests.WithLabelValues(u.name, "nar", "found").Inc()
-			s.m.cacheSize.Set(float64(s.blobs.Size()))
+			s.dlMu.Lock()
+			delete(s.shortRuns, rec.NarFile)
+			s.dlMu.Unlock()
 		}
 	} else {
 		s.blobs.Discard(tmp)
@@ -264,6 +266,13 @@ func (s *Server) fetch(dl *download, u *upstreamCache, tmp *os.File) {
 	s.dlMu.Unlock()
 	dl.publish(written, true, err)
 	dl.release()
+	// Evict only now: its bbolt writes must not delay the final bytes.
+	if err == nil {
+		if err := s.blobs.Evict(); err != nil {
+			s.log.Error("evict blobs", "err", err)
+		}
+		s.m.cacheSize.Set(float64(s.blobs.Size()))
+	}
 }
 
 // copyVerified runs the transfer and returns the bytes written or why it
@@ -310,14 +319,25 @@ func (s *Server) copyVerified(dl *download, u *upstreamCache, tmp *os.File) (int
 		var ve *verify.Error
 		short := rec.FileSize == 0 || uint64(written) < rec.FileSize
 		if size < 0 && short && errors.As(err, &ve) && ve.Check != verify.CheckNarHash && ve.Check != verify.CheckFileHash {
-			return written, &truncatedError{err: err}
+			return written, &truncatedError{err: err, unknownLength: ve}
 		}
 		return written, err
 	}
 	return written, nil
 }
 
-type truncatedError struct{ err error }
+type truncatedError struct {
+	err error
+	// unknownLength is set when the transfer only looked truncated because
+	// neither a Content-Length nor a FileSize said how long it should be:
+	// it may as well be an upstream serving a short NAR on purpose.
+	unknownLength *verify.Error
+}
+
+// maxAmbiguousTruncations is how many transfers of one NAR in a row may end
+// short without any declared length before the shortness counts as the
+// upstream's answer (nar_mismatch) rather than a network blip.
+const maxAmbiguousTruncations = 3
 
 func (e *truncatedError) Error() string { return "transfer broken: " + e.err.Error() }
 func (e *truncatedError) Unwrap() error { return e.err }
@@ -327,8 +347,22 @@ func (e *truncatedError) Unwrap() error { return e.err }
 func (s *Server) narFailed(rec cache.Record, u *upstreamCache, err error) {
 	var ve *verify.Error
 	var te *truncatedError
+	if errors.As(err, &te) && te.unknownLength != nil {
+		s.dlMu.Lock()
+		s.shortRuns[rec.NarFile]++
+		n := s.shortRuns[rec.NarFile]
+		s.dlMu.Unlock()
+		if n >= maxAmbiguousTruncations {
+			err, te = te.unknownLength, nil
+		}
+	}
+	if te == nil {
+		s.dlMu.Lock()
+		delete(s.shortRuns, rec.NarFile)
+		s.dlMu.Unlock()
+	}
 	switch {
-	case errors.As(err, &te):
+	case te != nil:
 		s.m.verifyFailures.WithLabelValues(string(verify.CheckTruncated)).Inc()
 		s.m.upstreamRequests.WithLabelValues(u.name, "nar", "truncated").Inc()
 		s.log.Warn("NAR transfer broken; will retry on next request", "path", rec.StorePath, "upstream", u.name, "err", err)

@@ -63,6 +63,7 @@ type Server struct {
 	dlMu      sync.Mutex
 	downloads map[string]*download // by NAR file name
 	closed    bool
+	shortRuns map[string]int // NAR file -> transfers in a row that ended short with no declared length
 
 	// bg is the lifetime of downloads: they outlive the request that
 	// started them (followers and the cache still want the bytes) but not
@@ -82,7 +83,7 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: log, key: key, m: newMetrics(), now: time.Now, downloads: map[string]*download{}}
+	s := &Server{cfg: cfg, log: log, key: key, m: newMetrics(), now: time.Now, downloads: map[string]*download{}, shortRuns: map[string]int{}}
 	if cfg.Admin.Listen != "" {
 		if s.token, err = loadOrCreateToken(cfg.AdminTokenFile()); err != nil {
 			return nil, err
