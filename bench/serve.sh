@@ -69,10 +69,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Ports below Linux's ephemeral range (32768-60999), so that no client
+# connection of this very benchmark can hold the port we pick.
 free_port() {
 	local p
 	while :; do
-		p=$((20000 + RANDOM % 40000))
+		p=$((10000 + RANDOM % 20000))
 		(exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
 	done
 }
@@ -80,8 +82,12 @@ wait_port() { # PORT
 	for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
 	die "nothing listens on 127.0.0.1:$1"
 }
-wait_http() { # URL
-	for _ in $(seq 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
+wait_http() { # URL [PID LOG]: waits for a 200, gives up early if PID died
+	for _ in $(seq 100); do
+		curl -fs -o /dev/null "$1" && return 0
+		if [[ -n ${2:-} ]] && ! kill -0 "$2" 2>/dev/null; then die "server for $1 exited: $(tail -5 "$3")"; fi
+		sleep 0.1
+	done
 	die "$1 never answered"
 }
 
@@ -160,7 +166,7 @@ start_proxy() {
 	PROXY_PID=$!
 	PIDS+=("$PROXY_PID")
 	PROXY_URL=http://127.0.0.1:$port
-	wait_http "$PROXY_URL/healthz"
+	wait_http "$PROXY_URL/healthz" "$PROXY_PID" "$T/$name.log"
 	wait_port "$aport"
 }
 allow() { "$CP" allow add -c "$PROXY_CFG" --reason bench "$@" >/dev/null; }
@@ -217,7 +223,7 @@ nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" -e "$T/nginx/error.log" &
 NGINX_PID=$!
 PIDS+=("$NGINX_PID")
 NGINX_URL=http://127.0.0.1:$NPORT
-wait_http "$NGINX_URL/nix-cache-info"
+wait_http "$NGINX_URL/nix-cache-info" "$NGINX_PID" "$T/nginx/error.log"
 
 # ---------------------------------------------------------------- measuring
 # Server CPU time (user+system, in clock ticks) of a process and its

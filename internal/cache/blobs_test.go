@@ -456,6 +456,10 @@ func TestBlobsConcurrent(t *testing.T) {
 					t.Error(err)
 					return
 				}
+				if err := b.Evict(); err != nil {
+					t.Error(err)
+					return
+				}
 				if f, err := b.Open(name); err == nil {
 					f.Close()
 				}
