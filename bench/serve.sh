@@ -5,13 +5,13 @@
 # No timed assertions: it prints a table (metric, cacheproxy, reference,
 # ratio = cacheproxy / reference; every metric is higher-is-better) and
 # exits 0 unless the setup itself fails. Run as root on a machine with Nix
-# (nix-store, nix) and Go; installs nginx, wrk, zstd and curl from Debian
+# (nix-store, nix) and Go; installs nginx, wrk, zstd, curl and openssl from Debian
 # when missing. Loopback only. See bench/README.md.
 #
 # Environment: DURATION (seconds per wrk run, default 10), CONNS (narinfo
 # connections, default 32), NAR_CONNS (big-NAR connections, default 4),
 # BIG_MIB (size of the big NAR, default 256), SMALL (number of small paths,
-# default 200), COLD_RUNS (cold fetches per variant, best kept, default 2),
+# default 200), COLD_RUNS (cold fetches per variant, best kept, default 3),
 # REV=<git rev> builds that commit instead of the work tree, KEEP=1 keeps
 # the temp dir.
 set -euo pipefail
@@ -129,8 +129,10 @@ ALL=("$BIG" "${SMALLS[@]}")
 log "nix copy to file:// (compression=none, and zstd for the big path)"
 UP=$T/up
 UPZ=$T/upz
-nix "${X_NIX[@]}" copy "${NIX_OPTS[@]}" --to "file://$UP?compression=none&secret-key=$T/up.sec" "${ALL[@]}"
-nix "${X_NIX[@]}" copy "${NIX_OPTS[@]}" --to "file://$UPZ?compression=zstd&secret-key=$T/up.sec" "$BIG"
+nix "${X_NIX[@]}" copy "${NIX_OPTS[@]}" --to "file://$UP?compression=none&secret-key=$T/up.sec" "${ALL[@]}" 2>>nix.log ||
+	die "nix copy: $(tail -3 nix.log)"
+nix "${X_NIX[@]}" copy "${NIX_OPTS[@]}" --to "file://$UPZ?compression=zstd&secret-key=$T/up.sec" "$BIG" 2>>nix.log ||
+	die "nix copy: $(tail -3 nix.log)"
 
 hash_of() { local b=${1#/nix/store/}; echo "${b%%-*}"; }
 BIG_HASH=$(hash_of "$BIG")
