@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -152,7 +153,14 @@ type DB struct {
 	// not only the path's own: with require_closure a path's decision also
 	// rests on the decisions of everything it references.
 	forgetAll bool
+	// changes counts committed forgets in this process, so that in-memory
+	// copies of records can be checked for staleness without a transaction.
+	changes atomic.Uint64
 }
+
+// Changes returns a number that moves on whenever stored decisions were
+// dropped; a copy of a record read when it had another value may be stale.
+func (d *DB) Changes() uint64 { return d.changes.Load() }
 
 // ForgetAllOnChange sets whether evidence changes drop every stored
 // decision. Call it before the DB is shared.
@@ -304,6 +312,7 @@ func (d *DB) forget(tx *bolt.Tx, hashes []string) error {
 	if _, err := addCount(tx, keyEpoch, 1); err != nil {
 		return err
 	}
+	tx.OnCommit(func() { d.changes.Add(1) })
 	if len(hashes) == 0 || d.forgetAll {
 		if err := tx.DeleteBucket(bucketRecords); err != nil {
 			return err

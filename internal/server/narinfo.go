@@ -74,9 +74,15 @@ func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
 // storedRecord returns the stored record for hash if it may still be
 // served: not expired, and approved unless in report mode.
 func (s *Server) storedRecord(hash string) (*cache.Record, error) {
-	rec, err := s.db.Record(hash)
-	if err != nil || rec == nil {
-		return nil, err
+	changes := s.db.Changes()
+	rec := s.hot.get(hash, changes)
+	if rec == nil || rec.Expired(s.now()) { // an expired copy may have been re-decided since
+
+		var err error
+		if rec, err = s.db.Record(hash); err != nil || rec == nil {
+			return nil, err
+		}
+		s.hot.put(hash, rec, changes)
 	}
 	if rec.Expired(s.now()) || (!rec.Approved && !s.policy.Report) {
 		return nil, nil

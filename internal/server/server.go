@@ -59,6 +59,7 @@ type Server struct {
 	now       func() time.Time
 
 	narinfoFlight singleflight.Group
+	hot           *hotRecords
 
 	dlMu      sync.Mutex
 	downloads map[string]*download // by NAR file name
@@ -83,7 +84,7 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: log, key: key, m: newMetrics(), now: time.Now, downloads: map[string]*download{}, shortRuns: map[string]int{}}
+	s := &Server{cfg: cfg, log: log, key: key, m: newMetrics(), now: time.Now, downloads: map[string]*download{}, shortRuns: map[string]int{}, hot: newHotRecords()}
 	if cfg.Admin.Listen != "" {
 		if s.token, err = loadOrCreateToken(cfg.AdminTokenFile()); err != nil {
 			return nil, err
