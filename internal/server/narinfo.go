@@ -210,7 +210,9 @@ func (s *Server) decide(ctx context.Context, hash string, visiting map[string]bo
 		if d.Approved {
 			return outcome{decision: &d, until: until}, nil
 		}
-		if first == nil {
+		// The first rejection is the answer, unless a later upstream's
+		// would be served (report mode) and the first's would not.
+		if first == nil || (!s.policy.Served(*first) && s.policy.Served(d)) {
 			first = &d
 		}
 	}

@@ -11,7 +11,6 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/hex"
@@ -350,98 +349,6 @@ func (s *Server) refreshGauges() {
 		s.m.allowEntries.Set(float64(len(l)))
 	}
 	s.m.cacheSize.Set(float64(s.blobs.Size()))
-}
-
-// LoadOrCreateKey reads the gatekeeper key, generating it into the state
-// dir on first start when no signing_key_file is configured.
-func LoadOrCreateKey(cfg config.Config) (verify.SecretKey, error) {
-	path := cfg.SigningKeyPath()
-	raw, err := os.ReadFile(path)
-	if err == nil {
-		k, err := verify.ParseSecretKey(string(raw))
-		if err != nil {
-			return k, fmt.Errorf("signing key %s: %w", path, err)
-		}
-		return k, nil
-	}
-	if !os.IsNotExist(err) || cfg.SigningKeyFile != "" {
-		return verify.SecretKey{}, fmt.Errorf("signing_key_file: %w", err)
-	}
-	host, _ := os.Hostname()
-	if host == "" {
-		host = "cacheproxy"
-	}
-	k, err := verify.GenerateKey(host + "-cacheproxy-1")
-	if err != nil {
-		return k, err
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return k, fmt.Errorf("create state dir: %w", err)
-	}
-	if err := writeFileAtomic(path, []byte(k.String()), 0o600); err != nil {
-		return k, fmt.Errorf("write signing key: %w", err)
-	}
-	pub := strings.TrimSuffix(path, ".sec") + ".pub"
-	if err := writeFileAtomic(pub, []byte(k.Public().String()), 0o644); err != nil {
-		return k, fmt.Errorf("write public key: %w", err)
-	}
-	return k, nil
-}
-
-func loadOrCreateToken(path string) ([]byte, error) {
-	raw, err := os.ReadFile(path)
-	if err == nil {
-		tok := []byte(strings.TrimSpace(string(raw)))
-		if len(tok) == 0 {
-			return nil, fmt.Errorf("admin.token_file %s is empty", path)
-		}
-		return tok, nil
-	}
-	if !os.IsNotExist(err) {
-		return nil, fmt.Errorf("admin.token_file: %w", err)
-	}
-	b := make([]byte, 32)
-	if _, err := rand.Read(b); err != nil {
-		return nil, err
-	}
-	tok := hex.EncodeToString(b)
-	if err := writeFileAtomic(path, []byte(tok+"\n"), 0o600); err != nil {
-		return nil, fmt.Errorf("write admin token: %w", err)
-	}
-	return []byte(tok), nil
-}
-
-// writeFileAtomic never leaves a half-written key behind.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(data)
-	if err == nil {
-		err = tmp.Chmod(mode)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	// The key must survive a power loss right after first start, or
-	// the fleet would be pinned to a key that no longer exists.
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // authorized compares the bearer token in constant time.

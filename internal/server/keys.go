@@ -1,0 +1,118 @@
+package server
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cacheproxy/cacheproxy/internal/config"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
+)
+
+// LoadOrCreateKey reads the gatekeeper key, generating it into the state
+// dir on first start when no signing_key_file is configured. Two processes
+// starting at once (serve and pubkey) end up with the same key: the file is
+// created exclusively and the loser reads the winner's.
+func LoadOrCreateKey(cfg config.Config) (verify.SecretKey, error) {
+	path := cfg.SigningKeyPath()
+	raw, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) && cfg.SigningKeyFile == "" {
+		raw, err = createKey(path)
+	}
+	if err != nil {
+		return verify.SecretKey{}, fmt.Errorf("signing_key_file: %w", err)
+	}
+	k, err := verify.ParseSecretKey(string(raw))
+	if err != nil {
+		return k, fmt.Errorf("signing key %s: %w", path, err)
+	}
+	return k, nil
+}
+
+func createKey(path string) ([]byte, error) {
+	host, _ := os.Hostname()
+	if host == "" {
+		host = "cacheproxy"
+	}
+	k, err := verify.GenerateKey(host + "-cacheproxy-1")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("create state dir: %w", err)
+	}
+	raw, err := createOnce(path, []byte(k.String()), 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("write signing key: %w", err)
+	}
+	if k, err = verify.ParseSecretKey(string(raw)); err == nil {
+		pub := strings.TrimSuffix(path, ".sec") + ".pub"
+		if _, err := createOnce(pub, []byte(k.Public().String()), 0o644); err != nil {
+			return nil, fmt.Errorf("write public key: %w", err)
+		}
+	}
+	return raw, nil
+}
+
+func loadOrCreateToken(path string) ([]byte, error) {
+	raw, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		b := make([]byte, 32)
+		if _, err := rand.Read(b); err != nil {
+			return nil, err
+		}
+		raw, err = createOnce(path, []byte(hex.EncodeToString(b)+"\n"), 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("write admin token: %w", err)
+		}
+	} else if err != nil {
+		return nil, fmt.Errorf("admin.token_file: %w", err)
+	}
+	tok := []byte(strings.TrimSpace(string(raw)))
+	if len(tok) == 0 {
+		return nil, fmt.Errorf("admin.token_file %s is empty", path)
+	}
+	return tok, nil
+}
+
+// createOnce writes data to path unless path exists, and returns what path
+// holds then. The file appears complete and synced or not at all (written
+// aside, then hard-linked into place, which fails if another process got
+// there first), and the directory is synced: a key handed to the fleet must
+// survive a power loss right after first start.
+func createOnce(path string, data []byte, mode os.FileMode) ([]byte, error) {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(data)
+	if err == nil {
+		err = tmp.Chmod(mode)
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Link(tmp.Name(), path); errors.Is(err, fs.ErrExist) {
+		return os.ReadFile(path)
+	} else if err != nil {
+		return nil, err
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	return data, d.Sync()
+}
