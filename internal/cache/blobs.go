@@ -25,7 +25,7 @@ type Blobs struct {
 
 	mu       sync.Mutex
 	size     int64                // sum of indexed blob sizes
-	lastUsed map[string]time.Time // in memory; persisted by Close (after a crash LRU order falls back to the last saved times)
+	lastUsed map[string]time.Time // in memory; persisted by SaveUsage (periodically) and Close
 	// sizes holds the indexed size of every blob in lastUsed. Remove and
 	// evict account with it rather than with a stat of the file, which
 	// drifted when a file had been truncated or deleted behind our back
@@ -293,7 +293,11 @@ func (b *Blobs) Evict() error {
 }
 
 // Close persists the last-used times so LRU order survives a restart.
-func (b *Blobs) Close() error {
+func (b *Blobs) Close() error { return b.SaveUsage() }
+
+// SaveUsage persists the last-used times; the server calls it now and then
+// so that LRU order mostly survives a crash too.
+func (b *Blobs) SaveUsage() error {
 	b.mu.Lock()
 	used := make(map[string]time.Time, len(b.lastUsed))
 	for k, v := range b.lastUsed {

@@ -176,9 +176,9 @@ func (s *Server) join(rec cache.Record) (*download, error) {
 	}
 	dl := &download{rec: rec, size: expectedSize(rec), changed: make(chan struct{}), rf: rf, readers: 2}
 	s.downloads[rec.NarFile] = dl
-	s.dlWG.Add(1)
+	s.bgWG.Add(1)
 	go func() {
-		defer s.dlWG.Done()
+		defer s.bgWG.Done()
 		s.fetch(dl, u, tmp)
 	}()
 	return dl, nil

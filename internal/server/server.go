@@ -70,7 +70,7 @@ type Server struct {
 	// the server.
 	bg     context.Context
 	stopBg context.CancelFunc
-	dlWG   sync.WaitGroup
+	bgWG   sync.WaitGroup
 }
 
 // New opens the state dir, loads or creates the gatekeeper key and the
@@ -138,6 +138,11 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	}
 	s.refreshGauges()
 	s.bg, s.stopBg = context.WithCancel(context.Background())
+	s.bgWG.Add(1)
+	go func() {
+		defer s.bgWG.Done()
+		s.saveUsageEvery(usageSaveInterval)
+	}()
 	return s, nil
 }
 
@@ -175,6 +180,24 @@ func (s *Server) settingsDigest() string {
 	return hex.EncodeToString(sum[:])
 }
 
+// usageSaveInterval is how often blob last-used times are persisted.
+const usageSaveInterval = 5 * time.Minute
+
+func (s *Server) saveUsageEvery(d time.Duration) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.bg.Done():
+			return
+		case <-t.C:
+			if err := s.blobs.SaveUsage(); err != nil {
+				s.log.Error("save blob usage", "err", err)
+			}
+		}
+	}
+}
+
 // PublicKey is the gatekeeper key fleet machines trust.
 func (s *Server) PublicKey() verify.PublicKey { return s.key.Public() }
 
@@ -186,7 +209,7 @@ func (s *Server) Close() error {
 	if s.stopBg != nil {
 		s.stopBg()
 	}
-	s.dlWG.Wait()
+	s.bgWG.Wait()
 	return errors.Join(s.blobs.Close(), s.db.Close())
 }
 
