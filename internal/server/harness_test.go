@@ -43,7 +43,7 @@ const storeDir = "/nix/store"
 // counts requests per path; a route set with handle overrides the default
 // answer (the registered object's narinfo or NAR file, else 404).
 type fakeUpstream struct {
-	t   *testing.T
+	t   testing.TB
 	srv *httptest.Server
 	key verify.SecretKey
 
@@ -53,7 +53,7 @@ type fakeUpstream struct {
 	routes map[string]http.HandlerFunc
 }
 
-func newFakeUpstream(t *testing.T, keyName string) *fakeUpstream {
+func newFakeUpstream(t testing.TB, keyName string) *fakeUpstream {
 	t.Helper()
 	key, err := verify.GenerateKey(keyName)
 	if err != nil {
@@ -142,7 +142,7 @@ func sha256Str(b []byte) string {
 
 // newObj wraps a NAR as a store object with the given compression ("none"
 // or "zstd").
-func newObj(t *testing.T, name string, narBytes []byte, compression string) *storeObj {
+func newObj(t testing.TB, name string, narBytes []byte, compression string) *storeObj {
 	t.Helper()
 	o := &storeObj{hash: storeHash(name), nar: narBytes}
 	o.storePath = storeDir + "/" + o.hash + "-" + name
@@ -197,7 +197,7 @@ func (o *storeObj) upstreamNarInfo(k verify.SecretKey) []byte { return o.signed(
 
 // dirNAR builds a small directory NAR with go-nix's writer, with one file
 // of size bytes of seeded pseudo-random (incompressible) data.
-func dirNAR(t *testing.T, seed int64, size int) []byte {
+func dirNAR(t testing.TB, seed int64, size int) []byte {
 	t.Helper()
 	data := make([]byte, size)
 	rand.New(rand.NewSource(seed)).Read(data)
@@ -248,7 +248,7 @@ func singleFileNAR(size int64) (head, tail []byte) {
 // ---------------------------------------------------------------- proxy
 
 type fixture struct {
-	t         *testing.T
+	t         testing.TB
 	cfg       config.Config
 	up        *fakeUpstream
 	rebuilder verify.SecretKey
@@ -271,12 +271,12 @@ func withTimeout(d time.Duration) fixtureOpt {
 }
 
 // newFixture starts a server in front of ups (a fresh upstream when none).
-func newFixture(t *testing.T, opts ...fixtureOpt) *fixture {
+func newFixture(t testing.TB, opts ...fixtureOpt) *fixture {
 	t.Helper()
 	return newFixtureWith(t, []*fakeUpstream{newFakeUpstream(t, "upstream-1")}, opts...)
 }
 
-func newFixtureWith(t *testing.T, ups []*fakeUpstream, opts ...fixtureOpt) *fixture {
+func newFixtureWith(t testing.TB, ups []*fakeUpstream, opts ...fixtureOpt) *fixture {
 	t.Helper()
 	rb, err := verify.GenerateKey("rebuilder-1")
 	if err != nil {
@@ -299,7 +299,7 @@ func newFixtureWith(t *testing.T, ups []*fakeUpstream, opts ...fixtureOpt) *fixt
 	return f
 }
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	if os.Getenv("CACHEPROXY_TEST_LOG") != "" {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
