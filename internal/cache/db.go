@@ -14,7 +14,6 @@ package cache
 import (
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -633,6 +632,3 @@ func hashOf(storePath string) string {
 	}
 	return base[:32]
 }
-
-// ErrNotFound is returned for lookups of absent entries where absence is an error.
-var ErrNotFound = errors.New("not found")

@@ -86,7 +86,7 @@ func (s *Server) upstreamNarInfo(ctx context.Context, hash string) (*narinfo.Nar
 	var lastErr error
 	unavailable := false
 	for _, u := range s.upstreams {
-		raw, err := u.client.Get(ctx, hash+".narinfo", maxNarInfoSize)
+		raw, err := s.fetchNarInfo(ctx, u, hash)
 		if err != nil {
 			if !isNotFound(err) {
 				unavailable = true

@@ -172,20 +172,14 @@ func (s *Server) decide(ctx context.Context, hash string, visiting map[string]bo
 	var first *policy.Decision
 	var unavailable error
 	for _, u := range s.upstreams {
-		start := time.Now()
-		raw, err := u.client.Get(ctx, hash+".narinfo", maxNarInfoSize)
-		s.m.upstreamDuration.WithLabelValues(u.name, "narinfo").Observe(time.Since(start).Seconds())
+		raw, err := s.fetchNarInfo(ctx, u, hash)
 		switch {
 		case errors.Is(err, upstream.ErrNotFound):
-			s.m.upstreamRequests.WithLabelValues(u.name, "narinfo", "not_found").Inc()
 			continue
 		case err != nil:
-			s.m.upstreamRequests.WithLabelValues(u.name, "narinfo", "unavailable").Inc()
-			s.log.Warn("upstream unavailable", "upstream", u.name, "hash", hash, "err", err)
 			unavailable = errors.Join(unavailable, err)
 			continue
 		}
-		s.m.upstreamRequests.WithLabelValues(u.name, "narinfo", "found").Inc()
 		ev, err := s.db.Evidence(hash)
 		if err != nil {
 			return outcome{}, err
@@ -217,6 +211,24 @@ func (s *Server) decide(ctx context.Context, hash string, visiting map[string]bo
 		}
 	}
 	return outcome{decision: first, unavailable: unavailable}, nil
+}
+
+// fetchNarInfo asks one upstream for a narinfo, timing and counting the
+// request; errors are upstream.ErrNotFound or a transient failure.
+func (s *Server) fetchNarInfo(ctx context.Context, u *upstreamCache, hash string) ([]byte, error) {
+	start := time.Now()
+	raw, err := u.client.Get(ctx, hash+".narinfo", maxNarInfoSize)
+	s.m.upstreamDuration.WithLabelValues(u.name, "narinfo").Observe(time.Since(start).Seconds())
+	result := "found"
+	switch {
+	case errors.Is(err, upstream.ErrNotFound):
+		result = "not_found"
+	case err != nil:
+		result = "unavailable"
+		s.log.Warn("upstream unavailable", "upstream", u.name, "hash", hash, "err", err)
+	}
+	s.m.upstreamRequests.WithLabelValues(u.name, "narinfo", result).Inc()
+	return raw, err
 }
 
 // refUnavailableError: a reference could not be decided because its
