@@ -13,6 +13,10 @@
 //	startProxy(t, ProxyConfig) *Proxy      config TOML + `cacheproxy serve -c`, waits for /healthz, killed at cleanup
 //	   .CLI / .MustCLI / .Get / .NarinfoDecision / .ExpectRejected / .ExpectApproved / .Metrics / .MetricSum
 //	newClient(t) *Client                   throwaway chroot store + isolated HOME; .Substitute(t, url, key, paths...)
+//	   .DefaultNarinfoTTLs                 keep Nix's narinfo cache TTLs (30 days / 1 hour) instead of 0
+//	newFleetClient(t) *Client              (fleet_test.go) a fleet machine: default TTLs, one HOME, fresh store per run;
+//	   .CacheNarinfos / .FreshStore        nix path-info through the proxy fills the HOME's narinfo cache
+//	Proxy.RestartWith(t, cfg)              restart on a rewritten config (same addresses and state dir)
 //	assertSameTree(t, a, b)                recursive content/mode/symlink comparison
 package e2e
 
@@ -795,6 +799,16 @@ func (p *Proxy) Restart(t testing.TB) {
 	p.start(t)
 }
 
+// RestartWith stops the server, rewrites its config file from cfg (same
+// listen addresses and state dir, so clients, state and gatekeeper key carry
+// over) and starts it again. cfg must be complete, as for startProxy.
+func (p *Proxy) RestartWith(t testing.TB, cfg ProxyConfig) {
+	t.Helper()
+	p.stop()
+	p.CfgFile = writeConfig(t, p.Dir, p.Addr, p.AdminAddr, p.StateDir, cfg)
+	p.start(t)
+}
+
 // Logs returns what the server wrote so far.
 func (p *Proxy) Logs() string { return p.logs.String() }
 
@@ -1019,6 +1033,12 @@ func (p *Proxy) AdminToken(t testing.TB) string {
 type Client struct {
 	Root string // chroot store root: files land in Root + /nix/store/...
 	Home string
+	// DefaultNarinfoTTLs makes Substitute keep Nix's default narinfo cache
+	// TTLs (positive 30 days, negative 1 hour), as a fleet machine has them,
+	// instead of passing narinfo-cache-{positive,negative}-ttl 0: narinfos
+	// this HOME fetched before are then answered from
+	// ~/.cache/nix/binary-cache-v6.sqlite without asking the substituter.
+	DefaultNarinfoTTLs bool
 }
 
 func newClient(t testing.TB) *Client {
@@ -1041,8 +1061,14 @@ func (c *Client) Substitute(t testing.TB, url, key string, paths ...StorePath) (
 	args = append(args,
 		"--option", "substituters", url,
 		"--option", "trusted-public-keys", key,
-		"--option", "narinfo-cache-negative-ttl", "0",
-		"--option", "narinfo-cache-positive-ttl", "0",
+	)
+	if !c.DefaultNarinfoTTLs {
+		args = append(args,
+			"--option", "narinfo-cache-negative-ttl", "0",
+			"--option", "narinfo-cache-positive-ttl", "0",
+		)
+	}
+	args = append(args,
 		"--option", "connect-timeout", "5",
 		"--option", "stalled-download-timeout", "20",
 		"--option", "download-attempts", "2",

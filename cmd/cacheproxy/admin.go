@@ -296,13 +296,35 @@ func cmdExplain(args []string, io cmdIO) error {
 	default:
 		fmt.Fprintf(w, "  status:     %s %s\n", ex.Status, ex.Error)
 	}
+	fmt.Fprintf(w, "  narinfo request now: %s\n", answerLine(ex.NarInfo))
+	fmt.Fprintf(w, "  NAR request now:     %s\n", answerLine(ex.NAR))
 	if ex.Stored != nil {
-		fmt.Fprintf(w, "  served now: %s since %s, NAR cached: %v\n", ex.Stored.Reason, ex.Stored.Decided.Format(time.RFC3339), ex.Stored.Cached)
+		fmt.Fprintf(w, "  stored decision: %s since %s, NAR cached: %v\n", ex.Stored.Reason, ex.Stored.Decided.Format(time.RFC3339), ex.Stored.Cached)
 	}
 	if ex.Rejection != nil {
 		fmt.Fprintf(w, "  last rejected: %s (%d times, last %s)\n", ex.Rejection.Reason, ex.Rejection.Count, ex.Rejection.Last.Format(time.RFC3339))
 	}
 	return nil
+}
+
+// answerLine renders what one kind of request would get, as an operator
+// would see it with curl -i.
+func answerLine(a adminapi.Answer) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d", a.Status)
+	if a.File != "" {
+		fmt.Fprintf(&b, " nar/%s", a.File)
+		if a.Cached {
+			b.WriteString(" (cached)")
+		}
+	}
+	if a.Decision != "" {
+		fmt.Fprintf(&b, ", X-Cacheproxy-Decision: %s", a.Decision)
+	}
+	if a.Note != "" && a.Status != http.StatusNotFound {
+		fmt.Fprintf(&b, " (%s)", a.Note)
+	}
+	return b.String()
 }
 
 func cmdRejections(args []string, io cmdIO) error {
@@ -414,7 +436,7 @@ func verifyOffline(stateDir string, maxSize int64) (adminapi.VerifyCache, error)
 	}
 	defer blobs.Close()
 	n, failed, err := blobs.VerifyAll()
-	return adminapi.VerifyCache{Checked: n, Dropped: failed}, err
+	return adminapi.NewVerifyCache(n, failed), err
 }
 
 // subcommand splits "allow add ..." into "add" and the rest.

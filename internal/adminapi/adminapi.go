@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/cache"
-	"github.com/cacheproxy/cacheproxy/internal/policy"
 )
 
 // Routes.
@@ -84,14 +83,30 @@ type PatternsRequest struct {
 	Patterns []string `json:"patterns"`
 }
 
+// AllowEntry is one allowlist entry on the wire.
+type AllowEntry struct {
+	StorePath string    `json:"store_path"`
+	NarHash   string    `json:"nar_hash,omitempty"` // "sha256:<nix32>" the entry is pinned to
+	Reason    string    `json:"reason,omitempty"`
+	Added     time.Time `json:"added"`
+	Expires   time.Time `json:"expires,omitzero"`
+}
+
+// DenyEntry is one denylist entry on the wire.
+type DenyEntry struct {
+	Pattern string    `json:"pattern"`
+	Reason  string    `json:"reason,omitempty"`
+	Added   time.Time `json:"added"`
+}
+
 // AllowList answers GET and POST /admin/v1/allowlist.
 type AllowList struct {
-	Entries []cache.AllowEntry `json:"entries"`
+	Entries []AllowEntry `json:"entries"`
 }
 
 // DenyList answers GET and POST /admin/v1/denylist.
 type DenyList struct {
-	Entries []cache.DenyEntry `json:"entries"`
+	Entries []DenyEntry `json:"entries"`
 }
 
 // Removed answers DELETE calls.
@@ -100,31 +115,93 @@ type Removed struct {
 	Missing []string `json:"missing,omitempty"`
 }
 
-// Explain answers GET /admin/v1/explain/<hash>.
-type Explain struct {
-	Hash      string           `json:"hash"`
-	StorePath string           `json:"store_path,omitempty"`
-	Status    string           `json:"status"` // approved, rejected, not_found, unavailable
-	Served    bool             `json:"served"`
-	Decision  *policy.Decision `json:"decision,omitempty"`
-	Stored    *StoredRecord    `json:"stored,omitempty"` // the decision currently served, if any
-	Rejection *cache.Rejection `json:"last_rejection,omitempty"`
-	Error     string           `json:"error,omitempty"`
+// Quarantine is a nar_mismatch quarantine on the wire.
+type Quarantine struct {
+	Check    string    `json:"check"`
+	Detail   string    `json:"detail"`
+	Upstream string    `json:"upstream"`
+	Time     time.Time `json:"time"`
 }
 
-// StoredRecord summarises a stored (served) narinfo.
-type StoredRecord struct {
+// Decision is a decision with all the evidence behind it.
+type Decision struct {
+	Approved        bool        `json:"approved"`
+	Reason          string      `json:"reason"`
+	Detail          string      `json:"detail,omitempty"`
+	Fingerprint     string      `json:"fingerprint,omitempty"`
+	Upstream        string      `json:"upstream,omitempty"`
+	UpstreamSigners []string    `json:"upstream_signers,omitempty"`
+	Attesters       []string    `json:"attesters,omitempty"`  // keys whose attestation matches the upstream fingerprint
+	Mismatched      []string    `json:"mismatched,omitempty"` // keys whose attestation differs
+	Allow           *AllowEntry `json:"allow,omitempty"`
+	Deny            *DenyEntry  `json:"deny,omitempty"`
+	Quarantine      *Quarantine `json:"quarantine,omitempty"`
+}
+
+// String is the form of the X-Cacheproxy-Decision header.
+func (d Decision) String() string {
+	if d.Approved {
+		return "approved; reason=" + d.Reason
+	}
+	return "rejected; reason=" + d.Reason
+}
+
+// Answer is what a request of one kind would get right now.
+type Answer struct {
+	Status   int    `json:"status"`             // HTTP status
+	Decision string `json:"decision,omitempty"` // the X-Cacheproxy-Decision header
+	File     string `json:"file,omitempty"`     // for a NAR: the file served, nar/<file>
+	Cached   bool   `json:"cached,omitempty"`   // for a NAR: served from the blob store
+	Note     string `json:"note,omitempty"`
+}
+
+// Explain answers GET /admin/v1/explain/<hash>.
+type Explain struct {
+	Hash      string     `json:"hash"`
+	StorePath string     `json:"store_path,omitempty"`
+	Status    string     `json:"status"` // approved, rejected, not_found, unavailable
+	Served    bool       `json:"served"`
+	Decision  *Decision  `json:"decision,omitempty"` // decided afresh from the current evidence
+	NarInfo   Answer     `json:"narinfo"`            // what GET /<hash>.narinfo gets now
+	NAR       Answer     `json:"nar"`                // what GET of the NAR it names gets now
+	Stored    *Stored    `json:"stored,omitempty"`   // the stored decision, if any
+	Rejection *Rejection `json:"last_rejection,omitempty"`
+	Error     string     `json:"error,omitempty"`
+}
+
+// Stored summarises a stored decision.
+type Stored struct {
 	Reason   string    `json:"reason"`
 	Approved bool      `json:"approved"`
 	Upstream string    `json:"upstream"`
 	NarHash  string    `json:"nar_hash"`
+	NarFile  string    `json:"nar_file"`
 	Decided  time.Time `json:"decided"`
 	Cached   bool      `json:"nar_cached"`
 }
 
+// Rejection is the latest refusal of one store path.
+type Rejection struct {
+	StorePath string    `json:"store_path"`
+	Reason    string    `json:"reason"`
+	Detail    string    `json:"detail,omitempty"`
+	Deriver   string    `json:"deriver,omitempty"`
+	Upstream  string    `json:"upstream,omitempty"`
+	Count     uint64    `json:"count"`
+	First     time.Time `json:"first"`
+	Last      time.Time `json:"last"`
+}
+
 // Rejections answers GET /admin/v1/rejections.
 type Rejections struct {
-	Rejections []cache.Rejection `json:"rejections"`
+	Rejections []Rejection `json:"rejections"`
+}
+
+// BlobFailure is a cached NAR that no longer matched what it was verified against.
+type BlobFailure struct {
+	Blob      string `json:"blob"`
+	StorePath string `json:"store_path,omitempty"`
+	Error     string `json:"error"`
 }
 
 // Retry answers POST /admin/v1/retry.
@@ -135,8 +212,17 @@ type Retry struct {
 
 // VerifyCache answers POST /admin/v1/verify-cache.
 type VerifyCache struct {
-	Checked int                 `json:"checked"`
-	Dropped []cache.BlobFailure `json:"dropped"`
+	Checked int           `json:"checked"`
+	Dropped []BlobFailure `json:"dropped"`
+}
+
+// NewVerifyCache is the answer for a verify-cache run.
+func NewVerifyCache(checked int, failed []cache.BlobFailure) VerifyCache {
+	out := VerifyCache{Checked: checked, Dropped: []BlobFailure{}}
+	for _, f := range failed {
+		out.Dropped = append(out.Dropped, BlobFailure{Blob: f.Blob, StorePath: f.StorePath, Error: f.Error})
+	}
+	return out
 }
 
 // Client calls a running server's admin API.

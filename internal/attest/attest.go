@@ -25,8 +25,8 @@ import (
 // Claim is one rebuilder's statement about one path: the fields of its fingerprint
 // and the signatures over it.
 type Claim struct {
-	StorePath  string   // absolute
-	NarHash    string   // "sha256:<nix32>"
+	StorePath  string // absolute
+	NarHash    narinfo.SHA256
 	NarSize    uint64   // never 0
 	References []string // basenames, sorted, without duplicates
 	Deriver    string   // basename or ""

@@ -29,9 +29,20 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 )
 
 const storeDir = "/nix/store"
+
+// mustSHA256 parses a hash literal of the test.
+func mustSHA256(s string) narinfo.SHA256 {
+	h, err := narinfo.ParseSHA256(s)
+	if err != nil {
+		panic(err)
+	}
+	return h
+}
 
 func read(t *testing.T, name string) []byte {
 	t.Helper()
@@ -107,7 +118,7 @@ func TestAllShapesAgree(t *testing.T) {
 	}
 	want := Claim{
 		StorePath:  "/nix/store/s0bmwrafr6ifsvggrjysjiyrazggwpk5-multi-0.2",
-		NarHash:    "sha256:0zd0ggjcp05v06p0whnyl3621jiwi5iql5qfwa63s03jfq81vr34",
+		NarHash:    mustSHA256("sha256:0zd0ggjcp05v06p0whnyl3621jiwi5iql5qfwa63s03jfq81vr34"),
 		NarSize:    440,
 		References: []string{"3jz64a65vnhvn9vz6f13s5899fn7px9p-zz-2.0", "5r8cswd6jchqkwx3dn2xapsahpjxj0js-app-0.1", "s0bmwrafr6ifsvggrjysjiyrazggwpk5-multi-0.2"},
 		Deriver:    "8lv0mjpi33dnw280pqgkx4dvnqy8by85-multi-0.2.drv",
@@ -175,7 +186,7 @@ func TestHashForms(t *testing.T) {
 	} {
 		in := `[{"path":"/nix/store/5r8cswd6jchqkwx3dn2xapsahpjxj0js-app-0.1","narHash":` + h + `,"narSize":504,"references":[]}]`
 		cs, err := Parse([]byte(in), storeDir)
-		if err != nil || len(cs) != 1 || cs[0].NarHash != want {
+		if err != nil || len(cs) != 1 || cs[0].NarHash.String() != want {
 			t.Errorf("narHash %s: %+v, %v", h, cs, err)
 		}
 	}

@@ -283,7 +283,7 @@ func addEntry(r *Result, abs string, f map[string]json.RawMessage, storeDir stri
 	if algo != "sha256" {
 		return fmt.Errorf("narHash: algorithm is %s, want sha256", algo)
 	}
-	c.NarHash = narinfo.FormatHash(algo, digest)
+	copy(c.NarHash[:], digest)
 
 	raw, ok = f["narSize"]
 	if !ok {

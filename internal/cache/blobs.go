@@ -189,6 +189,14 @@ func (b *Blobs) Open(name string) (*os.File, error) {
 	return os.Open(filepath.Join(b.dir, name))
 }
 
+// Has reports whether blob name is in the store.
+func (b *Blobs) Has(name string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	_, ok := b.lastUsed[name]
+	return ok
+}
+
 // Path returns the file path of a blob (for re-hashing).
 func (b *Blobs) Path(name string) string { return filepath.Join(b.dir, name) }
 

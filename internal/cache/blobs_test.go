@@ -2,7 +2,6 @@ package cache
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"errors"
 	"io"
 	"os"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -64,10 +64,7 @@ func testdata(t *testing.T, name string) []byte {
 	return data
 }
 
-func narHash(data []byte) string {
-	d := sha256.Sum256(data)
-	return narinfo.FormatHash("sha256", d[:])
-}
+func narHash(data []byte) narinfo.SHA256 { return narinfo.SumSHA256(data) }
 
 // A real NAR (nix-store --dump) and the meta it was verified against.
 type narBlob struct {
@@ -86,24 +83,25 @@ func realNARs(t *testing.T) (dir, flat, dirXZ narBlob) {
 	flatNI := parse("61aj7swkryfp2b20a5r82689lgcqy8dr.narinfo")
 
 	dir.data = testdata(t, "dir.nar")
-	dir.meta = BlobMeta{StorePath: dirNI.StorePath, Compression: "none", NarHash: narHash(dir.data), NarSize: uint64(len(dir.data))}
+	dir.meta = BlobMeta{StorePath: dirNI.StorePath,
+		NAR: verify.Expect{Compression: narinfo.CompressionNone, NarHash: narHash(dir.data), NarSize: uint64(len(dir.data))}}
 	// Our hash of the bytes is the one Nix put in the narinfo.
-	if dir.meta.NarHash != dirNI.NarHash || dir.meta.NarSize != dirNI.NarSize {
-		t.Fatalf("dir.nar: %s %d, narinfo says %s %d", dir.meta.NarHash, dir.meta.NarSize, dirNI.NarHash, dirNI.NarSize)
+	if dir.meta.NAR.NarHash != dirNI.NarHash || dir.meta.NAR.NarSize != dirNI.NarSize {
+		t.Fatalf("dir.nar: %s %d, narinfo says %s %d", dir.meta.NAR.NarHash, dir.meta.NAR.NarSize, dirNI.NarHash, dirNI.NarSize)
 	}
 
 	flat.data = testdata(t, "flat.nar")
-	content := sha256.Sum256([]byte("flat file content\n"))
-	flat.meta = BlobMeta{StorePath: flatNI.StorePath, Compression: "none", NarHash: narHash(flat.data),
-		NarSize: uint64(len(flat.data)), FlatSHA256: content[:]}
-	if flat.meta.NarHash != flatNI.NarHash || flatNI.CA != "fixed:"+narinfo.FormatHash("sha256", content[:]) {
+	content := narinfo.SumSHA256([]byte("flat file content\n"))
+	flat.meta = BlobMeta{StorePath: flatNI.StorePath, NAR: verify.Expect{Compression: narinfo.CompressionNone,
+		NarHash: narHash(flat.data), NarSize: uint64(len(flat.data)), Flat: content}}
+	if flat.meta.NAR.NarHash != flatNI.NarHash || flatNI.CA != "fixed:"+content.String() {
 		t.Fatalf("flat.nar does not match its narinfo")
 	}
 
 	dirXZ.data = testdata(t, "dir.nar.xz")
-	dirXZ.meta = BlobMeta{StorePath: dirNI.StorePath, Compression: "xz", FileHash: dirNI.FileHash, FileSize: dirNI.FileSize,
-		NarHash: dirNI.NarHash, NarSize: dirNI.NarSize}
-	if narHash(dirXZ.data) != dirNI.FileHash {
+	dirXZ.meta = BlobMeta{StorePath: dirNI.StorePath, NAR: verify.Expect{Compression: narinfo.CompressionXZ,
+		FileHash: dirNI.FileHash, FileSize: dirNI.FileSize, NarHash: dirNI.NarHash, NarSize: dirNI.NarSize}}
+	if narHash(dirXZ.data) != dirNI.FileHash || dirNI.Compression != narinfo.CompressionXZ {
 		t.Fatalf("dir.nar.xz is not the narinfo's file")
 	}
 	return dir, flat, dirXZ
@@ -127,8 +125,8 @@ func TestBlobCommitOpenRemove(t *testing.T) {
 	if n := dirEntries(t, filepath.Join(state, "blobs")); len(n) != 0 {
 		t.Fatalf("blob dir before Commit: %v", n)
 	}
-	if len(b.Names()) != 0 || b.Size() != 0 {
-		t.Fatalf("Names %v, Size %d before Commit", b.Names(), b.Size())
+	if len(b.Names()) != 0 || b.Size() != 0 || b.Has(name) {
+		t.Fatalf("Names %v, Size %d, Has %v before Commit", b.Names(), b.Size(), b.Has(name))
 	}
 	if filepath.Dir(f.Name()) != filepath.Join(state, "tmp") {
 		t.Errorf("temp file %s is not in the temp dir", f.Name())
@@ -145,12 +143,12 @@ func TestBlobCommitOpenRemove(t *testing.T) {
 	if got := readBlob(t, b, name); !bytes.Equal(got, dir.data) {
 		t.Error("Open returned other bytes")
 	}
-	if !slices.Equal(b.Names(), []string{name}) || b.Size() != int64(len(dir.data)) {
-		t.Errorf("Names %v, Size %d", b.Names(), b.Size())
+	if !slices.Equal(b.Names(), []string{name}) || b.Size() != int64(len(dir.data)) || !b.Has(name) {
+		t.Errorf("Names %v, Size %d, Has %v", b.Names(), b.Size(), b.Has(name))
 	}
 	m, err := b.Meta(name)
 	must(t, err)
-	if m == nil || m.Size != int64(len(dir.data)) || m.NarHash != dir.meta.NarHash || m.StorePath != dir.meta.StorePath ||
+	if m == nil || m.Size != int64(len(dir.data)) || m.NAR != dir.meta.NAR || m.StorePath != dir.meta.StorePath ||
 		m.Added.Before(before) || !m.LastUsed.Equal(m.Added) {
 		t.Errorf("Meta = %+v", m)
 	}
@@ -170,6 +168,9 @@ func TestBlobCommitOpenRemove(t *testing.T) {
 	}
 	if m, _ := b.Meta(name); m != nil {
 		t.Errorf("Meta after Remove: %+v", m)
+	}
+	if b.Has(name) {
+		t.Error("Has after Remove")
 	}
 	if n := dirEntries(t, filepath.Join(state, "blobs")); len(n) != 0 || b.Size() != 0 || len(b.Names()) != 0 {
 		t.Errorf("after Remove: files %v, Size %d, Names %v", n, b.Size(), b.Names())
@@ -226,9 +227,14 @@ func TestOpenBlobsReconcile(t *testing.T) {
 	must(t, os.MkdirAll(filepath.Join(state, "tmp", "sub"), 0o700))
 	must(t, os.WriteFile(filepath.Join(state, "blobs", "orphan.nar"), flat.data, 0o600))
 	must(t, db.update(func(tx *bolt.Tx) error {
-		return put(tx, bucketBlobs, "ghost.nar", BlobMeta{Size: 12345, StorePath: "/nix/store/x", NarHash: flat.meta.NarHash, NarSize: 1})
+		if err := put(tx, bucketBlobs, "ghost.nar", BlobMeta{Size: 12345, StorePath: "/nix/store/x",
+			NAR: verify.Expect{NarHash: flat.meta.NAR.NarHash, NarSize: 1}}); err != nil {
+			return err
+		}
+		// An internal key, as earlier versions' health probe left in this bucket.
+		return tx.Bucket(bucketBlobs).Put([]byte("\x00healthz"), nil)
 	}))
-	must(t, db.Writable()) // the health probe's key lives in the same bucket
+	must(t, db.Writable())
 
 	b, err = OpenBlobs(db, state, 0)
 	must(t, err)
@@ -253,13 +259,20 @@ func TestOpenBlobsReconcile(t *testing.T) {
 	if got := readBlob(t, b, "good.nar"); !bytes.Equal(got, dir.data) {
 		t.Error("good blob damaged")
 	}
-	// The health probe key survived and is not a blob.
+	// The internal key survived and is not a blob; the health probe's own
+	// key (in the meta bucket) is untouched.
 	must(t, db.view(func(tx *bolt.Tx) error {
 		if tx.Bucket(bucketBlobs).Get([]byte("\x00healthz")) == nil {
+			t.Error("internal key in the blobs bucket removed")
+		}
+		if tx.Bucket(bucketMeta).Get(keyHealth) == nil {
 			t.Error("health probe key removed")
 		}
 		return nil
 	}))
+	if b.Has("\x00healthz") {
+		t.Error("internal key counted as a blob")
+	}
 	// The temp dir is usable again.
 	commit(t, b, "next.nar", flat.data, flat.meta)
 }
@@ -274,7 +287,7 @@ func TestBlobsEvictLRU(t *testing.T) {
 		mu.Unlock()
 	})
 	data := func(c byte, n int) []byte { return bytes.Repeat([]byte{c}, n) }
-	meta := BlobMeta{Compression: "none", NarHash: narHash(nil), NarSize: 1}
+	meta := BlobMeta{NAR: verify.Expect{Compression: narinfo.CompressionNone, NarHash: narHash(nil), NarSize: 1}}
 	tick := func() { time.Sleep(2 * time.Millisecond) } // distinct last-used times
 
 	commit(t, b, "a", data('a', 100), meta)
@@ -337,7 +350,7 @@ func TestBlobsClosePersistsLastUsed(t *testing.T) {
 	state := t.TempDir()
 	b, err := OpenBlobs(db, state, 250)
 	must(t, err)
-	meta := BlobMeta{Compression: "none", NarHash: narHash(nil), NarSize: 1}
+	meta := BlobMeta{NAR: verify.Expect{Compression: narinfo.CompressionNone, NarHash: narHash(nil), NarSize: 1}}
 	commit(t, b, "old", bytes.Repeat([]byte{1}, 100), meta)
 	time.Sleep(2 * time.Millisecond)
 	commit(t, b, "new", bytes.Repeat([]byte{2}, 100), meta)
@@ -376,8 +389,8 @@ func TestVerifyAll(t *testing.T) {
 	commit(t, b, "flipped.nar", dir.data, dir.meta)
 	commit(t, b, "truncated.nar", dir.data, dir.meta)
 	commit(t, b, "flipped.nar.xz", dirXZ.data, dirXZ.meta)
-	commit(t, b, "flat-swapped.nar", dir.data, BlobMeta{StorePath: flat.meta.StorePath, Compression: "none",
-		NarHash: dir.meta.NarHash, NarSize: dir.meta.NarSize, FlatSHA256: flat.meta.FlatSHA256})
+	commit(t, b, "flat-swapped.nar", dir.data, BlobMeta{StorePath: flat.meta.StorePath, NAR: verify.Expect{
+		Compression: narinfo.CompressionNone, NarHash: dir.meta.NAR.NarHash, NarSize: dir.meta.NAR.NarSize, Flat: flat.meta.NAR.Flat}})
 	commit(t, b, "deleted.nar", flat.data, flat.meta)
 
 	// Damage on disk after the blobs were verified and committed.
@@ -440,7 +453,7 @@ func TestBlobsConcurrent(t *testing.T) {
 	var mu sync.Mutex
 	evicted := 0
 	b.OnEvict(func(n int, _ int64) { mu.Lock(); evicted += n; mu.Unlock() })
-	meta := BlobMeta{Compression: "none", NarHash: narHash(nil), NarSize: 1}
+	meta := BlobMeta{NAR: verify.Expect{Compression: narinfo.CompressionNone, NarHash: narHash(nil), NarSize: 1}}
 	var wg sync.WaitGroup
 	for g := range 4 {
 		wg.Go(func() {

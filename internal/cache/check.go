@@ -40,8 +40,7 @@ func (b *Blobs) VerifyAll() (int, []BlobFailure, error) {
 }
 
 func checkBlob(path string, m BlobMeta) error {
-	v, err := verify.NewVerifier(verify.Expect{Compression: m.Compression, FileHash: m.FileHash, FileSize: m.FileSize,
-		NarHash: m.NarHash, NarSize: m.NarSize, FlatSHA256: m.FlatSHA256})
+	v, err := verify.NewVerifier(m.NAR)
 	if err != nil {
 		return err
 	}

@@ -12,55 +12,65 @@
 package cache
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"sort"
 	"sync/atomic"
 	"time"
 
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/policy"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
 	bolt "go.etcd.io/bbolt"
 )
 
 // Bucket names. Keys are store path hashes (32 nix32 characters) unless noted.
 var (
-	bucketRecords      = []byte("records")            // hash -> Record (approved, served as stored)
-	bucketAttestations = []byte("attestations")       // hash "/" public key -> Attestation
-	bucketAllow        = []byte("allowlist")          // hash -> AllowEntry
-	bucketDeny         = []byte("denylist")           // pattern -> DenyEntry
-	bucketQuarantine   = []byte("quarantine")         // hash -> Quarantine
+	bucketRecords      = []byte("records")            // hash -> Record (a stored decision, served as stored)
+	bucketRecordNames  = []byte("record_names")       // "<hash>-<name>" of each record -> its NarHash (32 bytes); deny patterns scan it
+	bucketRecordRefs   = []byte("record_refs")        // reference hash "/" dependent hash -> nothing; decisions that rest on a reference's
+	bucketAttestations = []byte("attestations")       // hash "/" public key -> policy.Attestation
+	bucketAllow        = []byte("allowlist")          // hash -> policy.AllowEntry
+	bucketDeny         = []byte("denylist")           // pattern -> policy.DenyEntry
+	bucketQuarantine   = []byte("quarantine")         // hash -> policy.Quarantine
 	bucketRejections   = []byte("rejections")         // hash -> Rejection (latest per path)
 	bucketRejectOrder  = []byte("rejections_by_time") // 8-byte big-endian Last (unix ns) + hash -> nothing; oldest first
 	bucketMeta         = []byte("meta")               // counters
 	keyRejectionCount  = []byte("rejections")
 	keyEpoch           = []byte("epoch")    // moves on with every change of evidence
-	keySettings        = []byte("settings") // digest of the settings stored decisions were made under
+	keySettings        = []byte("settings") // digest of the decision settings of the last start
+	keyHealth          = []byte("healthz")  // written by the health probe
 	bucketBlobs        = []byte("blobs")    // blob name -> BlobMeta
-	allBuckets         = [][]byte{bucketRecords, bucketAttestations, bucketAllow, bucketDeny, bucketQuarantine, bucketRejections, bucketRejectOrder, bucketMeta, bucketBlobs}
+	allBuckets         = [][]byte{bucketRecords, bucketRecordNames, bucketRecordRefs, bucketAttestations, bucketAllow,
+		bucketDeny, bucketQuarantine, bucketRejections, bucketRejectOrder, bucketMeta, bucketBlobs}
 )
 
 // MaxRejections bounds the rejection log; the oldest entries are dropped first.
 const MaxRejections = 10000
 
-// Record is an approved narinfo as cacheproxy serves it, with what the NAR
-// route needs to fetch and verify the NAR behind it.
+// Record is a stored decision: the narinfo as cacheproxy serves it, with
+// what the NAR route needs to fetch and verify the NAR behind it.
 type Record struct {
-	StorePath   string    `json:"store_path"`
-	NarInfo     []byte    `json:"narinfo"` // rewritten and signed once, served byte for byte
-	Reason      string    `json:"reason"`  // the policy's reason (in report mode possibly a rejection that was served anyway)
-	Approved    bool      `json:"approved"`
-	Upstream    string    `json:"upstream"`
-	NarURL      string    `json:"nar_url"`  // relative to the upstream root
-	NarFile     string    `json:"nar_file"` // our name, the blob name and the last element of /nar/<file>
-	Compression string    `json:"compression"`
-	FileHash    string    `json:"file_hash,omitempty"`
-	FileSize    uint64    `json:"file_size,omitempty"`
-	NarHash     string    `json:"nar_hash"`
-	NarSize     uint64    `json:"nar_size"`
-	FlatSHA256  []byte    `json:"flat_sha256,omitempty"` // content-address proof to check while streaming
-	Decided     time.Time `json:"decided"`
+	StorePath string        `json:"store_path"`
+	NarInfo   []byte        `json:"narinfo"` // rewritten and signed once, served byte for byte
+	Reason    policy.Reason `json:"reason"`  // the policy's reason (in report mode possibly a rejection that was served anyway)
+	Approved  bool          `json:"approved"`
+	Upstream  string        `json:"upstream"`
+	NarURL    string        `json:"nar_url"`  // relative to the upstream root
+	NarFile   string        `json:"nar_file"` // our name, the blob name and the last element of /nar/<file>
+	NAR       verify.Expect `json:"nar"`
+	// References are the hashes of the paths whose decisions this one
+	// rests on (require_closure): a change to any of them drops this one.
+	References []string `json:"references,omitempty"`
+	// Settings is the digest of the decision settings it was made under;
+	// a record made under other settings is decided again when next used.
+	Settings string    `json:"settings"`
+	Decided  time.Time `json:"decided"`
 	// ValidUntil ends a decision that rests on evidence with an expiry (an
 	// allowlist entry with --expires); zero means until an admin change.
 	ValidUntil time.Time `json:"valid_until,omitzero"`
@@ -69,53 +79,6 @@ type Record struct {
 // Expired reports whether the record must be decided again at now.
 func (r Record) Expired(now time.Time) bool {
 	return !r.ValidUntil.IsZero() && !now.Before(r.ValidUntil)
-}
-
-// Attestation is one attester key's verified signature over a fingerprint
-// for one store path.
-type Attestation struct {
-	StorePath  string    `json:"store_path"`
-	NarHash    string    `json:"nar_hash"`
-	NarSize    uint64    `json:"nar_size"`
-	References []string  `json:"references"` // basenames, sorted
-	Deriver    string    `json:"deriver,omitempty"`
-	KeyName    string    `json:"key_name"`
-	PublicKey  string    `json:"public_key"` // "name:base64"
-	Sig        string    `json:"sig"`
-	Imported   time.Time `json:"imported"`
-}
-
-// AllowEntry approves one store path, pinned to the NarHash its upstream
-// served when the entry was made.
-type AllowEntry struct {
-	StorePath string    `json:"store_path"`
-	NarHash   string    `json:"nar_hash,omitempty"`
-	Reason    string    `json:"reason,omitempty"`
-	Added     time.Time `json:"added"`
-	Expires   time.Time `json:"expires,omitzero"`
-}
-
-// Expired reports whether the entry no longer approves anything at now.
-func (a AllowEntry) Expired(now time.Time) bool {
-	return !a.Expires.IsZero() && !now.Before(a.Expires)
-}
-
-// DenyEntry refuses every path matching Pattern: a store path, a bare hash,
-// a NarHash ("sha256:...") or a glob over the path's base name.
-type DenyEntry struct {
-	Pattern string    `json:"pattern"`
-	Reason  string    `json:"reason,omitempty"`
-	Added   time.Time `json:"added"`
-}
-
-// Quarantine marks a path whose NAR failed verification after a complete
-// transfer; it stays rejected until an operator retries it.
-type Quarantine struct {
-	StorePath string    `json:"store_path"`
-	Check     string    `json:"check"`
-	Detail    string    `json:"detail"`
-	Upstream  string    `json:"upstream"`
-	Time      time.Time `json:"time"`
 }
 
 // Rejection is the latest refusal of one store path.
@@ -131,39 +94,33 @@ type Rejection struct {
 }
 
 // BlobMeta indexes one verified blob on disk, with what it was verified
-// against so that verify-cache can check it again without its narinfo.
+// against, so that serving it for a decision is a comparison of NAR
+// expectations and verify-cache can check it again without its narinfo.
 type BlobMeta struct {
-	Size        int64     `json:"size"`
-	Added       time.Time `json:"added"`
-	LastUsed    time.Time `json:"last_used"`
-	StorePath   string    `json:"store_path"`
-	Compression string    `json:"compression"`
-	FileHash    string    `json:"file_hash,omitempty"`
-	FileSize    uint64    `json:"file_size,omitempty"`
-	NarHash     string    `json:"nar_hash"`
-	NarSize     uint64    `json:"nar_size"`
-	FlatSHA256  []byte    `json:"flat_sha256,omitempty"`
+	Size      int64         `json:"size"`
+	Added     time.Time     `json:"added"`
+	LastUsed  time.Time     `json:"last_used"`
+	StorePath string        `json:"store_path"`
+	NAR       verify.Expect `json:"nar"`
 }
 
 // DB is the bbolt file. It is safe for concurrent use.
 type DB struct {
 	bolt *bolt.DB
-	// forgetAll makes every change of evidence drop every stored decision,
-	// not only the path's own: with require_closure a path's decision also
-	// rests on the decisions of everything it references.
-	forgetAll bool
 	// changes counts committed forgets in this process, so that in-memory
 	// copies of records can be checked for staleness without a transaction.
 	changes atomic.Uint64
+	// onForget, when set, learns which decisions a committed change dropped.
+	onForget func(hashes []string)
 }
 
 // Changes returns a number that moves on whenever stored decisions were
 // dropped; a copy of a record read when it had another value may be stale.
 func (d *DB) Changes() uint64 { return d.changes.Load() }
 
-// ForgetAllOnChange sets whether evidence changes drop every stored
-// decision. Call it before the DB is shared.
-func (d *DB) ForgetAllOnChange(on bool) { d.forgetAll = on }
+// OnForget sets a function told, after each commit, which stored decisions
+// it dropped (for in-memory copies). Call it before the DB is shared.
+func (d *DB) OnForget(fn func(hashes []string)) { d.onForget = fn }
 
 // OpenDB opens (creating if needed) the bbolt file at path.
 func OpenDB(path string) (*DB, error) {
@@ -195,7 +152,7 @@ func (d *DB) Close() error { return d.bolt.Close() }
 // Writable reports whether a write transaction commits (for /healthz).
 func (d *DB) Writable() error {
 	return d.bolt.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketBlobs).Put([]byte("\x00healthz"), nil)
+		return tx.Bucket(bucketMeta).Put(keyHealth, binary.BigEndian.AppendUint64(nil, uint64(time.Now().UnixNano())))
 	})
 }
 
@@ -249,10 +206,10 @@ func (d *DB) Record(hash string) (rec *Record, err error) {
 	return rec, err
 }
 
-// PutRecord stores a served record, replacing any older one, unless the
-// evidence changed since epoch (Evidence.Epoch): then the decision may be
-// stale and nothing is stored (stored is false); the next request decides
-// again. An approved record also clears the path's rejection log entry.
+// PutRecord stores a decision, replacing any older one, unless the
+// evidence changed since epoch (Epoch): then the decision may be stale and
+// nothing is stored (stored is false); the next request decides again. An
+// approved record also clears the path's rejection log entry.
 func (d *DB) PutRecord(hash string, rec Record, epoch int64) (stored bool, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
 		if readCount(tx, keyEpoch) != epoch {
@@ -264,9 +221,44 @@ func (d *DB) PutRecord(hash string, rec Record, epoch int64) (stored bool, err e
 				return err
 			}
 		}
-		return put(tx, bucketRecords, hash, rec)
+		old, err := get[Record](tx, bucketRecords, hash)
+		if err != nil {
+			return err
+		}
+		if old != nil {
+			if err := unindex(tx, hash, old); err != nil {
+				return err
+			}
+		}
+		if err := put(tx, bucketRecords, hash, rec); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketRecordNames).Put([]byte(path.Base(rec.StorePath)), rec.NAR.NarHash[:]); err != nil {
+			return err
+		}
+		refs := tx.Bucket(bucketRecordRefs)
+		for _, r := range rec.References {
+			if err := refs.Put([]byte(r+"/"+hash), nil); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	return stored, err
+}
+
+// unindex removes a record's index entries.
+func unindex(tx *bolt.Tx, hash string, rec *Record) error {
+	if err := tx.Bucket(bucketRecordNames).Delete([]byte(path.Base(rec.StorePath))); err != nil {
+		return err
+	}
+	refs := tx.Bucket(bucketRecordRefs)
+	for _, r := range rec.References {
+		if err := refs.Delete([]byte(r + "/" + hash)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Epoch returns the current evidence epoch (see PutRecord).
@@ -278,83 +270,134 @@ func (d *DB) Epoch() (n int64, err error) {
 	return n, err
 }
 
-// SyncSettings drops every stored decision when the settings they were made
-// under (mode, policy, upstreams and their keys, the gatekeeper key: digest)
-// differ from those of the last start, so that a revoked key or a stricter
-// policy takes effect at once.
+// SyncSettings records the digest of the decision settings (mode, policy,
+// upstreams and their keys, the gatekeeper key) this start runs under, and
+// reports whether an earlier start ran under other ones. Stored decisions
+// are not dropped here: each carries its own digest (Record.Settings) and is
+// decided again when next requested, so a restart costs no 404 and no
+// stampede of upstream requests.
 func (d *DB) SyncSettings(digest string) (changed bool, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
-		if string(meta.Get(keySettings)) == digest {
+		old := meta.Get(keySettings)
+		if string(old) == digest {
 			return nil
 		}
-		changed = true
-		if err := d.forget(tx, nil); err != nil {
-			return err
-		}
+		changed = old != nil
 		return meta.Put(keySettings, []byte(digest))
 	})
 	return changed, err
 }
 
-// Forget drops the stored decisions for these hashes so the next request
-// decides again. With no hashes it forgets every decision (a deny glob or a
-// policy change can touch any path).
-func (d *DB) Forget(hashes ...string) error {
-	return d.update(func(tx *bolt.Tx) error { return d.forget(tx, hashes) })
-}
-
-// forget drops stored decisions and moves the epoch on, so that a decision
-// computed from evidence read before this change is not stored after it
-// (PutRecord).
-func (d *DB) forget(tx *bolt.Tx, hashes []string) error {
-	if _, err := addCount(tx, keyEpoch, 1); err != nil {
-		return err
-	}
-	tx.OnCommit(func() { d.changes.Add(1) })
-	if len(hashes) == 0 || d.forgetAll {
-		if err := tx.DeleteBucket(bucketRecords); err != nil {
-			return err
-		}
-		_, err := tx.CreateBucket(bucketRecords)
-		return err
-	}
-	b := tx.Bucket(bucketRecords)
-	for _, h := range hashes {
-		if err := b.Delete([]byte(h)); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// Evidence is everything the policy reads about one path, from one read
-// transaction so that it is consistent.
-type Evidence struct {
-	Epoch        int64 // pass to PutRecord
-	Attestations []Attestation
-	Allow        *AllowEntry
-	Deny         []DenyEntry
-	Quarantine   *Quarantine
-}
-
-// Evidence reads the evidence for one store path hash.
-func (d *DB) Evidence(hash string) (ev Evidence, err error) {
-	err = d.view(func(tx *bolt.Tx) error {
-		ev.Epoch = readCount(tx, keyEpoch)
-		if ev.Attestations, err = list[Attestation](tx, bucketAttestations, hash+"/"); err != nil {
-			return err
-		}
-		if ev.Allow, err = get[AllowEntry](tx, bucketAllow, hash); err != nil {
-			return err
-		}
-		if ev.Deny, err = list[DenyEntry](tx, bucketDeny, ""); err != nil {
-			return err
-		}
-		ev.Quarantine, err = get[Quarantine](tx, bucketQuarantine, hash)
+// Forget drops the stored decisions of these paths, and of every path whose
+// decision rests on one of them, so the next request decides again.
+func (d *DB) Forget(hashes ...string) (dropped int, err error) {
+	err = d.update(func(tx *bolt.Tx) error {
+		dropped, err = d.forget(tx, hashes)
 		return err
 	})
-	return ev, err
+	return dropped, err
+}
+
+// ForgetMatching drops the stored decisions whose "<hash>-<name>" and
+// NarHash match, with their dependents (a deny pattern's reach).
+func (d *DB) ForgetMatching(match func(base string, narHash narinfo.SHA256) bool) (dropped int, err error) {
+	err = d.update(func(tx *bolt.Tx) error {
+		dropped, err = d.forget(tx, matching(tx, match))
+		return err
+	})
+	return dropped, err
+}
+
+// matching lists the hashes of stored decisions that match.
+func matching(tx *bolt.Tx, match func(base string, narHash narinfo.SHA256) bool) []string {
+	var hashes []string
+	c := tx.Bucket(bucketRecordNames).Cursor()
+	for k, v := c.First(); k != nil; k, v = c.Next() {
+		var nh narinfo.SHA256
+		copy(nh[:], v)
+		if match(string(k), nh) {
+			hashes = append(hashes, string(k[:min(len(k), narinfo.HashLen)]))
+		}
+	}
+	return hashes
+}
+
+// forget drops stored decisions, then those that rest on them, and moves
+// the epoch on, so that a decision computed from evidence read before this
+// change is not stored after it (PutRecord).
+func (d *DB) forget(tx *bolt.Tx, hashes []string) (int, error) {
+	if _, err := addCount(tx, keyEpoch, 1); err != nil {
+		return 0, err
+	}
+	records, refs := tx.Bucket(bucketRecords), tx.Bucket(bucketRecordRefs)
+	var dropped []string
+	seen := map[string]bool{}
+	for len(hashes) > 0 {
+		h := hashes[len(hashes)-1]
+		hashes = hashes[:len(hashes)-1]
+		if seen[h] {
+			continue
+		}
+		seen[h] = true
+		// Dependents first: they are found through h's entries, whether or
+		// not h itself still has a record.
+		c := refs.Cursor()
+		prefix := []byte(h + "/")
+		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+			hashes = append(hashes, string(k[len(prefix):]))
+		}
+		rec, err := get[Record](tx, bucketRecords, h)
+		if err != nil {
+			return 0, err
+		}
+		if rec == nil {
+			continue
+		}
+		if err := unindex(tx, h, rec); err != nil {
+			return 0, err
+		}
+		if err := records.Delete([]byte(h)); err != nil {
+			return 0, err
+		}
+		dropped = append(dropped, h)
+	}
+	tx.OnCommit(func() {
+		d.changes.Add(1)
+		if d.onForget != nil && len(dropped) > 0 {
+			d.onForget(dropped)
+		}
+	})
+	return len(dropped), nil
+}
+
+// CountRecords returns the number of stored decisions.
+func (d *DB) CountRecords() (n int, err error) {
+	err = d.view(func(tx *bolt.Tx) error {
+		n = tx.Bucket(bucketRecords).Stats().KeyN
+		return nil
+	})
+	return n, err
+}
+
+// Evidence reads the evidence for one store path hash, with the epoch to
+// pass to PutRecord.
+func (d *DB) Evidence(hash string) (ev policy.Evidence, epoch int64, err error) {
+	err = d.view(func(tx *bolt.Tx) error {
+		epoch = readCount(tx, keyEpoch)
+		if ev.Attestations, err = list[policy.Attestation](tx, bucketAttestations, hash+"/"); err != nil {
+			return err
+		}
+		if ev.Allow, err = get[policy.AllowEntry](tx, bucketAllow, hash); err != nil {
+			return err
+		}
+		if ev.Deny, err = list[policy.DenyEntry](tx, bucketDeny, ""); err != nil {
+			return err
+		}
+		ev.Quarantine, err = get[policy.Quarantine](tx, bucketQuarantine, hash)
+		return err
+	})
+	return ev, epoch, err
 }
 
 // AttestResult says what PutAttestation did with one attestation.
@@ -368,13 +411,14 @@ const (
 // PutAttestations stores verified attestations in one transaction and drops
 // the stored decisions of their paths. An attestation by the same key for the
 // same path replaces the older one (the attester rebuilt again).
-func (d *DB) PutAttestations(as []Attestation) ([]AttestResult, error) {
+func (d *DB) PutAttestations(as []policy.Attestation) ([]AttestResult, error) {
 	res := make([]AttestResult, len(as))
 	err := d.update(func(tx *bolt.Tx) error {
+		var changed []string
 		for i, a := range as {
 			hash := hashOf(a.StorePath)
 			key := hash + "/" + a.PublicKey
-			old, err := get[Attestation](tx, bucketAttestations, key)
+			old, err := get[policy.Attestation](tx, bucketAttestations, key)
 			if err != nil {
 				return err
 			}
@@ -385,12 +429,14 @@ func (d *DB) PutAttestations(as []Attestation) ([]AttestResult, error) {
 			if err := put(tx, bucketAttestations, key, a); err != nil {
 				return err
 			}
-			if err := d.forget(tx, []string{hash}); err != nil {
-				return err
-			}
+			changed = append(changed, hash)
 			res[i] = AttestStored
 		}
-		return nil
+		if len(changed) == 0 {
+			return nil
+		}
+		_, err := d.forget(tx, changed)
+		return err
 	})
 	return res, err
 }
@@ -405,113 +451,127 @@ func (d *DB) CountAttestations() (n int, err error) {
 }
 
 // PutAllow stores allowlist entries and forgets the decisions of their paths.
-func (d *DB) PutAllow(entries []AllowEntry) error {
+func (d *DB) PutAllow(entries []policy.AllowEntry) error {
 	return d.update(func(tx *bolt.Tx) error {
+		hashes := make([]string, 0, len(entries))
 		for _, e := range entries {
 			h := hashOf(e.StorePath)
 			if err := put(tx, bucketAllow, h, e); err != nil {
 				return err
 			}
-			if err := d.forget(tx, []string{h}); err != nil {
-				return err
-			}
+			hashes = append(hashes, h)
 		}
-		return nil
+		_, err := d.forget(tx, hashes)
+		return err
 	})
 }
 
-// RemoveAllow deletes allowlist entries by hash; it returns the hashes that
-// had no entry.
+// RemoveAllow deletes allowlist entries by hash and forgets the decisions of
+// their paths; it returns the hashes that had no entry.
 func (d *DB) RemoveAllow(hashes []string) (missing []string, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketAllow)
-		for _, h := range hashes {
-			if b.Get([]byte(h)) == nil {
-				missing = append(missing, h)
-				continue
-			}
-			if err := b.Delete([]byte(h)); err != nil {
-				return err
-			}
+		missing, err = deleteKeys(tx, bucketAllow, hashes)
+		if err != nil {
+			return err
 		}
-		return d.forget(tx, hashes)
+		_, err = d.forget(tx, hashes)
+		return err
 	})
 	return missing, err
 }
 
+// deleteKeys deletes keys from a bucket and returns those it did not hold.
+func deleteKeys(tx *bolt.Tx, bucket []byte, keys []string) (missing []string, err error) {
+	b := tx.Bucket(bucket)
+	for _, k := range keys {
+		if b.Get([]byte(k)) == nil {
+			missing = append(missing, k)
+			continue
+		}
+		if err := b.Delete([]byte(k)); err != nil {
+			return nil, err
+		}
+	}
+	return missing, nil
+}
+
 // AllowList returns every allowlist entry.
-func (d *DB) AllowList() (out []AllowEntry, err error) {
+func (d *DB) AllowList() (out []policy.AllowEntry, err error) {
 	err = d.view(func(tx *bolt.Tx) error {
-		out, err = list[AllowEntry](tx, bucketAllow, "")
+		out, err = list[policy.AllowEntry](tx, bucketAllow, "")
 		return err
 	})
 	return out, err
 }
 
-// PutDeny stores denylist entries and forgets every decision, since a glob
-// can match any path.
-func (d *DB) PutDeny(entries []DenyEntry) error {
-	return d.update(func(tx *bolt.Tx) error {
+// PutDeny stores denylist entries and forgets the stored decisions they
+// match (and their dependents), in one transaction, so that no decision
+// made before the entry can be served after it.
+func (d *DB) PutDeny(entries []policy.DenyEntry, match func(base string, narHash narinfo.SHA256) bool) (dropped int, err error) {
+	err = d.update(func(tx *bolt.Tx) error {
 		for _, e := range entries {
 			if err := put(tx, bucketDeny, e.Pattern, e); err != nil {
 				return err
 			}
 		}
-		return d.forget(tx, nil)
+		dropped, err = d.forget(tx, matching(tx, match))
+		return err
 	})
+	return dropped, err
 }
 
-// RemoveDeny deletes denylist entries; it returns the patterns that had none.
-func (d *DB) RemoveDeny(patterns []string) (missing []string, err error) {
+// RemoveDeny deletes denylist entries and forgets the stored decisions they
+// matched (report mode stores served rejections); it returns the patterns
+// that had no entry.
+func (d *DB) RemoveDeny(patterns []string, match func(base string, narHash narinfo.SHA256) bool) (missing []string, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketDeny)
-		for _, p := range patterns {
-			if b.Get([]byte(p)) == nil {
-				missing = append(missing, p)
-				continue
-			}
-			if err := b.Delete([]byte(p)); err != nil {
-				return err
-			}
+		if missing, err = deleteKeys(tx, bucketDeny, patterns); err != nil {
+			return err
 		}
-		return d.forget(tx, nil)
+		_, err = d.forget(tx, matching(tx, match))
+		return err
 	})
 	return missing, err
 }
 
 // DenyList returns every denylist entry.
-func (d *DB) DenyList() (out []DenyEntry, err error) {
+func (d *DB) DenyList() (out []policy.DenyEntry, err error) {
 	err = d.view(func(tx *bolt.Tx) error {
-		out, err = list[DenyEntry](tx, bucketDeny, "")
+		out, err = list[policy.DenyEntry](tx, bucketDeny, "")
 		return err
 	})
 	return out, err
 }
 
-// PutQuarantine marks a path nar_mismatch and drops its approved record.
-func (d *DB) PutQuarantine(hash string, q Quarantine) error {
+// PutQuarantine marks a path nar_mismatch and drops its decision.
+func (d *DB) PutQuarantine(hash string, q policy.Quarantine) error {
 	return d.update(func(tx *bolt.Tx) error {
 		if err := put(tx, bucketQuarantine, hash, q); err != nil {
 			return err
 		}
-		return d.forget(tx, []string{hash})
+		_, err := d.forget(tx, []string{hash})
+		return err
 	})
 }
 
-// Retry lifts quarantines; it returns the hashes that were not quarantined.
-// It also forgets their decisions so the next request re-fetches.
+// Quarantine returns the quarantine of one path, or nil.
+func (d *DB) Quarantine(hash string) (q *policy.Quarantine, err error) {
+	err = d.view(func(tx *bolt.Tx) error {
+		q, err = get[policy.Quarantine](tx, bucketQuarantine, hash)
+		return err
+	})
+	return q, err
+}
+
+// Retry lifts quarantines and forgets the paths' decisions, so the next
+// request fetches again; it returns the hashes that were not quarantined.
 func (d *DB) Retry(hashes []string) (notQuarantined []string, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketQuarantine)
-		for _, h := range hashes {
-			if b.Get([]byte(h)) == nil {
-				notQuarantined = append(notQuarantined, h)
-			}
-			if err := b.Delete([]byte(h)); err != nil {
-				return err
-			}
+		if notQuarantined, err = deleteKeys(tx, bucketQuarantine, hashes); err != nil {
+			return err
 		}
-		return d.forget(tx, hashes)
+		_, err = d.forget(tx, hashes)
+		return err
 	})
 	return notQuarantined, err
 }

@@ -2,11 +2,16 @@ package cache
 
 import (
 	"fmt"
+	"path"
 	"path/filepath"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/policy"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -17,7 +22,11 @@ const (
 	hashA = "0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 	hashB = "1bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
 	hashC = "2ccccccccccccccccccccccccccccccc"
+	hashD = "3ddddddddddddddddddddddddddddddd"
+	hashE = "4fffffffffffffffffffffffffffffff"
 )
+
+const storeDir = "/nix/store"
 
 func sp(hash, name string) string { return "/nix/store/" + hash + "-" + name }
 
@@ -39,11 +48,25 @@ func must(t *testing.T, err error) {
 	}
 }
 
-func record(hash string) Record {
-	return Record{StorePath: sp(hash, "hello"), NarInfo: []byte("StorePath: " + sp(hash, "hello") + "\n"), Reason: "attested",
+// mustSHA256 parses a hash literal of the tests.
+func mustSHA256(s string) narinfo.SHA256 {
+	h, err := narinfo.ParseSHA256(s)
+	if err != nil {
+		panic(err)
+	}
+	return h
+}
+
+func record(hash string) Record { return recordAt(sp(hash, "hello")) }
+
+// recordAt is an approved decision for storePath, with a NarHash of its own.
+func recordAt(storePath string, refs ...string) Record {
+	hash := path.Base(storePath)[:narinfo.HashLen]
+	return Record{StorePath: storePath, NarInfo: []byte("StorePath: " + storePath + "\n"), Reason: policy.Attested,
 		Approved: true, Upstream: "https://cache.example.org", NarURL: "nar/x.nar.xz", NarFile: hash + ".nar.xz",
-		Compression: "xz", NarHash: "sha256:1d5wv32xxc3zz9rv66d13ajla2r8zl68wqdlfhy92njh782rw78v", NarSize: 680,
-		FlatSHA256: []byte{1, 2, 3}, Decided: t0}
+		NAR: verify.Expect{Compression: narinfo.CompressionXZ, FileHash: narinfo.SumSHA256([]byte("file " + storePath)), FileSize: 300,
+			NarHash: narinfo.SumSHA256([]byte("nar " + storePath)), NarSize: 680, Flat: narinfo.SumSHA256([]byte("flat"))},
+		References: refs, Settings: "settings-1", Decided: t0}
 }
 
 // haveRecords checks which of the hashes have a stored record.
@@ -76,24 +99,53 @@ func TestRecords(t *testing.T) {
 	must(t, err)
 	want := record(hashA)
 	if got.StorePath != want.StorePath || string(got.NarInfo) != string(want.NarInfo) || !got.Decided.Equal(t0) ||
-		got.NarSize != 680 || !slices.Equal(got.FlatSHA256, want.FlatSHA256) || !got.Approved || got.NarFile != want.NarFile {
+		got.NAR != want.NAR || got.NAR.NarSize != 680 || got.NAR.Flat.IsZero() || !got.Approved || got.NarFile != want.NarFile ||
+		got.Reason != policy.Attested || got.Settings != want.Settings {
 		t.Errorf("round trip: got %+v, want %+v", got, want)
+	}
+	if n, err := db.CountRecords(); err != nil || n != 3 {
+		t.Errorf("CountRecords = %d, %v; want 3", n, err)
 	}
 
 	// A newer record replaces the older one.
-	want.Reason = "allowlisted"
+	want.Reason = policy.Allowlisted
 	must(t, putRec(db, hashA, want))
 	got, _ = db.Record(hashA)
-	if got.Reason != "allowlisted" {
+	if got.Reason != policy.Allowlisted {
 		t.Errorf("replaced record: %+v", got)
 	}
+	if n, _ := db.CountRecords(); n != 3 {
+		t.Errorf("CountRecords after replace = %d, want 3", n)
+	}
 
-	must(t, db.Forget(hashB))
+	n, err := db.Forget(hashB)
+	must(t, err)
+	if n != 1 {
+		t.Errorf("Forget(B) dropped %d, want 1", n)
+	}
 	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: true})
-	must(t, db.Forget(hashB)) // forgetting nothing is fine
-	must(t, db.Forget())
+	n, err = db.Forget(hashB) // forgetting nothing is fine
+	must(t, err)
+	if n != 0 {
+		t.Errorf("second Forget(B) dropped %d, want 0", n)
+	}
+	// No hashes: nothing is forgotten (it used to mean everything).
+	n, err = db.Forget()
+	must(t, err)
+	if n != 0 {
+		t.Errorf("Forget() dropped %d, want 0", n)
+	}
+	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: true})
+	n, err = db.Forget(hashA, hashC)
+	must(t, err)
+	if n != 2 {
+		t.Errorf("Forget(A, C) dropped %d, want 2", n)
+	}
 	haveRecords(t, db, map[string]bool{hashA: false, hashB: false, hashC: false})
-	// The bucket is usable after being forgotten wholesale.
+	if n, _ := db.CountRecords(); n != 0 {
+		t.Errorf("CountRecords after forgetting all = %d", n)
+	}
+	// The bucket is usable after every record was forgotten.
 	putRecords(t, db, hashC)
 	haveRecords(t, db, map[string]bool{hashC: true})
 }
@@ -102,6 +154,16 @@ func TestWritable(t *testing.T) {
 	db, _ := openTestDB(t)
 	must(t, db.Writable())
 	must(t, db.Writable())
+	// The probe writes to the meta bucket, not among the blobs.
+	must(t, db.view(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketMeta).Get(keyHealth) == nil {
+			t.Error("health probe key not in the meta bucket")
+		}
+		if n := tx.Bucket(bucketBlobs).Stats().KeyN; n != 0 {
+			t.Errorf("blobs bucket holds %d keys after the health probe", n)
+		}
+		return nil
+	}))
 	// The health probe's key must not show up as a blob.
 	b, err := OpenBlobs(db, t.TempDir(), 0)
 	must(t, err)
@@ -111,8 +173,8 @@ func TestWritable(t *testing.T) {
 	must(t, b.Close())
 }
 
-func attestation(hash, key, sig string) Attestation {
-	return Attestation{StorePath: sp(hash, "hello"), NarHash: "sha256:1d5wv32xxc3zz9rv66d13ajla2r8zl68wqdlfhy92njh782rw78v",
+func attestation(hash, key, sig string) policy.Attestation {
+	return policy.Attestation{StorePath: sp(hash, "hello"), NarHash: mustSHA256("sha256:1d5wv32xxc3zz9rv66d13ajla2r8zl68wqdlfhy92njh782rw78v"),
 		NarSize: 680, References: []string{hash + "-hello"}, KeyName: key, PublicKey: key + ":PUB" + key, Sig: key + ":" + sig,
 		Imported: t0}
 }
@@ -121,7 +183,7 @@ func TestAttestations(t *testing.T) {
 	db, _ := openTestDB(t)
 	putRecords(t, db, hashA, hashB)
 
-	res, err := db.PutAttestations([]Attestation{
+	res, err := db.PutAttestations([]policy.Attestation{
 		attestation(hashA, "r1", "sig1"),
 		attestation(hashA, "r2", "sig2"),
 		attestation(hashA, "r1", "sig1"), // the same again in one batch
@@ -135,7 +197,7 @@ func TestAttestations(t *testing.T) {
 
 	// Re-importing what is known changes nothing, and forgets nothing.
 	putRecords(t, db, hashA)
-	res, err = db.PutAttestations([]Attestation{attestation(hashA, "r2", "sig2")})
+	res, err = db.PutAttestations([]policy.Attestation{attestation(hashA, "r2", "sig2")})
 	must(t, err)
 	if !slices.Equal(res, []AttestResult{AttestKnown}) {
 		t.Errorf("results = %v", res)
@@ -143,17 +205,17 @@ func TestAttestations(t *testing.T) {
 	haveRecords(t, db, map[string]bool{hashA: true})
 
 	// A new signature by the same key replaces the old attestation.
-	res, err = db.PutAttestations([]Attestation{attestation(hashA, "r1", "sig1-rebuilt")})
+	res, err = db.PutAttestations([]policy.Attestation{attestation(hashA, "r1", "sig1-rebuilt")})
 	must(t, err)
 	if !slices.Equal(res, []AttestResult{AttestStored}) {
 		t.Errorf("results = %v", res)
 	}
 	haveRecords(t, db, map[string]bool{hashA: false})
 
-	_, err = db.PutAttestations([]Attestation{attestation(hashB, "r1", "sigB")})
+	_, err = db.PutAttestations([]policy.Attestation{attestation(hashB, "r1", "sigB")})
 	must(t, err)
 
-	ev, err := db.Evidence(hashA)
+	ev, _, err := db.Evidence(hashA)
 	must(t, err)
 	var sigs []string
 	for _, a := range ev.Attestations {
@@ -171,7 +233,7 @@ func TestAttestations(t *testing.T) {
 	if n != 3 {
 		t.Errorf("CountAttestations = %d, want 3", n)
 	}
-	ev, err = db.Evidence(hashC)
+	ev, _, err = db.Evidence(hashC)
 	must(t, err)
 	if len(ev.Attestations) != 0 || ev.Allow != nil || ev.Quarantine != nil || len(ev.Deny) != 0 {
 		t.Errorf("evidence of an unknown path: %+v", ev)
@@ -186,8 +248,8 @@ func TestAttestations(t *testing.T) {
 func TestAllowList(t *testing.T) {
 	db, _ := openTestDB(t)
 	putRecords(t, db, hashA, hashB, hashC)
-	entries := []AllowEntry{
-		{StorePath: sp(hashA, "hello"), NarHash: "sha256:1d5wv32xxc3zz9rv66d13ajla2r8zl68wqdlfhy92njh782rw78v", Reason: "reviewed", Added: t0},
+	entries := []policy.AllowEntry{
+		{StorePath: sp(hashA, "hello"), NarHash: mustSHA256("sha256:1d5wv32xxc3zz9rv66d13ajla2r8zl68wqdlfhy92njh782rw78v"), Reason: "reviewed", Added: t0},
 		{StorePath: sp(hashB, "world"), Reason: "unpinned", Added: t0, Expires: t0.Add(time.Hour)},
 	}
 	must(t, db.PutAllow(entries))
@@ -199,7 +261,7 @@ func TestAllowList(t *testing.T) {
 		!list[1].Expires.Equal(entries[1].Expires) || !list[0].Expires.IsZero() || list[0].NarHash != entries[0].NarHash {
 		t.Errorf("AllowList = %+v", list)
 	}
-	ev, err := db.Evidence(hashB)
+	ev, _, err := db.Evidence(hashB)
 	must(t, err)
 	if ev.Allow == nil || ev.Allow.Reason != "unpinned" {
 		t.Errorf("evidence allow = %+v", ev.Allow)
@@ -224,38 +286,49 @@ func TestAllowList(t *testing.T) {
 	if len(list) != 1 || list[0].StorePath != entries[1].StorePath {
 		t.Errorf("AllowList after remove = %+v", list)
 	}
-	ev, _ = db.Evidence(hashA)
+	ev, _, _ = db.Evidence(hashA)
 	if ev.Allow != nil {
 		t.Errorf("removed entry still in evidence: %+v", ev.Allow)
 	}
 }
 
-func TestAllowEntryExpired(t *testing.T) {
-	cases := []struct {
-		expires time.Time
-		want    bool
-	}{
-		{time.Time{}, false},
-		{t0.Add(time.Nanosecond), false},
-		{t0, true},
-		{t0.Add(-time.Second), true},
-	}
-	for _, c := range cases {
-		if got := (AllowEntry{Expires: c.expires}).Expired(t0); got != c.want {
-			t.Errorf("Expires %v: Expired = %v, want %v", c.expires, got, c.want)
+// denyMatch matches stored decisions as the gate does for deny patterns.
+func denyMatch(patterns ...string) func(base string, narHash narinfo.SHA256) bool {
+	return func(base string, narHash narinfo.SHA256) bool {
+		for _, p := range patterns {
+			if policy.DenyMatches(p, path.Join(storeDir, base), narHash, storeDir) {
+				return true
+			}
 		}
+		return false
 	}
+}
+
+// putAt stores recordAt(storePath, refs...) under its hash.
+func putAt(t *testing.T, db *DB, storePath string, refs ...string) Record {
+	t.Helper()
+	rec := recordAt(storePath, refs...)
+	must(t, putRec(db, hashOf(storePath), rec))
+	return rec
 }
 
 func TestDenyList(t *testing.T) {
 	db, _ := openTestDB(t)
-	putRecords(t, db, hashA, hashB)
-	must(t, db.PutDeny([]DenyEntry{
+	putAt(t, db, sp(hashA, "openssl-3.0.7"))
+	putAt(t, db, sp(hashB, "hello"))
+	putAt(t, db, sp(hashC, "curl-8.0"), hashA) // rests on openssl's decision (require_closure)
+	putAt(t, db, sp(hashD, "openssl-3.0.8"))
+	entries := []policy.DenyEntry{
 		{Pattern: "*-openssl-3.0.7*", Reason: "CVE", Added: t0},
-		{Pattern: sp(hashC, "evil"), Added: t0},
-	}))
-	// A deny entry can match any path: every decision is forgotten.
-	haveRecords(t, db, map[string]bool{hashA: false, hashB: false})
+		{Pattern: sp(hashE, "evil"), Added: t0},
+	}
+	dropped, err := db.PutDeny(entries, denyMatch("*-openssl-3.0.7*", sp(hashE, "evil")))
+	must(t, err)
+	// Exactly the matching decision and the one resting on it are forgotten.
+	if dropped != 2 {
+		t.Errorf("PutDeny dropped %d, want 2", dropped)
+	}
+	haveRecords(t, db, map[string]bool{hashA: false, hashB: true, hashC: false, hashD: true})
 
 	list, err := db.DenyList()
 	must(t, err)
@@ -263,24 +336,36 @@ func TestDenyList(t *testing.T) {
 	for _, e := range list {
 		pats = append(pats, e.Pattern)
 	}
-	if !slices.Equal(pats, []string{"*-openssl-3.0.7*", sp(hashC, "evil")}) || list[0].Reason != "CVE" {
+	if !slices.Equal(pats, []string{"*-openssl-3.0.7*", sp(hashE, "evil")}) || list[0].Reason != "CVE" {
 		t.Errorf("DenyList = %+v", list)
 	}
-	ev, err := db.Evidence(hashA)
+	ev, _, err := db.Evidence(hashA)
 	must(t, err)
 	if len(ev.Deny) != 2 {
 		t.Errorf("evidence deny = %+v", ev.Deny)
 	}
 
-	putRecords(t, db, hashA)
-	missing, err := db.RemoveDeny([]string{"*-openssl-3.0.7*", "nope"})
+	// A NarHash pattern matches by the stored NarHash, whatever the name.
+	recB, _ := db.Record(hashB)
+	dropped, err = db.PutDeny([]policy.DenyEntry{{Pattern: recB.NAR.NarHash.String(), Added: t0}}, denyMatch(recB.NAR.NarHash.String()))
+	must(t, err)
+	if dropped != 1 {
+		t.Errorf("PutDeny by NarHash dropped %d, want 1", dropped)
+	}
+	haveRecords(t, db, map[string]bool{hashB: false, hashD: true})
+
+	// Report mode stores served rejections: removing the entry forgets the
+	// decisions it matched, and only those.
+	putAt(t, db, sp(hashA, "openssl-3.0.7"))
+	putAt(t, db, sp(hashB, "hello"))
+	missing, err := db.RemoveDeny([]string{"*-openssl-3.0.7*", "nope"}, denyMatch("*-openssl-3.0.7*", "nope"))
 	must(t, err)
 	if !slices.Equal(missing, []string{"nope"}) {
 		t.Errorf("missing = %v", missing)
 	}
-	haveRecords(t, db, map[string]bool{hashA: false})
+	haveRecords(t, db, map[string]bool{hashA: false, hashB: true, hashD: true})
 	list, _ = db.DenyList()
-	if len(list) != 1 || list[0].Pattern != sp(hashC, "evil") {
+	if len(list) != 2 || list[0].Pattern != sp(hashE, "evil") || list[1].Pattern != recB.NAR.NarHash.String() {
 		t.Errorf("DenyList after remove = %+v", list)
 	}
 }
@@ -288,15 +373,21 @@ func TestDenyList(t *testing.T) {
 func TestQuarantineRetry(t *testing.T) {
 	db, _ := openTestDB(t)
 	putRecords(t, db, hashA, hashB)
-	q := Quarantine{StorePath: sp(hashA, "hello"), Check: "nar_hash", Detail: "got sha256:x", Upstream: "u", Time: t0}
+	q := policy.Quarantine{StorePath: sp(hashA, "hello"), Check: "nar_hash", Detail: "got sha256:x", Upstream: "u", Time: t0}
 	must(t, db.PutQuarantine(hashA, q))
 	haveRecords(t, db, map[string]bool{hashA: false, hashB: true})
-	ev, err := db.Evidence(hashA)
+	if got, err := db.Quarantine(hashA); err != nil || got == nil || got.Check != "nar_hash" || got.Detail != q.Detail {
+		t.Errorf("Quarantine(A) = %+v, %v", got, err)
+	}
+	if got, err := db.Quarantine(hashB); err != nil || got != nil {
+		t.Errorf("Quarantine(B) = %+v, %v", got, err)
+	}
+	ev, _, err := db.Evidence(hashA)
 	must(t, err)
 	if ev.Quarantine == nil || ev.Quarantine.Check != "nar_hash" || !ev.Quarantine.Time.Equal(t0) {
 		t.Fatalf("quarantine = %+v", ev.Quarantine)
 	}
-	if ev, _ := db.Evidence(hashB); ev.Quarantine != nil {
+	if ev, _, _ := db.Evidence(hashB); ev.Quarantine != nil {
 		t.Errorf("quarantine leaked to %s", hashB)
 	}
 
@@ -308,9 +399,12 @@ func TestQuarantineRetry(t *testing.T) {
 	}
 	// Retry forgets the decisions so the next request re-fetches.
 	haveRecords(t, db, map[string]bool{hashA: false, hashB: false})
-	ev, _ = db.Evidence(hashA)
+	ev, _, _ = db.Evidence(hashA)
 	if ev.Quarantine != nil {
 		t.Errorf("quarantine survived retry: %+v", ev.Quarantine)
+	}
+	if got, _ := db.Quarantine(hashA); got != nil {
+		t.Errorf("Quarantine(A) after retry = %+v", got)
 	}
 	notQ, _ = db.Retry([]string{hashA})
 	if !slices.Equal(notQ, []string{hashA}) {
@@ -427,30 +521,38 @@ func TestRejectionsPruned(t *testing.T) {
 func TestReopenPersists(t *testing.T) {
 	db, file := openTestDB(t)
 	putRecords(t, db, hashA)
-	_, err := db.PutAttestations([]Attestation{attestation(hashA, "r1", "sig1")})
+	_, err := db.PutAttestations([]policy.Attestation{attestation(hashA, "r1", "sig1")})
 	must(t, err)
 	putRecords(t, db, hashA)
-	must(t, db.PutAllow([]AllowEntry{{StorePath: sp(hashB, "x"), Added: t0, Expires: t0.Add(time.Hour)}}))
-	must(t, db.PutDeny([]DenyEntry{{Pattern: "*-evil-*", Added: t0}}))
-	putRecords(t, db, hashA)
-	must(t, db.PutQuarantine(hashC, Quarantine{StorePath: sp(hashC, "q"), Check: "nar_size", Time: t0}))
+	must(t, db.PutAllow([]policy.AllowEntry{{StorePath: sp(hashB, "x"), Added: t0, Expires: t0.Add(time.Hour)}}))
+	dropped, err := db.PutDeny([]policy.DenyEntry{{Pattern: "*-evil-*", Added: t0}}, denyMatch("*-evil-*"))
+	must(t, err)
+	if dropped != 0 {
+		t.Errorf("a deny entry matching no decision dropped %d", dropped)
+	}
+	recD := putAt(t, db, sp(hashD, "app"), hashA) // rests on A's decision
+	must(t, db.PutQuarantine(hashC, policy.Quarantine{StorePath: sp(hashC, "q"), Check: "nar_size", Time: t0}))
 	must(t, db.RecordRejection(Rejection{StorePath: sp(hashC, "q"), Reason: "nar_mismatch", Last: t0}))
 	must(t, db.Close())
 
 	db, err = OpenDB(file)
 	must(t, err)
 	defer db.Close()
-	haveRecords(t, db, map[string]bool{hashA: true})
-	ev, err := db.Evidence(hashA)
+	haveRecords(t, db, map[string]bool{hashA: true, hashD: true})
+	if got, _ := db.Record(hashD); got == nil || got.NAR != recD.NAR || !slices.Equal(got.References, []string{hashA}) ||
+		got.Settings != recD.Settings || got.Reason != recD.Reason {
+		t.Errorf("record D after reopen = %+v, want %+v", got, recD)
+	}
+	ev, _, err := db.Evidence(hashA)
 	must(t, err)
 	if len(ev.Attestations) != 1 || ev.Attestations[0].Sig != "r1:sig1" || len(ev.Deny) != 1 {
 		t.Errorf("evidence A after reopen = %+v", ev)
 	}
-	ev, _ = db.Evidence(hashB)
+	ev, _, _ = db.Evidence(hashB)
 	if ev.Allow == nil || !ev.Allow.Expires.Equal(t0.Add(time.Hour)) {
 		t.Errorf("allow after reopen = %+v", ev.Allow)
 	}
-	ev, _ = db.Evidence(hashC)
+	ev, _, _ = db.Evidence(hashC)
 	if ev.Quarantine == nil || ev.Quarantine.Check != "nar_size" {
 		t.Errorf("quarantine after reopen = %+v", ev.Quarantine)
 	}
@@ -462,6 +564,11 @@ func TestReopenPersists(t *testing.T) {
 	if n != 1 {
 		t.Errorf("CountAttestations after reopen = %d", n)
 	}
+	// The reference index persisted too: forgetting A drops D.
+	if n, err := db.Forget(hashA); err != nil || n != 2 {
+		t.Errorf("Forget(A) after reopen dropped %d, %v; want 2", n, err)
+	}
+	haveRecords(t, db, map[string]bool{hashA: false, hashD: false})
 }
 
 func TestOpenDBErrors(t *testing.T) {
@@ -483,7 +590,7 @@ func TestDBConcurrent(t *testing.T) {
 				h := fmt.Sprintf("%031d%d", i, g)
 				err = putRec(db, h, record(h))
 				if err == nil {
-					_, err = db.Evidence(h)
+					_, _, err = db.Evidence(h)
 				}
 				if err == nil {
 					err = db.RecordRejection(Rejection{StorePath: sp(h, "x"), Last: t0})
@@ -504,11 +611,11 @@ func TestDBConcurrent(t *testing.T) {
 
 // putRec stores a record decided on the current evidence.
 func putRec(db *DB, hash string, rec Record) error {
-	ev, err := db.Evidence(hash)
+	_, epoch, err := db.Evidence(hash)
 	if err != nil {
 		return err
 	}
-	_, err = db.PutRecord(hash, rec, ev.Epoch)
+	_, err = db.PutRecord(hash, rec, epoch)
 	return err
 }
 
@@ -516,10 +623,11 @@ func putRec(db *DB, hash string, rec Record) error {
 // stored: the change would otherwise be silently undone.
 func TestPutRecordStaleEpoch(t *testing.T) {
 	db, _ := openTestDB(t)
-	ev, err := db.Evidence(hashA)
+	_, epoch, err := db.Evidence(hashA)
 	must(t, err)
-	must(t, db.PutDeny([]DenyEntry{{Pattern: hashA}}))
-	stored, err := db.PutRecord(hashA, record(hashA), ev.Epoch)
+	_, err = db.PutDeny([]policy.DenyEntry{{Pattern: hashA}}, denyMatch(hashA))
+	must(t, err)
+	stored, err := db.PutRecord(hashA, record(hashA), epoch)
 	must(t, err)
 	if stored {
 		t.Fatal("a decision older than the last evidence change was stored")
@@ -533,37 +641,193 @@ func TestPutRecordStaleEpoch(t *testing.T) {
 	}
 }
 
-// Changed settings drop every stored decision; unchanged ones keep them.
+// SyncSettings remembers the digest of the last start and reports a change
+// from a different earlier one; it drops no decisions (each record carries
+// the digest it was made under and is decided again when next used).
 func TestSyncSettings(t *testing.T) {
 	db, _ := openTestDB(t)
 	changed, err := db.SyncSettings("a")
 	must(t, err)
-	if !changed {
-		t.Fatal("first settings not reported as a change")
+	if changed {
+		t.Fatal("the very first start reported as a change")
 	}
 	must(t, putRec(db, hashA, record(hashA)))
-	if changed, _ := db.SyncSettings("a"); changed {
-		t.Fatal("same settings reported as a change")
+	if changed, err := db.SyncSettings("a"); err != nil || changed {
+		t.Fatalf("same settings reported as a change (%v)", err)
 	}
 	if rec, _ := db.Record(hashA); rec == nil {
 		t.Fatal("record dropped although settings did not change")
 	}
-	if changed, _ := db.SyncSettings("b"); !changed {
-		t.Fatal("new settings not reported")
+	if changed, err := db.SyncSettings("b"); err != nil || !changed {
+		t.Fatalf("new settings not reported (%v)", err)
 	}
-	if rec, _ := db.Record(hashA); rec != nil {
-		t.Fatal("record kept across a settings change")
+	if rec, _ := db.Record(hashA); rec == nil || rec.Settings != record(hashA).Settings {
+		t.Fatalf("record dropped or changed by a settings change: %+v", rec)
+	}
+	if changed, _ := db.SyncSettings("b"); changed {
+		t.Fatal("settings of the last start reported as a change")
+	}
+	if changed, _ := db.SyncSettings("a"); !changed {
+		t.Fatal("going back to earlier settings not reported")
 	}
 }
 
-// With require_closure every evidence change forgets every decision.
-func TestForgetAllOnChange(t *testing.T) {
+// A change to one path's evidence drops that path's decision and the
+// decisions resting on it (References), and no others.
+func TestEvidenceChangeDropsDependents(t *testing.T) {
 	db, _ := openTestDB(t)
-	db.ForgetAllOnChange(true)
-	must(t, putRec(db, hashA, record(hashA)))
-	must(t, putRec(db, hashB, record(hashB)))
-	must(t, db.PutQuarantine(hashB, Quarantine{StorePath: sp(hashB, "b")}))
-	if rec, _ := db.Record(hashA); rec != nil {
-		t.Fatal("a change to another path's evidence kept this path's decision")
+	putAt(t, db, sp(hashA, "a"))
+	putAt(t, db, sp(hashB, "b"))
+	putAt(t, db, sp(hashC, "c"), hashB)
+	must(t, db.PutQuarantine(hashB, policy.Quarantine{StorePath: sp(hashB, "b")}))
+	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: false})
+
+	putAt(t, db, sp(hashB, "b"))
+	putAt(t, db, sp(hashC, "c"), hashB)
+	_, err := db.PutAttestations([]policy.Attestation{attestation(hashB, "r1", "sig1")})
+	must(t, err)
+	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: false})
+
+	putAt(t, db, sp(hashB, "b"))
+	putAt(t, db, sp(hashC, "c"), hashB)
+	must(t, db.PutAllow([]policy.AllowEntry{{StorePath: sp(hashB, "b"), Added: t0}}))
+	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: false})
+
+	putAt(t, db, sp(hashB, "b"))
+	putAt(t, db, sp(hashC, "c"), hashB)
+	_, err = db.RemoveAllow([]string{hashB})
+	must(t, err)
+	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: false})
+
+	putAt(t, db, sp(hashB, "b"))
+	putAt(t, db, sp(hashC, "c"), hashB)
+	_, err = db.Retry([]string{hashB})
+	must(t, err)
+	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: false})
+}
+
+// Forget drops, transitively, the decisions that rest on a forgotten one:
+// A references B and C references A, so forgetting B drops B, A and C, but
+// not the unrelated D.
+func TestForgetCascade(t *testing.T) {
+	db, _ := openTestDB(t)
+	var mu sync.Mutex
+	var told []string
+	db.OnForget(func(hashes []string) {
+		mu.Lock()
+		told = append(told, hashes...)
+		mu.Unlock()
+	})
+	putAt(t, db, sp(hashB, "b"))
+	putAt(t, db, sp(hashA, "a"), hashB)
+	putAt(t, db, sp(hashC, "c"), hashA)
+	putAt(t, db, sp(hashD, "d"))
+	changes := db.Changes()
+
+	n, err := db.Forget(hashB)
+	must(t, err)
+	if n != 3 {
+		t.Errorf("Forget(B) dropped %d, want 3", n)
 	}
+	haveRecords(t, db, map[string]bool{hashA: false, hashB: false, hashC: false, hashD: true})
+	mu.Lock()
+	slices.Sort(told)
+	if !slices.Equal(told, []string{hashA, hashB, hashC}) {
+		t.Errorf("OnForget told %v, want [%s %s %s]", told, hashA, hashB, hashC)
+	}
+	told = nil
+	mu.Unlock()
+	if db.Changes() == changes {
+		t.Error("Changes did not move on")
+	}
+	// The index entries went with the records: a new A without references
+	// is not dropped by B again.
+	putAt(t, db, sp(hashA, "a"))
+	if n, _ := db.Forget(hashB); n != 0 {
+		t.Errorf("Forget(B) again dropped %d, want 0", n)
+	}
+	haveRecords(t, db, map[string]bool{hashA: true, hashD: true})
+
+	// Replacing a record replaces its references.
+	putAt(t, db, sp(hashC, "c"), hashA)
+	putAt(t, db, sp(hashC, "c"), hashD)
+	if n, _ := db.Forget(hashA); n != 1 {
+		t.Errorf("Forget(A) dropped %d, want 1 (C no longer rests on A)", n)
+	}
+	haveRecords(t, db, map[string]bool{hashA: false, hashC: true, hashD: true})
+
+	// Dependents of a path without a record of its own are still found.
+	if n, _ := db.Forget(hashD); n != 2 {
+		t.Errorf("Forget(D) dropped %d, want 2", n)
+	}
+	haveRecords(t, db, map[string]bool{hashC: false, hashD: false})
+	putAt(t, db, sp(hashC, "c"), hashE)
+	if n, _ := db.Forget(hashE); n != 1 {
+		t.Errorf("Forget(E) without a record of E dropped %d, want 1", n)
+	}
+	haveRecords(t, db, map[string]bool{hashC: false})
+
+	// A cycle of references ends.
+	putAt(t, db, sp(hashA, "a"), hashC)
+	putAt(t, db, sp(hashC, "c"), hashA)
+	putAt(t, db, sp(hashD, "d"))
+	if n, _ := db.Forget(hashA); n != 2 {
+		t.Errorf("Forget(A) in a cycle dropped %d, want 2", n)
+	}
+	haveRecords(t, db, map[string]bool{hashA: false, hashC: false, hashD: true})
+
+	// Nothing dropped: OnForget is not called.
+	mu.Lock()
+	told = nil
+	mu.Unlock()
+	if n, _ := db.Forget(hashB); n != 0 {
+		t.Errorf("Forget(B) dropped %d", n)
+	}
+	mu.Lock()
+	if told != nil {
+		t.Errorf("OnForget told %v for nothing dropped", told)
+	}
+	mu.Unlock()
+}
+
+// ForgetMatching drops the decisions whose "<hash>-<name>" and NarHash a
+// matcher accepts (here a glob over the base name), with their dependents.
+func TestForgetMatching(t *testing.T) {
+	db, _ := openTestDB(t)
+	putAt(t, db, sp(hashA, "openssl-3.0.7"))
+	recB := putAt(t, db, sp(hashB, "openssl-3.0.8"))
+	putAt(t, db, sp(hashC, "hello"))
+	putAt(t, db, sp(hashD, "curl-8.0"), hashA)
+	putAt(t, db, sp(hashE, "openssl-3.0.7-dev"))
+
+	var seen []string
+	n, err := db.ForgetMatching(func(base string, narHash narinfo.SHA256) bool {
+		seen = append(seen, base)
+		ok, _ := path.Match("*-openssl-3.0.7", base)
+		return ok
+	})
+	must(t, err)
+	if n != 2 {
+		t.Errorf("ForgetMatching dropped %d, want 2", n)
+	}
+	haveRecords(t, db, map[string]bool{hashA: false, hashB: true, hashC: true, hashD: false, hashE: true})
+	slices.Sort(seen)
+	want := []string{hashA + "-openssl-3.0.7", hashB + "-openssl-3.0.8", hashC + "-hello", hashD + "-curl-8.0", hashE + "-openssl-3.0.7-dev"}
+	if !slices.Equal(seen, want) {
+		t.Errorf("matcher saw %v, want %v", seen, want)
+	}
+
+	// The matcher is given each record's NarHash.
+	n, err = db.ForgetMatching(func(_ string, narHash narinfo.SHA256) bool { return narHash == recB.NAR.NarHash })
+	must(t, err)
+	if n != 1 {
+		t.Errorf("ForgetMatching by NarHash dropped %d, want 1", n)
+	}
+	haveRecords(t, db, map[string]bool{hashB: false, hashC: true, hashE: true})
+
+	// Matching nothing drops nothing.
+	if n, err := db.ForgetMatching(func(string, narinfo.SHA256) bool { return false }); err != nil || n != 0 {
+		t.Errorf("ForgetMatching(nothing) = %d, %v", n, err)
+	}
+	haveRecords(t, db, map[string]bool{hashC: true, hashE: true})
 }

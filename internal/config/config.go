@@ -49,18 +49,18 @@ const (
 
 // Upstream is one binary cache cacheproxy fetches from, tried in file order.
 type Upstream struct {
-	URL        string   `toml:"url"`         // http://, https:// or file:///absolute/dir
-	PublicKeys []string `toml:"public_keys"` // "name:base64" ed25519 keys trusted to sign this upstream's narinfos
-	Timeout    Duration `toml:"timeout"`     // default 30s
-	NetrcFile  string   `toml:"netrc_file"`  // optional credentials for private upstreams
+	URL        string      `toml:"url"`         // http://, https:// or file:///absolute/dir
+	PublicKeys []PublicKey `toml:"public_keys"` // "name:base64" ed25519 keys trusted to sign this upstream's narinfos
+	Timeout    Duration    `toml:"timeout"`     // default 30s
+	NetrcFile  string      `toml:"netrc_file"`  // optional credentials for private upstreams
 }
 
 // Policy holds the decision-rule parameters.
 type Policy struct {
-	Attesters        []string `toml:"attesters"`         // rebuilder public keys, "name:base64"
-	Quorum           int      `toml:"quorum"`            // distinct attester keys required; default 1
-	ContentAddressed bool     `toml:"content_addressed"` // default true
-	RequireClosure   bool     `toml:"require_closure"`   // default false
+	Attesters        []PublicKey `toml:"attesters"`         // rebuilder public keys, "name:base64"
+	Quorum           int         `toml:"quorum"`            // distinct attester keys required; default 1
+	ContentAddressed bool        `toml:"content_addressed"` // default true
+	RequireClosure   bool        `toml:"require_closure"`   // default false
 }
 
 // Cache holds the blob store limits.
@@ -113,7 +113,7 @@ func Defaults(env Env) Config {
 		Mode:     DefaultMode,
 		Upstreams: []Upstream{{
 			URL:        DefaultUpstreamURL,
-			PublicKeys: []string{DefaultUpstreamKey},
+			PublicKeys: []PublicKey{ParseKey(DefaultUpstreamKey)},
 			Timeout:    Duration{DefaultTimeout},
 		}},
 		Policy: Policy{

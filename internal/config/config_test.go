@@ -40,7 +40,7 @@ func TestDefaultsValidate(t *testing.T) {
 		Mode:     "enforce",
 		Upstreams: []Upstream{{
 			URL:        "https://cache.nixos.org",
-			PublicKeys: []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="},
+			PublicKeys: keys("cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="),
 			Timeout:    Duration{30 * time.Second},
 		}},
 		Policy: Policy{Quorum: 1, ContentAddressed: true},
@@ -60,8 +60,8 @@ func TestDefaultsValidate(t *testing.T) {
 
 func TestDefaultsAreFresh(t *testing.T) {
 	a := Defaults(Env{})
-	a.Upstreams[0].PublicKeys[0] = "mutated"
-	if b := Defaults(Env{}); b.Upstreams[0].PublicKeys[0] == "mutated" {
+	a.Upstreams[0].PublicKeys[0] = ParseKey("mutated")
+	if b := Defaults(Env{}); b.Upstreams[0].PublicKeys[0].Text == "mutated" {
 		t.Fatal("Defaults shares slices between calls")
 	}
 }
@@ -126,16 +126,16 @@ func TestFullExample(t *testing.T) {
 		Upstreams: []Upstream{
 			{
 				URL:        "https://cache.nixos.org",
-				PublicKeys: []string{"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="},
+				PublicKeys: keys("cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="),
 				Timeout:    Duration{30 * time.Second},
 			},
 			{
 				URL:        "file:///srv/internal-cache",
-				PublicKeys: []string{keyC},
+				PublicKeys: keys(keyC),
 				Timeout:    Duration{30 * time.Second}, // per-entry default
 			},
 		},
-		Policy: Policy{Attesters: []string{keyA, keyB}, Quorum: 2, ContentAddressed: false, RequireClosure: true},
+		Policy: Policy{Attesters: keys(keyA, keyB), Quorum: 2, ContentAddressed: false, RequireClosure: true},
 		Cache:  Cache{MaxSize: 500_000_000},
 		Admin:  Admin{Listen: "127.0.0.1:5481", TokenFile: "/run/keys/cacheproxy-admin-token"},
 	}
@@ -251,22 +251,22 @@ func TestValidateErrors(t *testing.T) {
 		{"empty url", func(c *Config) { c.Upstreams[0].URL = "" }, "upstreams[0].url"},
 		{"url with query", func(c *Config) { c.Upstreams[0].URL = "https://x/?a=b" }, "upstreams[0].url"},
 		{"upstream without keys", func(c *Config) { c.Upstreams[0].PublicKeys = nil }, "upstreams[0].public_keys: at least one"},
-		{"key no colon", func(c *Config) { c.Upstreams[0].PublicKeys = append(c.Upstreams[0].PublicKeys, "nocolon") }, "upstreams[0].public_keys[1]"},
-		{"key empty name", func(c *Config) { c.Upstreams[0].PublicKeys = []string{":cflnkb3HVHh13QHZ7lFmSm1yh3DJwBgNvwKr6STrEbc="} }, "upstreams[0].public_keys[0]"},
-		{"key bad base64", func(c *Config) { c.Upstreams[0].PublicKeys = []string{"k:not base64!"} }, "upstreams[0].public_keys[0]"},
-		{"key short", func(c *Config) { c.Upstreams[0].PublicKeys = []string{"k:AAAA"} }, "upstreams[0].public_keys[0]"},
+		{"key no colon", func(c *Config) { c.Upstreams[0].PublicKeys = append(c.Upstreams[0].PublicKeys, ParseKey("nocolon")) }, "upstreams[0].public_keys[1]"},
+		{"key empty name", func(c *Config) { c.Upstreams[0].PublicKeys = keys(":cflnkb3HVHh13QHZ7lFmSm1yh3DJwBgNvwKr6STrEbc=") }, "upstreams[0].public_keys[0]"},
+		{"key bad base64", func(c *Config) { c.Upstreams[0].PublicKeys = keys("k:not base64!") }, "upstreams[0].public_keys[0]"},
+		{"key short", func(c *Config) { c.Upstreams[0].PublicKeys = keys("k:AAAA") }, "upstreams[0].public_keys[0]"},
 		{"zero timeout", func(c *Config) { c.Upstreams[0].Timeout = Duration{} }, "upstreams[0].timeout"},
 		{"unreadable netrc", func(c *Config) { c.Upstreams[0].NetrcFile = missing }, "upstreams[0].netrc_file"},
 		{"netrc is dir", func(c *Config) { c.Upstreams[0].NetrcFile = dir }, "upstreams[0].netrc_file"},
 		{"quorum zero", func(c *Config) { c.Policy.Quorum = 0 }, "policy.quorum"},
-		{"quorum too large", func(c *Config) { c.Policy.Attesters = []string{keyA}; c.Policy.Quorum = 2 }, "policy.quorum"},
+		{"quorum too large", func(c *Config) { c.Policy.Attesters = keys(keyA); c.Policy.Quorum = 2 }, "policy.quorum"},
 		{"quorum without attesters", func(c *Config) { c.Policy.Quorum = 3 }, "policy.quorum"},
-		{"bad attester", func(c *Config) { c.Policy.Attesters = []string{keyA, "x:yz"} }, "policy.attesters[1]"},
+		{"bad attester", func(c *Config) { c.Policy.Attesters = keys(keyA, "x:yz") }, "policy.attesters[1]"},
 		{"duplicate attester key", func(c *Config) {
-			c.Policy.Attesters = []string{keyA, "other-name" + keyA[strings.Index(keyA, ":"):]}
+			c.Policy.Attesters = keys(keyA, "other-name"+keyA[strings.Index(keyA, ":"):])
 		}, "policy.attesters[1]: same key"},
 		{"duplicate attester name", func(c *Config) {
-			c.Policy.Attesters = []string{keyA, "rebuilder-a-1" + keyB[strings.Index(keyB, ":"):]}
+			c.Policy.Attesters = keys(keyA, "rebuilder-a-1"+keyB[strings.Index(keyB, ":"):])
 		}, "policy.attesters[1]: key name"},
 		{"bad mode", func(c *Config) { c.Mode = "permissive" }, "mode"},
 		{"unreadable signing key", func(c *Config) { c.SigningKeyFile = missing }, "signing_key_file"},
@@ -314,13 +314,13 @@ func TestValidateReportsAllProblems(t *testing.T) {
 func TestValidAlternatives(t *testing.T) {
 	cfg := Defaults(Env{})
 	cfg.Upstreams = append(cfg.Upstreams,
-		Upstream{URL: "file:///srv/cache", PublicKeys: []string{keyC}, Timeout: Duration{time.Second}},
-		Upstream{URL: "http://[::1]:8080/prefix/", PublicKeys: []string{keyC}, Timeout: Duration{time.Second}},
+		Upstream{URL: "file:///srv/cache", PublicKeys: keys(keyC), Timeout: Duration{time.Second}},
+		Upstream{URL: "http://[::1]:8080/prefix/", PublicKeys: keys(keyC), Timeout: Duration{time.Second}},
 	)
 	cfg.Listen = "[::]:80"
 	cfg.Admin.Listen = ":5481"
 	cfg.Mode = "report"
-	cfg.Policy.Attesters = []string{keyA, keyB}
+	cfg.Policy.Attesters = keys(keyA, keyB)
 	cfg.Policy.Quorum = 2
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
@@ -391,4 +391,12 @@ public_keys = ["`+keyC+`"]
 	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "upstreams[0].timeout") {
 		t.Fatalf("want upstreams[0].timeout error, got %v", err)
 	}
+}
+
+func keys(ss ...string) []PublicKey {
+	out := make([]PublicKey, len(ss))
+	for i, s := range ss {
+		out[i] = ParseKey(s)
+	}
+	return out
 }

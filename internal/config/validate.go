@@ -1,7 +1,6 @@
 package config
 
 import (
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"net"
@@ -10,7 +9,6 @@ import (
 	"path"
 	"strconv"
 	"strings"
-	"unicode"
 )
 
 // FieldError is one problem with one config key. Key uses the file's
@@ -74,9 +72,7 @@ func (c Config) Validate() error {
 			add(key+".public_keys", "at least one public key is required")
 		}
 		for j, k := range u.PublicKeys {
-			if _, _, err := parsePublicKey(k); err != nil {
-				addErr(fmt.Sprintf("%s.public_keys[%d]", key, j), err)
-			}
+			addErr(fmt.Sprintf("%s.public_keys[%d]", key, j), k.Err)
 		}
 		if u.Timeout.Duration <= 0 {
 			add(key+".timeout", "%s must be positive", u.Timeout)
@@ -92,11 +88,11 @@ func (c Config) Validate() error {
 	keys := map[string]int{}
 	for i, a := range c.Policy.Attesters {
 		key := fmt.Sprintf("policy.attesters[%d]", i)
-		name, pub, err := parsePublicKey(a)
-		if err != nil {
-			addErr(key, err)
+		if a.Err != nil {
+			addErr(key, a.Err)
 			continue
 		}
+		name, pub := a.Key.Name, a.Key.Key
 		if j, dup := keys[string(pub)]; dup {
 			add(key, "same key as policy.attesters[%d]", j)
 		} else if j, dup := names[name]; dup {
@@ -179,25 +175,4 @@ func checkReadableFile(name string) error {
 		return fmt.Errorf("%s is a directory, not a file", name)
 	}
 	return nil
-}
-
-// parsePublicKey checks the "name:base64" format of Nix public keys
-// (trusted-public-keys): a non-empty name without spaces and a base64 string
-// decoding to a 32-byte ed25519 key.
-func parsePublicKey(s string) (name string, key []byte, err error) {
-	name, b64, ok := strings.Cut(s, ":")
-	if !ok {
-		return "", nil, fmt.Errorf("malformed public key %q: want name:base64", s)
-	}
-	if name == "" || strings.IndexFunc(name, unicode.IsSpace) >= 0 {
-		return "", nil, fmt.Errorf("malformed public key %q: the name before ':' must be non-empty and without spaces", s)
-	}
-	key, err = base64.StdEncoding.Strict().DecodeString(b64)
-	if err != nil {
-		return "", nil, fmt.Errorf("malformed public key %q: bad base64: %w", s, err)
-	}
-	if len(key) != 32 {
-		return "", nil, fmt.Errorf("malformed public key %q: decodes to %d bytes, an ed25519 key has 32", s, len(key))
-	}
-	return name, key, nil
 }

@@ -16,18 +16,13 @@ import (
 // refs are basenames. Nix keeps references in a std::set, so they are sorted and
 // de-duplicated here whatever order the caller has them in (go-nix does not sort,
 // which breaks signatures over paths whose narinfo lists references unsorted).
-// narHash may be in any form ParseHash accepts but must be sha256; narSize must be
-// non-zero, as Nix refuses to fingerprint a path of unknown size.
-func Fingerprint(storeDir, storePath, narHash string, narSize uint64, refs []string) (string, error) {
+// narSize must be non-zero, as Nix refuses to fingerprint a path of unknown size.
+func Fingerprint(storeDir, storePath string, narHash SHA256, narSize uint64, refs []string) (string, error) {
 	if _, err := ParseStorePath(storePath, storeDir); err != nil {
 		return "", fmt.Errorf("fingerprint: %w", err)
 	}
-	algo, digest, err := ParseHash(narHash)
-	if err != nil {
-		return "", fmt.Errorf("fingerprint: NarHash: %w", err)
-	}
-	if algo != "sha256" {
-		return "", fmt.Errorf("fingerprint: NarHash algorithm is %s, want sha256", algo)
+	if narHash.IsZero() {
+		return "", errors.New("fingerprint: NarHash is missing")
 	}
 	if narSize == 0 {
 		return "", errors.New("fingerprint: NarSize is zero (unknown)")
@@ -40,7 +35,7 @@ func Fingerprint(storeDir, storePath, narHash string, narSize uint64, refs []str
 	b.WriteString("1;")
 	b.WriteString(storePath)
 	b.WriteByte(';')
-	b.WriteString(FormatHash(algo, digest))
+	b.WriteString(narHash.String())
 	b.WriteByte(';')
 	b.WriteString(strconv.FormatUint(narSize, 10))
 	b.WriteByte(';')

@@ -5,6 +5,8 @@ import (
 	"encoding/hex"
 	"fmt"
 	"strings"
+
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 )
 
 // algoSize returns the digest size of a Nix hash algorithm name, or 0 if unknown.
@@ -83,8 +85,12 @@ func decodeDigest(algo, s string) ([]byte, error) {
 			return nil, fmt.Errorf("invalid base16 digest: %w", err)
 		}
 		return d, nil
-	case nix32EncodedLen(size):
-		return nix32Decode(s, size)
+	case nixbase32.EncodedLen(size):
+		d, err := nixbase32.DecodeString(s)
+		if err != nil {
+			return nil, fmt.Errorf("invalid nix32 digest: %w", err)
+		}
+		return d, nil
 	case base64.StdEncoding.EncodedLen(size):
 		return decodeBase64(s, size)
 	}
@@ -105,7 +111,7 @@ func decodeBase64(s string, size int) ([]byte, error) {
 // FormatHash renders a digest the way narinfos and fingerprints carry it:
 // "<algo>:<nix32>".
 func FormatHash(algo string, digest []byte) string {
-	return algo + ":" + nix32Encode(digest)
+	return algo + ":" + nixbase32.EncodeToString(digest)
 }
 
 // NormalizeHash parses any accepted form and returns "<algo>:<nix32>", so that two

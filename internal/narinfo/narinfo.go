@@ -14,12 +14,12 @@ type Field struct{ Key, Value string }
 // NarInfo is a parsed .narinfo file. Hashes are normalized so that two spellings of
 // one narinfo compare equal field by field.
 type NarInfo struct {
-	StorePath   string   // absolute, e.g. /nix/store/<hash>-<name>
-	URL         string   // as in the file, relative to the cache root or absolute
-	Compression string   // as in the file; "bzip2" when the key is absent (Nix's default)
-	FileHash    string   // normalized "sha256:<nix32>" (or "" when absent)
-	FileSize    uint64   // 0 when absent
-	NarHash     string   // normalized "sha256:<nix32>"
+	StorePath   string      // absolute, e.g. /nix/store/<hash>-<name>
+	URL         string      // as in the file, relative to the cache root or absolute
+	Compression Compression // as in the file; "bzip2" when the key is absent (Nix's default)
+	FileHash    SHA256      // zero when absent
+	FileSize    uint64      // 0 when absent
+	NarHash     SHA256
 	NarSize     uint64   // never 0 (Nix treats 0 as missing)
 	References  []string // basenames "<hash>-<name>", in file order; nil when none
 	Deriver     string   // basename, "" when absent or "unknown-deriver"
@@ -153,9 +153,9 @@ func (n *NarInfo) setField(key, value, storeDir string) error {
 	case "URL":
 		n.URL = value
 	case "Compression":
-		n.Compression = value
+		n.Compression = Compression(value)
 	case "FileHash":
-		h, err := parseSHA256(value)
+		h, err := ParseSHA256(value)
 		if err != nil {
 			return err
 		}
@@ -167,7 +167,7 @@ func (n *NarInfo) setField(key, value, storeDir string) error {
 		}
 		n.FileSize = v
 	case "NarHash":
-		h, err := parseSHA256(value)
+		h, err := ParseSHA256(value)
 		if err != nil {
 			return err
 		}
@@ -213,17 +213,6 @@ func (n *NarInfo) setField(key, value, storeDir string) error {
 	return nil
 }
 
-func parseSHA256(value string) (string, error) {
-	algo, d, err := ParseHash(value)
-	if err != nil {
-		return "", err
-	}
-	if algo != "sha256" {
-		return "", fmt.Errorf("hash algorithm is %s, want sha256", algo)
-	}
-	return FormatHash(algo, d), nil
-}
-
 // parseSize accepts what Nix's string2Int<uint64_t> accepts: plain decimal digits.
 func parseSize(value string) (uint64, error) {
 	if value == "" || strings.TrimLeft(value, "0123456789") != "" {
@@ -258,15 +247,15 @@ func (n *NarInfo) Marshal() []byte {
 	line("StorePath", n.StorePath)
 	line("URL", n.URL)
 	if n.Compression != "" {
-		line("Compression", n.Compression)
+		line("Compression", string(n.Compression))
 	}
-	if n.FileHash != "" {
-		line("FileHash", n.FileHash)
+	if !n.FileHash.IsZero() {
+		line("FileHash", n.FileHash.String())
 	}
-	if n.FileHash != "" || n.FileSize != 0 {
+	if !n.FileHash.IsZero() || n.FileSize != 0 {
 		line("FileSize", strconv.FormatUint(n.FileSize, 10))
 	}
-	line("NarHash", n.NarHash)
+	line("NarHash", n.NarHash.String())
 	line("NarSize", strconv.FormatUint(n.NarSize, 10))
 	line("References", strings.Join(n.References, " "))
 	if n.Deriver != "" {

@@ -19,6 +19,7 @@ package narinfo
 import (
 	"crypto/ed25519"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"os"
@@ -98,17 +99,36 @@ func TestHashForms(t *testing.T) {
 	}
 }
 
-func TestNix32RoundTrip(t *testing.T) {
-	for size := 1; size <= 64; size++ {
-		b := make([]byte, size)
-		for i := range b {
-			b[i] = byte(i*37 + size)
+func TestSHA256RoundTrip(t *testing.T) {
+	want := SumSHA256([]byte("hello"))
+	for _, form := range []string{want.String(), "sha256:" + hex.EncodeToString(want[:]),
+		"sha256-" + base64.StdEncoding.EncodeToString(want[:])} {
+		got, err := ParseSHA256(form)
+		if err != nil || got != want {
+			t.Errorf("ParseSHA256(%q) = %v, %v", form, got, err)
 		}
-		s := nix32Encode(b)
-		d, err := nix32Decode(s, size)
-		if err != nil || !reflect.DeepEqual(d, b) {
-			t.Fatalf("size %d: %q -> %x, %v", size, s, d, err)
+		var u SHA256
+		if err := u.UnmarshalText([]byte(form)); err != nil || u != want {
+			t.Errorf("UnmarshalText(%q) = %v, %v", form, u, err)
 		}
+	}
+	if _, err := ParseSHA256("sha1:" + strings.Repeat("0", 40)); err == nil {
+		t.Error("sha1 accepted as SHA256")
+	}
+	var z SHA256
+	if z.String() != "" || !z.IsZero() {
+		t.Errorf("zero SHA256 renders %q", z.String())
+	}
+}
+
+func TestCompressionList(t *testing.T) {
+	for _, c := range Compressions() {
+		if !c.Supported() {
+			t.Errorf("%s not supported", c)
+		}
+	}
+	if Compression("lzip").Supported() || CompressionZstd.Ext() != ".zst" || CompressionNone.Ext() != "" {
+		t.Error("compression table wrong")
 	}
 }
 
@@ -162,7 +182,7 @@ func TestRealNarinfosRoundTrip(t *testing.T) {
 		if got := n.Marshal(); string(got) != string(b) {
 			t.Errorf("%s: Marshal differs from Nix's file:\n--- nix\n%s--- ours\n%s", name, b, got)
 		}
-		if n.Compression != "xz" || !strings.HasPrefix(n.FileHash, "sha256:") || n.FileSize == 0 {
+		if n.Compression != "xz" || n.FileHash.IsZero() || n.FileSize == 0 {
 			t.Errorf("%s: parsed %+v", name, n)
 		}
 	}
@@ -171,9 +191,9 @@ func TestRealNarinfosRoundTrip(t *testing.T) {
 		StorePath:   "/nix/store/5r8cswd6jchqkwx3dn2xapsahpjxj0js-app-0.1",
 		URL:         "nar/0wvswvibsavla94qjnbvbn87zclvwpshacwg2agb9l5xhhqr9h6l.nar.xz",
 		Compression: "xz",
-		FileHash:    "sha256:0wvswvibsavla94qjnbvbn87zclvwpshacwg2agb9l5xhhqr9h6l",
+		FileHash:    mustSHA256("sha256:0wvswvibsavla94qjnbvbn87zclvwpshacwg2agb9l5xhhqr9h6l"),
 		FileSize:    220,
-		NarHash:     "sha256:1lp7hj9mx5vh2qhmjsshzzqscv9sjpsqgsd9wndjfar0pl9dvy7r",
+		NarHash:     mustSHA256("sha256:1lp7hj9mx5vh2qhmjsshzzqscv9sjpsqgsd9wndjfar0pl9dvy7r"),
 		NarSize:     504,
 		References:  []string{"icsd4d6bjhg7nlbcx4q63nvmq00l0k51-leaf-1.0"},
 		Deriver:     "k7zrq5kfqjigrllvszzh5qyr2yw2qrvp-app-0.1.drv",
@@ -201,13 +221,13 @@ func TestParseLenientForms(t *testing.T) {
 	if n.Compression != "bzip2" {
 		t.Errorf("Compression = %q, want Nix's default bzip2", n.Compression)
 	}
-	if n.NarHash != "sha256:1lp7hj9mx5vh2qhmjsshzzqscv9sjpsqgsd9wndjfar0pl9dvy7r" {
+	if n.NarHash.String() != "sha256:1lp7hj9mx5vh2qhmjsshzzqscv9sjpsqgsd9wndjfar0pl9dvy7r" {
 		t.Errorf("NarHash not normalized: %q", n.NarHash)
 	}
 	if !reflect.DeepEqual(n.References, []string{"icsd4d6bjhg7nlbcx4q63nvmq00l0k51-leaf-1.0", "3jz64a65vnhvn9vz6f13s5899fn7px9p-zz-2.0"}) {
 		t.Errorf("References = %q (want file order)", n.References)
 	}
-	if n.Deriver != "" || n.System != "x86_64-linux" || n.Sigs != nil || n.CA != "" || n.FileHash != "" || n.FileSize != 0 {
+	if n.Deriver != "" || n.System != "x86_64-linux" || n.Sigs != nil || n.CA != "" || !n.FileHash.IsZero() || n.FileSize != 0 {
 		t.Errorf("parsed %+v", n)
 	}
 	wantExtra := []Field{{"Future-Key", "some value: with colons"}, {"X-Nocolon-Space", "value"}}
@@ -367,7 +387,7 @@ func TestFingerprintVerifiesNixSignatures(t *testing.T) {
 		t.Error("signature does not verify after reordering references")
 	}
 	// Any other NarHash form gives the same fingerprint; tampering breaks the signature.
-	fp2, err := Fingerprint(storeDir, n.StorePath, "sha256-ZOQdEHZyAD2M4g4XimOJPMogzKDeQg6uAbuAy+R7oH0=", n.NarSize, n.References)
+	fp2, err := Fingerprint(storeDir, n.StorePath, mustSHA256("sha256-ZOQdEHZyAD2M4g4XimOJPMogzKDeQg6uAbuAy+R7oH0="), n.NarSize, n.References)
 	if err != nil || fp2 != want {
 		t.Errorf("SRI NarHash: %q, %v", fp2, err)
 	}
@@ -375,8 +395,8 @@ func TestFingerprintVerifiesNixSignatures(t *testing.T) {
 	if verifySig(t, keyName, pub, fp3, n.Sigs[0]) {
 		t.Error("signature verifies over a tampered NarSize")
 	}
-	if _, err := Fingerprint(storeDir, n.StorePath, "sha1:dyx0ryw8s1srxlwfj4fkk9k5qln6swhb", 1, nil); err == nil {
-		t.Error("sha1 NarHash accepted")
+	if _, err := Fingerprint(storeDir, n.StorePath, SHA256{}, 1, nil); err == nil {
+		t.Error("missing NarHash accepted")
 	}
 	if _, err := Fingerprint(storeDir, n.StorePath, n.NarHash, 0, nil); err == nil {
 		t.Error("zero NarSize accepted")
@@ -385,7 +405,7 @@ func TestFingerprintVerifiesNixSignatures(t *testing.T) {
 		t.Error("absolute reference accepted")
 	}
 	if fp, _ := Fingerprint(storeDir, "/nix/store/icsd4d6bjhg7nlbcx4q63nvmq00l0k51-leaf-1.0",
-		"sha256:0l1v2mjy9ivhn9njfz2szzh7whr0vj02cysj0xhng9mdi3zfcnpa", 120, nil); fp != "1;/nix/store/icsd4d6bjhg7nlbcx4q63nvmq00l0k51-leaf-1.0;sha256:0l1v2mjy9ivhn9njfz2szzh7whr0vj02cysj0xhng9mdi3zfcnpa;120;" {
+		mustSHA256("sha256:0l1v2mjy9ivhn9njfz2szzh7whr0vj02cysj0xhng9mdi3zfcnpa"), 120, nil); fp != "1;/nix/store/icsd4d6bjhg7nlbcx4q63nvmq00l0k51-leaf-1.0;sha256:0l1v2mjy9ivhn9njfz2szzh7whr0vj02cysj0xhng9mdi3zfcnpa;120;" {
 		t.Errorf("no-reference fingerprint %q", fp)
 	}
 }
@@ -452,7 +472,7 @@ func TestVerifyCARealPaths(t *testing.T) {
 		t.Errorf("added reference: %v", err)
 	}
 	if err := tamper("zz66l43f14bs1l1sgx3a5i4dghp5a4mj.narinfo", func(n *NarInfo) {
-		n.NarHash = "sha256:1lp7hj9mx5vh2qhmjsshzzqscv9sjpsqgsd9wndjfar0pl9dvy7r"
+		n.NarHash = mustSHA256("sha256:1lp7hj9mx5vh2qhmjsshzzqscv9sjpsqgsd9wndjfar0pl9dvy7r")
 	}); err == nil || !strings.Contains(err.Error(), "NarHash") {
 		t.Errorf("other NarHash: %v", err)
 	}
@@ -515,7 +535,7 @@ func TestCAPathInfoFixture(t *testing.T) {
 		}
 		sp, _ := ParseStorePath(pi.Path, storeDir)
 		n := mustParse(t, all[sp.Hash+".narinfo"])
-		if h, _ := NormalizeHash(pi.NarHash); h != n.NarHash {
+		if h, _ := ParseSHA256(pi.NarHash); h != n.NarHash {
 			t.Errorf("%s: path-info NarHash %s, narinfo %s", pi.Path, h, n.NarHash)
 		}
 		checked++
@@ -549,4 +569,12 @@ func FuzzParse(f *testing.F) {
 		_, _ = n.Fingerprint(storeDir)
 		_ = VerifyCA(n, storeDir)
 	})
+}
+
+func mustSHA256(s string) SHA256 {
+	h, err := ParseSHA256(s)
+	if err != nil {
+		panic(err)
+	}
+	return h
 }

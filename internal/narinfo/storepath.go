@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 )
 
 const (
@@ -30,7 +32,7 @@ func ValidHash(h string) bool {
 		return false
 	}
 	for i := 0; i < len(h); i++ {
-		if nix32Digit(h[i]) < 0 {
+		if !nixbase32.Is(h[i]) {
 			return false
 		}
 	}

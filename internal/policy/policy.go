@@ -14,14 +14,12 @@
 package policy
 
 import (
-	"bytes"
 	"fmt"
 	"path"
 	"sort"
 	"strings"
 	"time"
 
-	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
@@ -41,11 +39,16 @@ const (
 	Unattested          Reason = "unattested"
 	NarMismatch         Reason = "nar_mismatch"
 	ClosureIncomplete   Reason = "closure_incomplete"
+	// StaleNarInfo refuses a NAR request whose path is approved but whose
+	// file is not the one the current decision names: the client holds an
+	// older narinfo (another NarHash or compression), and the bytes served
+	// now would not match it.
+	StaleNarInfo Reason = "stale_narinfo"
 )
 
 // Reasons lists every reason, for documentation and metric initialisation.
 var Reasons = []Reason{UpstreamMalformed, UpstreamUnsigned, Denied, AttestationMismatch,
-	Attested, Allowlisted, ContentAddressed, Unattested, NarMismatch, ClosureIncomplete}
+	Attested, Allowlisted, ContentAddressed, Unattested, NarMismatch, ClosureIncomplete, StaleNarInfo}
 
 // Policy is the configured policy.
 type Policy struct {
@@ -65,21 +68,77 @@ type Input struct {
 	UpstreamKeys []verify.PublicKey
 }
 
+// Attestation is one attester key's verified signature over the
+// fingerprint of one store path: the attester rebuilt the path and got this
+// NarHash, NarSize and References.
+type Attestation struct {
+	StorePath  string         `json:"store_path"`
+	NarHash    narinfo.SHA256 `json:"nar_hash"`
+	NarSize    uint64         `json:"nar_size"`
+	References []string       `json:"references"` // basenames, sorted
+	Deriver    string         `json:"deriver,omitempty"`
+	KeyName    string         `json:"key_name"`
+	PublicKey  string         `json:"public_key"` // "name:base64"
+	Sig        string         `json:"sig"`
+	Imported   time.Time      `json:"imported"`
+}
+
+// AllowEntry approves one store path, pinned to the NarHash its upstream
+// served when a reviewer added it (zero: any NarHash).
+type AllowEntry struct {
+	StorePath string         `json:"store_path"`
+	NarHash   narinfo.SHA256 `json:"nar_hash,omitzero"`
+	Reason    string         `json:"reason,omitempty"`
+	Added     time.Time      `json:"added"`
+	Expires   time.Time      `json:"expires,omitzero"`
+}
+
+// Expired reports whether the entry no longer approves anything at now.
+func (a AllowEntry) Expired(now time.Time) bool {
+	return !a.Expires.IsZero() && !now.Before(a.Expires)
+}
+
+// DenyEntry refuses every path matching Pattern (see DenyKind).
+type DenyEntry struct {
+	Pattern string    `json:"pattern"`
+	Reason  string    `json:"reason,omitempty"`
+	Added   time.Time `json:"added"`
+}
+
+// Quarantine marks a path whose NAR failed verification after a complete
+// transfer; it stays rejected (nar_mismatch) until an operator retries it.
+type Quarantine struct {
+	StorePath string    `json:"store_path"`
+	Check     string    `json:"check"`
+	Detail    string    `json:"detail"`
+	Upstream  string    `json:"upstream"`
+	Time      time.Time `json:"time"`
+}
+
+// Evidence is everything the policy reads about one path, read at one
+// moment so that it is consistent.
+type Evidence struct {
+	Attestations []Attestation
+	Allow        *AllowEntry
+	Deny         []DenyEntry
+	Quarantine   *Quarantine
+}
+
 // Decision is the outcome with the evidence behind it.
 type Decision struct {
 	Approved bool   `json:"approved"`
 	Reason   Reason `json:"reason"`
 	Detail   string `json:"detail,omitempty"`
 
-	NarInfo         *narinfo.NarInfo  `json:"-"`
-	Fingerprint     string            `json:"fingerprint,omitempty"`
-	Upstream        string            `json:"upstream,omitempty"`
-	UpstreamSigners []string          `json:"upstream_signers,omitempty"`
-	Attesters       []string          `json:"attesters,omitempty"`  // keys whose attestation matches the upstream fingerprint
-	Mismatched      []string          `json:"mismatched,omitempty"` // keys whose attestation differs
-	Allow           *cache.AllowEntry `json:"allow,omitempty"`
-	Deny            *cache.DenyEntry  `json:"deny,omitempty"`
-	Quarantine      *cache.Quarantine `json:"quarantine,omitempty"`
+	NarInfo         *narinfo.NarInfo `json:"-"`
+	Fingerprint     string           `json:"fingerprint,omitempty"`
+	Upstream        string           `json:"upstream,omitempty"`
+	UpstreamSigners []string         `json:"upstream_signers,omitempty"`
+	Attesters       []string         `json:"attesters,omitempty"`  // keys whose attestation matches the upstream fingerprint
+	Mismatched      []string         `json:"mismatched,omitempty"` // keys whose attestation differs
+	Allow           *AllowEntry      `json:"allow,omitempty"`
+	Deny            *DenyEntry       `json:"deny,omitempty"`
+	Quarantine      *Quarantine      `json:"quarantine,omitempty"`
 }
 
 // String is the form of the X-Cacheproxy-Decision header.
@@ -116,7 +175,7 @@ func approve(d Decision, r Reason, format string, args ...any) Decision {
 }
 
 // Decide applies the rules of the README (Decision rules) in order; the first match wins.
-func (p Policy) Decide(in Input, ev cache.Evidence, now time.Time) Decision {
+func (p Policy) Decide(in Input, ev Evidence, now time.Time) Decision {
 	d := Decision{Upstream: in.Upstream}
 
 	// Rule 1: the narinfo must parse with Nix's semantics, name the
@@ -136,9 +195,7 @@ func (p Policy) Decide(in Input, ev cache.Evidence, now time.Time) Decision {
 	if err != nil {
 		return reject(d, UpstreamMalformed, "%v", err)
 	}
-	switch ni.Compression {
-	case "none", "xz", "zstd", "bzip2", "br":
-	default:
+	if !ni.Compression.Supported() {
 		// A NAR we cannot decode is a NAR we cannot verify.
 		return reject(d, UpstreamMalformed, "unsupported Compression %q", ni.Compression)
 	}
@@ -178,14 +235,14 @@ func (p Policy) Decide(in Input, ev cache.Evidence, now time.Time) Decision {
 		}
 	}
 	allow := ev.Allow
-	allowPinned := allow != nil && !allow.Expired(now) && (allow.NarHash == "" || allow.NarHash == ni.NarHash)
+	allowPinned := allow != nil && !allow.Expired(now) && (allow.NarHash.IsZero() || allow.NarHash == ni.NarHash)
 	if allow != nil {
 		d.Allow = allow
 	}
 
 	// Rule 3: operators can refuse anything.
 	for i := range ev.Deny {
-		if DenyMatches(ev.Deny[i].Pattern, ni, p.StoreDir) {
+		if DenyMatches(ev.Deny[i].Pattern, ni.StorePath, ni.NarHash, p.StoreDir) {
 			d.Deny = &ev.Deny[i]
 			return reject(d, Denied, "denylist entry %q: %s", ev.Deny[i].Pattern, ev.Deny[i].Reason)
 		}
@@ -224,7 +281,7 @@ func (p Policy) Decide(in Input, ev cache.Evidence, now time.Time) Decision {
 	case allow != nil && allow.Expired(now):
 		why = "allowlist entry expired " + allow.Expires.Format(time.RFC3339)
 	case allow != nil:
-		why = "allowlist entry pinned to " + allow.NarHash + ", upstream serves " + ni.NarHash
+		why = "allowlist entry pinned to " + allow.NarHash.String() + ", upstream serves " + ni.NarHash.String()
 	case d.Detail != "":
 		why = "content address does not prove the path: " + d.Detail
 	}
@@ -292,40 +349,49 @@ func caProof(ni *narinfo.NarInfo, storeDir string) error {
 }
 
 // FlatSHA256 returns the file content hash that the NAR verifier must check
-// for flat and text content addresses, or nil for "fixed:r:sha256", where
+// for flat and text content addresses, or zero for "fixed:r:sha256", where
 // the NarHash itself is the commitment.
-func FlatSHA256(ni *narinfo.NarInfo) ([]byte, error) {
+func FlatSHA256(ni *narinfo.NarInfo) (narinfo.SHA256, error) {
 	method, rest, _ := strings.Cut(ni.CA, ":")
 	switch {
 	case method == "fixed" && strings.HasPrefix(rest, "r:sha256:"):
-		return nil, nil
+		return narinfo.SHA256{}, nil
 	case (method == "fixed" || method == "text") && strings.HasPrefix(rest, "sha256:"):
-		algo, digest, err := narinfo.ParseHash(rest)
-		if err != nil || algo != "sha256" {
-			return nil, fmt.Errorf("content address %q: bad hash", ni.CA)
+		h, err := narinfo.ParseSHA256(rest)
+		if err != nil {
+			return h, fmt.Errorf("content address %q: bad hash", ni.CA)
 		}
-		return digest, nil
+		return h, nil
 	}
-	return nil, fmt.Errorf("content address %q: only sha256 content addresses are proven", ni.CA)
+	return narinfo.SHA256{}, fmt.Errorf("content address %q: only sha256 content addresses are proven", ni.CA)
 }
 
-// DenyMatches reports whether a denylist pattern matches a narinfo. A
-// pattern is a store path, a bare hash, a NarHash ("sha256:…" or SRI), a
-// base name, or a glob over the base name ("*-openssl-3.0.7*").
-func DenyMatches(pattern string, ni *narinfo.NarInfo, storeDir string) bool {
-	base := path.Base(ni.StorePath)
+// NAR is what the NAR of an approved path must be: the narinfo's promises,
+// plus, for a path approved by its content address, the content hash.
+func (d Decision) NAR() verify.Expect {
+	ni := d.NarInfo
+	e := verify.Expect{Compression: ni.Compression, FileHash: ni.FileHash, FileSize: ni.FileSize,
+		NarHash: ni.NarHash, NarSize: ni.NarSize}
+	if d.Reason == ContentAddressed {
+		e.Flat, _ = FlatSHA256(ni)
+	}
+	return e
+}
+
+// DenyMatches reports whether a denylist pattern matches a store path with
+// this NarHash. A pattern is a store path, a bare hash, a NarHash
+// ("sha256:…" or SRI), a base name, or a glob over the base name
+// ("*-openssl-3.0.7*").
+func DenyMatches(pattern, storePath string, narHash narinfo.SHA256, storeDir string) bool {
+	base := path.Base(storePath)
 	switch DenyKind(pattern, storeDir) {
 	case "path":
-		return pattern == ni.StorePath
+		return pattern == storePath
 	case "hash":
 		return strings.HasPrefix(base, pattern+"-")
 	case "nar_hash":
-		algo, digest, err := narinfo.ParseHash(pattern)
-		if err != nil {
-			return false
-		}
-		a2, d2, err := narinfo.ParseHash(ni.NarHash)
-		return err == nil && algo == a2 && bytes.Equal(digest, d2)
+		h, err := narinfo.ParseSHA256(pattern)
+		return err == nil && h == narHash
 	case "glob":
 		ok, _ := path.Match(pattern, base)
 		return ok

@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
@@ -24,6 +23,19 @@ const storeDir = "/nix/store"
 func sum(s string) []byte {
 	d := sha256.Sum256([]byte(s))
 	return d[:]
+}
+
+// sha is sum as a narinfo hash.
+func sha(s string) narinfo.SHA256 { return narinfo.SumSHA256([]byte(s)) }
+
+// mustSHA256 parses a hash spelled in any form Nix accepts.
+func mustSHA256(t *testing.T, s string) narinfo.SHA256 {
+	t.Helper()
+	h, err := narinfo.ParseSHA256(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
 }
 
 // mkPath returns a valid store path for name (its hash is derived from name).
@@ -55,7 +67,7 @@ type fixture struct {
 
 	path, dep, drv string
 	hash           string
-	narHash        string // sha256:nix32; its SRI form contains a '/'
+	narHash        narinfo.SHA256 // its SRI form contains a '/'
 	narDigest      []byte
 	narSize        uint64
 	now            time.Time
@@ -86,7 +98,7 @@ func newFixture(t *testing.T) *fixture {
 			break
 		}
 	}
-	f.narHash = narinfo.FormatHash("sha256", f.narDigest)
+	f.narHash = narinfo.SHA256(f.narDigest)
 	return f
 }
 
@@ -105,7 +117,7 @@ func (f *fixture) ni() *narinfo.NarInfo {
 		StorePath:   f.path,
 		URL:         "nar/" + narinfo.FormatHash("sha256", sum("file"))[7:] + ".nar.xz",
 		Compression: "xz",
-		FileHash:    narinfo.FormatHash("sha256", sum("file")),
+		FileHash:    sha("file"),
 		FileSize:    1234,
 		NarHash:     f.narHash,
 		NarSize:     f.narSize,
@@ -143,8 +155,8 @@ func (f *fixture) raw(edit func(*narinfo.NarInfo)) []byte {
 }
 
 // att is an attestation by k of the upstream fingerprint, after edit.
-func (f *fixture) att(k verify.SecretKey, edit func(*cache.Attestation)) cache.Attestation {
-	a := cache.Attestation{
+func (f *fixture) att(k verify.SecretKey, edit func(*Attestation)) Attestation {
+	a := Attestation{
 		StorePath:  f.path,
 		NarHash:    f.narHash,
 		NarSize:    f.narSize,
@@ -165,14 +177,14 @@ func (f *fixture) att(k verify.SecretKey, edit func(*cache.Attestation)) cache.A
 	return a
 }
 
-func (f *fixture) allow(narHash string, expires time.Time) *cache.AllowEntry {
-	return &cache.AllowEntry{StorePath: f.path, NarHash: narHash, Reason: "reviewed", Added: f.now.Add(-24 * time.Hour), Expires: expires}
+func (f *fixture) allow(narHash narinfo.SHA256, expires time.Time) *AllowEntry {
+	return &AllowEntry{StorePath: f.path, NarHash: narHash, Reason: "reviewed", Added: f.now.Add(-24 * time.Hour), Expires: expires}
 }
 
-func deny(patterns ...string) []cache.DenyEntry {
-	var out []cache.DenyEntry
+func deny(patterns ...string) []DenyEntry {
+	var out []DenyEntry
 	for _, p := range patterns {
-		out = append(out, cache.DenyEntry{Pattern: p, Reason: "CVE-2022-0000"})
+		out = append(out, DenyEntry{Pattern: p, Reason: "CVE-2022-0000"})
 	}
 	return out
 }
@@ -210,7 +222,7 @@ func synthCA(t *testing.T, c narinfo.CA, name string) *narinfo.NarInfo {
 		t.Fatal(err)
 	}
 	return &narinfo.NarInfo{StorePath: sp, URL: "nar/x.nar", Compression: "none",
-		NarHash: narinfo.FormatHash("sha256", sum("some nar")), NarSize: 136, CA: c.String()}
+		NarHash: sha("some nar"), NarSize: 136, CA: c.String()}
 }
 
 func dropLine(raw []byte, prefix string) []byte {
@@ -227,7 +239,7 @@ func TestDecide(t *testing.T) {
 	f := newFixture(t)
 	up := []verify.PublicKey{f.up.Public()}
 	other := f.ni()
-	other.NarHash = narinfo.FormatHash("sha256", sum("another nar"))
+	other.NarHash = sha("another nar")
 	otherNarHash := other.NarHash
 	sri := "sha256-" + base64.StdEncoding.EncodeToString(f.narDigest)
 	future, past := f.now.Add(time.Hour), f.now.Add(-time.Hour)
@@ -237,8 +249,8 @@ func TestDecide(t *testing.T) {
 	caDirRaw := f.signed(caNarInfo(t, caRecursive), f.up)
 	caFlatRaw := f.signed(caNarInfo(t, caFlat), f.up)
 	caTextRaw := f.signed(caNarInfo(t, caText), f.up)
-	caDirAtt := func(k verify.SecretKey, edit func(*cache.Attestation)) cache.Attestation {
-		a := cache.Attestation{StorePath: caDir.StorePath, NarHash: caDir.NarHash, NarSize: caDir.NarSize}
+	caDirAtt := func(k verify.SecretKey, edit func(*Attestation)) Attestation {
+		a := Attestation{StorePath: caDir.StorePath, NarHash: caDir.NarHash, NarSize: caDir.NarSize}
 		if edit != nil {
 			edit(&a)
 		}
@@ -253,7 +265,7 @@ func TestDecide(t *testing.T) {
 		raw    []byte
 		keys   []verify.PublicKey // upstream keys; default up
 		policy func(*Policy)
-		ev     cache.Evidence
+		ev     Evidence
 
 		approved bool
 		reason   Reason
@@ -268,7 +280,7 @@ func TestDecide(t *testing.T) {
 		{name: "malformed/validly signed narinfo for another hash", hash: hashOf(f.dep), raw: f.raw(nil),
 			reason: UpstreamMalformed, detail: "answers a request for " + hashOf(f.dep),
 			// even with every kind of approval for the requested hash
-			ev: cache.Evidence{Allow: &cache.AllowEntry{StorePath: f.dep}}},
+			ev: Evidence{Allow: &AllowEntry{StorePath: f.dep}}},
 		{name: "malformed/store path in another store dir",
 			raw:    f.raw(nil),
 			policy: func(p *Policy) { p.StoreDir = "/gnu/store" }, reason: UpstreamMalformed},
@@ -282,11 +294,11 @@ func TestDecide(t *testing.T) {
 		{name: "malformed/missing NarSize", raw: dropLine(f.raw(nil), "NarSize:"), reason: UpstreamMalformed, detail: "NarSize"},
 		{name: "malformed/missing StorePath", raw: dropLine(f.raw(nil), "StorePath:"), reason: UpstreamMalformed},
 		{name: "malformed/NarHash not sha256",
-			raw:    bytes.Replace(f.raw(nil), []byte("NarHash: "+f.narHash), []byte("NarHash: sha1:"+hex.EncodeToString(make([]byte, 20))), 1),
+			raw:    bytes.Replace(f.raw(nil), []byte("NarHash: "+f.narHash.String()), []byte("NarHash: sha1:"+hex.EncodeToString(make([]byte, 20))), 1),
 			reason: UpstreamMalformed},
 		{name: "malformed/duplicate StorePath", raw: append(f.raw(nil), "StorePath: "+f.dep+"\n"...), reason: UpstreamMalformed},
 		{name: "malformed/unknown compression", raw: f.raw(func(ni *narinfo.NarInfo) { ni.Compression = "rar" }),
-			ev: cache.Evidence{Allow: f.allow(f.narHash, time.Time{})}, reason: UpstreamMalformed},
+			ev: Evidence{Allow: f.allow(f.narHash, time.Time{})}, reason: UpstreamMalformed},
 
 		// Rule 2: upstream_unsigned.
 		{name: "unsigned/no Sig", raw: f.signed(f.ni()), reason: UpstreamUnsigned},
@@ -312,10 +324,10 @@ func TestDecide(t *testing.T) {
 			}(), reason: UpstreamUnsigned},
 		{name: "unsigned/Sig by an attester is not the upstream's", raw: f.signed(f.ni(), f.a), reason: UpstreamUnsigned},
 		{name: "unsigned/beats quarantine, deny, attestations, allowlist", raw: f.signed(f.ni(), f.stranger),
-			ev: cache.Evidence{
-				Quarantine:   &cache.Quarantine{StorePath: f.path, Check: "nar_hash"},
+			ev: Evidence{
+				Quarantine:   &Quarantine{StorePath: f.path, Check: "nar_hash"},
 				Deny:         deny(f.path),
-				Attestations: []cache.Attestation{f.att(f.a, nil)},
+				Attestations: []Attestation{f.att(f.a, nil)},
 				Allow:        f.allow(f.narHash, time.Time{}),
 			}, reason: UpstreamUnsigned},
 		{name: "unsigned/real CA path without Sig", hash: caRecursive, raw: caNarInfo(t, caRecursive).Marshal(), reason: UpstreamUnsigned},
@@ -325,7 +337,7 @@ func TestDecide(t *testing.T) {
 				ni.Sigs = []string{f.impostor.Sign(fingerprint(t, ni)), "cache.example.org-1:garbage", ""}
 				return f.signed(ni, f.up)
 			}(),
-			ev: cache.Evidence{Allow: f.allow(f.narHash, time.Time{})}, approved: true, reason: Allowlisted,
+			ev: Evidence{Allow: f.allow(f.narHash, time.Time{})}, approved: true, reason: Allowlisted,
 			check: func(t *testing.T, d Decision) {
 				if !slices.Equal(d.UpstreamSigners, []string{f.up.Name}) {
 					t.Errorf("UpstreamSigners = %v", d.UpstreamSigners)
@@ -334,7 +346,7 @@ func TestDecide(t *testing.T) {
 
 		// NAR quarantine: nar_mismatch.
 		{name: "nar_mismatch/quarantined", raw: f.raw(nil),
-			ev:     cache.Evidence{Quarantine: &cache.Quarantine{StorePath: f.path, Check: "nar_hash", Detail: "got sha256:xyz"}},
+			ev:     Evidence{Quarantine: &Quarantine{StorePath: f.path, Check: "nar_hash", Detail: "got sha256:xyz"}},
 			reason: NarMismatch, detail: "nar_hash",
 			check: func(t *testing.T, d Decision) {
 				if d.Quarantine == nil || d.Quarantine.Check != "nar_hash" {
@@ -342,54 +354,54 @@ func TestDecide(t *testing.T) {
 				}
 			}},
 		{name: "nar_mismatch/beats allowlist and attestations", raw: f.raw(nil),
-			ev: cache.Evidence{
-				Quarantine:   &cache.Quarantine{StorePath: f.path, Check: "decompress"},
-				Attestations: []cache.Attestation{f.att(f.a, nil), f.att(f.b, nil)},
+			ev: Evidence{
+				Quarantine:   &Quarantine{StorePath: f.path, Check: "decompress"},
+				Attestations: []Attestation{f.att(f.a, nil), f.att(f.b, nil)},
 				Allow:        f.allow(f.narHash, time.Time{}),
 			}, reason: NarMismatch},
 		{name: "nar_mismatch/beats content address", hash: caRecursive, raw: caDirRaw,
-			ev: cache.Evidence{Quarantine: &cache.Quarantine{Check: "nar_size"}}, reason: NarMismatch},
+			ev: Evidence{Quarantine: &Quarantine{Check: "nar_size"}}, reason: NarMismatch},
 
 		// Rule 3: denied.
-		{name: "denied/store path", raw: f.raw(nil), ev: cache.Evidence{Deny: deny(f.path)}, reason: Denied,
+		{name: "denied/store path", raw: f.raw(nil), ev: Evidence{Deny: deny(f.path)}, reason: Denied,
 			check: func(t *testing.T, d Decision) {
 				if d.Deny == nil || d.Deny.Pattern != f.path {
 					t.Errorf("Deny = %+v", d.Deny)
 				}
 			}},
-		{name: "denied/bare hash", raw: f.raw(nil), ev: cache.Evidence{Deny: deny(f.hash)}, reason: Denied},
-		{name: "denied/NarHash sha256:nix32", raw: f.raw(nil), ev: cache.Evidence{Deny: deny(f.narHash)}, reason: Denied},
-		{name: "denied/NarHash sha256:base16", raw: f.raw(nil), ev: cache.Evidence{Deny: deny("sha256:" + hex.EncodeToString(f.narDigest))}, reason: Denied},
-		{name: "denied/NarHash SRI with a slash", raw: f.raw(nil), ev: cache.Evidence{Deny: deny(sri)}, reason: Denied},
-		{name: "denied/name glob", raw: f.raw(nil), ev: cache.Evidence{Deny: deny("*-openssl-3.0.7*")}, reason: Denied},
-		{name: "denied/name glob with class", raw: f.raw(nil), ev: cache.Evidence{Deny: deny("*-openssl-3.0.[0-7]")}, reason: Denied},
-		{name: "denied/base name", raw: f.raw(nil), ev: cache.Evidence{Deny: deny(path.Base(f.path))}, reason: Denied},
+		{name: "denied/bare hash", raw: f.raw(nil), ev: Evidence{Deny: deny(f.hash)}, reason: Denied},
+		{name: "denied/NarHash sha256:nix32", raw: f.raw(nil), ev: Evidence{Deny: deny(f.narHash.String())}, reason: Denied},
+		{name: "denied/NarHash sha256:base16", raw: f.raw(nil), ev: Evidence{Deny: deny("sha256:" + hex.EncodeToString(f.narDigest))}, reason: Denied},
+		{name: "denied/NarHash SRI with a slash", raw: f.raw(nil), ev: Evidence{Deny: deny(sri)}, reason: Denied},
+		{name: "denied/name glob", raw: f.raw(nil), ev: Evidence{Deny: deny("*-openssl-3.0.7*")}, reason: Denied},
+		{name: "denied/name glob with class", raw: f.raw(nil), ev: Evidence{Deny: deny("*-openssl-3.0.[0-7]")}, reason: Denied},
+		{name: "denied/base name", raw: f.raw(nil), ev: Evidence{Deny: deny(path.Base(f.path))}, reason: Denied},
 		{name: "denied/first matching entry is reported", raw: f.raw(nil),
-			ev: cache.Evidence{Deny: deny(f.dep, "*-openssl-3.0.7*", f.hash)}, reason: Denied,
+			ev: Evidence{Deny: deny(f.dep, "*-openssl-3.0.7*", f.hash)}, reason: Denied,
 			detail: `"*-openssl-3.0.7*"`},
 		{name: "denied/beats attestations, allowlist pinned", raw: f.raw(nil),
-			ev: cache.Evidence{
+			ev: Evidence{
 				Deny:         deny("*-openssl-3.0.7*"),
-				Attestations: []cache.Attestation{f.att(f.a, nil), f.att(f.b, nil)},
+				Attestations: []Attestation{f.att(f.a, nil), f.att(f.b, nil)},
 				Allow:        f.allow(f.narHash, time.Time{}),
 			}, reason: Denied},
 		{name: "denied/beats attestation mismatch", raw: f.raw(nil),
-			ev: cache.Evidence{
+			ev: Evidence{
 				Deny:         deny(f.hash),
-				Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) { a.NarSize++ })},
+				Attestations: []Attestation{f.att(f.a, func(a *Attestation) { a.NarSize++ })},
 			}, reason: Denied},
 		{name: "denied/beats content address", hash: caFlat, raw: caFlatRaw,
-			ev: cache.Evidence{Deny: deny("*-flat.txt")}, reason: Denied},
+			ev: Evidence{Deny: deny("*-flat.txt")}, reason: Denied},
 		{name: "denied/non-matching entries deny nothing", raw: f.raw(nil),
-			ev: cache.Evidence{
-				Deny: deny(f.dep, hashOf(f.dep), otherNarHash, "*-openssl-3.0.8*", "openssl-3.0.7", path.Base(f.dep),
+			ev: Evidence{
+				Deny: deny(f.dep, hashOf(f.dep), otherNarHash.String(), "*-openssl-3.0.8*", "openssl-3.0.7", path.Base(f.dep),
 					"sha512:"+hex.EncodeToString(make([]byte, 64))),
 				Allow: f.allow(f.narHash, time.Time{}),
 			}, approved: true, reason: Allowlisted},
 
 		// Rule 4: attestation_mismatch.
 		{name: "mismatch/other NarHash", raw: f.raw(nil),
-			ev:     cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) { a.NarHash = otherNarHash })}},
+			ev:     Evidence{Attestations: []Attestation{f.att(f.a, func(a *Attestation) { a.NarHash = otherNarHash })}},
 			reason: AttestationMismatch, detail: f.a.Name,
 			check: func(t *testing.T, d Decision) {
 				if !slices.Equal(d.Mismatched, []string{f.a.Name}) || len(d.Attesters) != 0 {
@@ -397,22 +409,22 @@ func TestDecide(t *testing.T) {
 				}
 			}},
 		{name: "mismatch/other NarSize", raw: f.raw(nil),
-			ev:     cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) { a.NarSize = 1 })}},
+			ev:     Evidence{Attestations: []Attestation{f.att(f.a, func(a *Attestation) { a.NarSize = 1 })}},
 			reason: AttestationMismatch},
 		{name: "mismatch/other references", raw: f.raw(nil),
-			ev: cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) {
+			ev: Evidence{Attestations: []Attestation{f.att(f.a, func(a *Attestation) {
 				a.References = []string{path.Base(f.path), path.Base(mkPath("evil-lib"))}
 			})}},
 			reason: AttestationMismatch},
 		{name: "mismatch/a reference fewer", raw: f.raw(nil),
-			ev: cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) {
+			ev: Evidence{Attestations: []Attestation{f.att(f.a, func(a *Attestation) {
 				a.References = []string{path.Base(f.path)}
 			})}},
 			reason: AttestationMismatch},
 		{name: "mismatch/beats quorum by another key", raw: f.raw(nil),
-			ev: cache.Evidence{Attestations: []cache.Attestation{
+			ev: Evidence{Attestations: []Attestation{
 				f.att(f.b, nil),
-				f.att(f.a, func(a *cache.Attestation) { a.NarHash = otherNarHash }),
+				f.att(f.a, func(a *Attestation) { a.NarHash = otherNarHash }),
 			}},
 			reason: AttestationMismatch,
 			check: func(t *testing.T, d Decision) {
@@ -421,26 +433,26 @@ func TestDecide(t *testing.T) {
 				}
 			}},
 		{name: "mismatch/unpinned allowlist entry does not override", raw: f.raw(nil),
-			ev: cache.Evidence{
-				Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) { a.NarHash = otherNarHash })},
-				Allow:        f.allow("", time.Time{}),
+			ev: Evidence{
+				Attestations: []Attestation{f.att(f.a, func(a *Attestation) { a.NarHash = otherNarHash })},
+				Allow:        f.allow(narinfo.SHA256{}, time.Time{}),
 			}, reason: AttestationMismatch},
 		{name: "mismatch/allowlist pinned to the attested NarHash does not override", raw: f.raw(nil),
-			ev: cache.Evidence{
-				Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) { a.NarHash = otherNarHash })},
+			ev: Evidence{
+				Attestations: []Attestation{f.att(f.a, func(a *Attestation) { a.NarHash = otherNarHash })},
 				Allow:        f.allow(otherNarHash, time.Time{}),
 			}, reason: AttestationMismatch},
 		{name: "mismatch/expired pinned allowlist entry does not override", raw: f.raw(nil),
-			ev: cache.Evidence{
-				Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) { a.NarHash = otherNarHash })},
+			ev: Evidence{
+				Attestations: []Attestation{f.att(f.a, func(a *Attestation) { a.NarHash = otherNarHash })},
 				Allow:        f.allow(f.narHash, past),
 			}, reason: AttestationMismatch},
 		{name: "mismatch/beats content address", hash: caRecursive, raw: caDirRaw,
-			ev:     cache.Evidence{Attestations: []cache.Attestation{caDirAtt(f.a, func(a *cache.Attestation) { a.NarSize++ })}},
+			ev:     Evidence{Attestations: []Attestation{caDirAtt(f.a, func(a *Attestation) { a.NarSize++ })}},
 			reason: AttestationMismatch},
 		{name: "mismatch/overridden by allowlist pinned to upstream NarHash", raw: f.raw(nil),
-			ev: cache.Evidence{
-				Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) { a.NarHash = otherNarHash })},
+			ev: Evidence{
+				Attestations: []Attestation{f.att(f.a, func(a *Attestation) { a.NarHash = otherNarHash })},
 				Allow:        f.allow(f.narHash, future),
 			}, approved: true, reason: Allowlisted,
 			check: func(t *testing.T, d Decision) {
@@ -449,15 +461,15 @@ func TestDecide(t *testing.T) {
 				}
 			}},
 		{name: "mismatch/overridden by pinned allowlist, then attested by another key", raw: f.raw(nil),
-			ev: cache.Evidence{
-				Attestations: []cache.Attestation{
-					f.att(f.a, func(a *cache.Attestation) { a.NarHash = otherNarHash }),
+			ev: Evidence{
+				Attestations: []Attestation{
+					f.att(f.a, func(a *Attestation) { a.NarHash = otherNarHash }),
 					f.att(f.b, nil),
 				},
 				Allow: f.allow(f.narHash, time.Time{}),
 			}, approved: true, reason: Attested},
 		{name: "mismatch/by a key no longer configured is ignored", raw: f.raw(nil),
-			ev:     cache.Evidence{Attestations: []cache.Attestation{f.att(f.gone, func(a *cache.Attestation) { a.NarHash = otherNarHash })}},
+			ev:     Evidence{Attestations: []Attestation{f.att(f.gone, func(a *Attestation) { a.NarHash = otherNarHash })}},
 			reason: Unattested, detail: "=no attestation, allowlist entry or content-address proof",
 			check: func(t *testing.T, d Decision) {
 				if len(d.Mismatched) != 0 {
@@ -465,18 +477,18 @@ func TestDecide(t *testing.T) {
 				}
 			}},
 		{name: "mismatch/by a configured key's name with another key is ignored", raw: f.raw(nil),
-			ev:     cache.Evidence{Attestations: []cache.Attestation{f.att(genKey(t, f.a.Name), func(a *cache.Attestation) { a.NarHash = otherNarHash })}},
+			ev:     Evidence{Attestations: []Attestation{f.att(genKey(t, f.a.Name), func(a *Attestation) { a.NarHash = otherNarHash })}},
 			reason: Unattested},
 		{name: "match/references in another order and NarHash in base16 still match", raw: f.raw(nil),
-			ev: cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, func(a *cache.Attestation) {
+			ev: Evidence{Attestations: []Attestation{f.att(f.a, func(a *Attestation) {
 				a.References = []string{path.Base(f.path), path.Base(f.dep), path.Base(f.dep)}
-				a.NarHash = "sha256:" + hex.EncodeToString(f.narDigest)
+				a.NarHash = mustSHA256(t, "sha256:"+hex.EncodeToString(f.narDigest))
 			})}},
 			approved: true, reason: Attested},
 
 		// Rule 5: attested.
 		{name: "attested/quorum 1", raw: f.raw(nil),
-			ev:       cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, nil)}},
+			ev:       Evidence{Attestations: []Attestation{f.att(f.a, nil)}},
 			approved: true, reason: Attested, detail: "=1 of 1 required attester keys: " + f.a.Name,
 			check: func(t *testing.T, d Decision) {
 				if d.NarInfo == nil || d.NarInfo.StorePath != f.path || d.Fingerprint != fingerprint(t, f.ni()) {
@@ -487,26 +499,26 @@ func TestDecide(t *testing.T) {
 				}
 			}},
 		{name: "attested/quorum 2 with one key", raw: f.raw(nil), policy: quorum2,
-			ev:     cache.Evidence{Attestations: []cache.Attestation{f.att(f.b, nil)}},
+			ev:     Evidence{Attestations: []Attestation{f.att(f.b, nil)}},
 			reason: Unattested, detail: "=1 attester keys of the 2 required"},
 		{name: "attested/quorum 2 with two keys", raw: f.raw(nil), policy: quorum2,
-			ev:       cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, nil), f.att(f.b, nil)}},
+			ev:       Evidence{Attestations: []Attestation{f.att(f.a, nil), f.att(f.b, nil)}},
 			approved: true, reason: Attested},
 		{name: "attested/the same key twice counts once", raw: f.raw(nil), policy: quorum2,
-			ev:     cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, nil), f.att(f.a, nil)}},
+			ev:     Evidence{Attestations: []Attestation{f.att(f.a, nil), f.att(f.a, nil)}},
 			reason: Unattested, detail: "=1 attester keys of the 2 required"},
 		{name: "attested/a key no longer configured is ignored", raw: f.raw(nil),
-			ev:     cache.Evidence{Attestations: []cache.Attestation{f.att(f.gone, nil)}},
+			ev:     Evidence{Attestations: []Attestation{f.att(f.gone, nil)}},
 			reason: Unattested, detail: "=no attestation, allowlist entry or content-address proof"},
 		{name: "attested/a key no longer configured does not make the quorum", raw: f.raw(nil), policy: quorum2,
-			ev:     cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, nil), f.att(f.gone, nil)}},
+			ev:     Evidence{Attestations: []Attestation{f.att(f.a, nil), f.att(f.gone, nil)}},
 			reason: Unattested, detail: "=1 attester keys of the 2 required"},
 		{name: "attested/a configured key removed from the policy", raw: f.raw(nil),
 			policy: func(p *Policy) { p.Attesters = []verify.PublicKey{f.b.Public()} },
-			ev:     cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, nil)}},
+			ev:     Evidence{Attestations: []Attestation{f.att(f.a, nil)}},
 			reason: Unattested},
 		{name: "attested/Sig not over the upstream fingerprint is not counted", raw: f.raw(nil),
-			ev: cache.Evidence{Attestations: []cache.Attestation{func() cache.Attestation {
+			ev: Evidence{Attestations: []Attestation{func() Attestation {
 				a := f.att(f.a, nil)
 				a.Sig = f.a.Sign(fingerprint(t, other))
 				return a
@@ -518,42 +530,42 @@ func TestDecide(t *testing.T) {
 				}
 			}},
 		{name: "attested/Sig by another key under the attester's name is not counted", raw: f.raw(nil),
-			ev: cache.Evidence{Attestations: []cache.Attestation{func() cache.Attestation {
+			ev: Evidence{Attestations: []Attestation{func() Attestation {
 				a := f.att(f.a, nil)
 				a.Sig = genKey(t, f.a.Name).Sign(fingerprint(t, f.ni()))
 				return a
 			}()}},
 			reason: Unattested},
 		{name: "attested/beats allowlisted", raw: f.raw(nil),
-			ev:       cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, nil)}, Allow: f.allow(f.narHash, time.Time{})},
+			ev:       Evidence{Attestations: []Attestation{f.att(f.a, nil)}, Allow: f.allow(f.narHash, time.Time{})},
 			approved: true, reason: Attested},
 		{name: "attested/beats content address", hash: caRecursive, raw: caDirRaw,
-			ev:       cache.Evidence{Attestations: []cache.Attestation{caDirAtt(f.a, nil)}},
+			ev:       Evidence{Attestations: []Attestation{caDirAtt(f.a, nil)}},
 			approved: true, reason: Attested},
 		{name: "attested/short of quorum falls through to the allowlist", raw: f.raw(nil), policy: quorum2,
-			ev:       cache.Evidence{Attestations: []cache.Attestation{f.att(f.a, nil)}, Allow: f.allow(f.narHash, time.Time{})},
+			ev:       Evidence{Attestations: []Attestation{f.att(f.a, nil)}, Allow: f.allow(f.narHash, time.Time{})},
 			approved: true, reason: Allowlisted},
 
 		// Rule 6: allowlisted.
-		{name: "allowlisted/unpinned", raw: f.raw(nil), ev: cache.Evidence{Allow: f.allow("", time.Time{})},
+		{name: "allowlisted/unpinned", raw: f.raw(nil), ev: Evidence{Allow: f.allow(narinfo.SHA256{}, time.Time{})},
 			approved: true, reason: Allowlisted, detail: "reviewed"},
-		{name: "allowlisted/pinned to upstream NarHash", raw: f.raw(nil), ev: cache.Evidence{Allow: f.allow(f.narHash, time.Time{})},
+		{name: "allowlisted/pinned to upstream NarHash", raw: f.raw(nil), ev: Evidence{Allow: f.allow(f.narHash, time.Time{})},
 			approved: true, reason: Allowlisted,
 			check: func(t *testing.T, d Decision) {
 				if d.Allow == nil || d.Allow.NarHash != f.narHash {
 					t.Errorf("Allow = %+v", d.Allow)
 				}
 			}},
-		{name: "allowlisted/not yet expired", raw: f.raw(nil), ev: cache.Evidence{Allow: f.allow(f.narHash, future)},
+		{name: "allowlisted/not yet expired", raw: f.raw(nil), ev: Evidence{Allow: f.allow(f.narHash, future)},
 			approved: true, reason: Allowlisted},
-		{name: "allowlisted/pinned to another NarHash", raw: f.raw(nil), ev: cache.Evidence{Allow: f.allow(otherNarHash, time.Time{})},
-			reason: Unattested, detail: "=allowlist entry pinned to " + otherNarHash + ", upstream serves " + f.narHash},
-		{name: "allowlisted/expired", raw: f.raw(nil), ev: cache.Evidence{Allow: f.allow(f.narHash, past)},
+		{name: "allowlisted/pinned to another NarHash", raw: f.raw(nil), ev: Evidence{Allow: f.allow(otherNarHash, time.Time{})},
+			reason: Unattested, detail: "=allowlist entry pinned to " + otherNarHash.String() + ", upstream serves " + f.narHash.String()},
+		{name: "allowlisted/expired", raw: f.raw(nil), ev: Evidence{Allow: f.allow(f.narHash, past)},
 			reason: Unattested, detail: "=allowlist entry expired " + past.Format(time.RFC3339)},
-		{name: "allowlisted/expires exactly now", raw: f.raw(nil), ev: cache.Evidence{Allow: f.allow(f.narHash, f.now)},
+		{name: "allowlisted/expires exactly now", raw: f.raw(nil), ev: Evidence{Allow: f.allow(f.narHash, f.now)},
 			reason: Unattested, detail: "expired"},
 		{name: "allowlisted/beats content address", hash: caFlat, raw: caFlatRaw,
-			ev:       cache.Evidence{Allow: &cache.AllowEntry{StorePath: "/nix/store/61aj7swkryfp2b20a5r82689lgcqy8dr-flat.txt"}},
+			ev:       Evidence{Allow: &AllowEntry{StorePath: "/nix/store/61aj7swkryfp2b20a5r82689lgcqy8dr-flat.txt"}},
 			approved: true, reason: Allowlisted},
 
 		// Rule 7: content_addressed, with real Nix-made narinfos.
@@ -583,7 +595,7 @@ func TestDecide(t *testing.T) {
 		{name: "content_addressed/claimed by a path it does not name",
 			raw: f.raw(func(ni *narinfo.NarInfo) {
 				ni.References = nil
-				ni.CA = "fixed:r:" + f.narHash
+				ni.CA = "fixed:r:" + f.narHash.String()
 			}),
 			reason: Unattested, detail: "content address does not prove the path"},
 		{name: "content_addressed/reference added to a CA path", hash: caRecursive,
@@ -610,7 +622,7 @@ func TestDecide(t *testing.T) {
 		{name: "unattested/no evidence", raw: f.raw(nil), reason: Unattested,
 			detail: "=no attestation, allowlist entry or content-address proof"},
 		{name: "unattested/evidence about other paths is not consulted", raw: f.raw(nil),
-			ev: cache.Evidence{Deny: deny(f.dep, "*-glibc-*")}, reason: Unattested},
+			ev: Evidence{Deny: deny(f.dep, "*-glibc-*")}, reason: Unattested},
 	}
 
 	seen := map[string]bool{}
@@ -661,8 +673,8 @@ func sha1Sum(s string) []byte {
 // Decide must not modify the evidence it is given (the server may share it).
 func TestDecideDoesNotModifyEvidence(t *testing.T) {
 	f := newFixture(t)
-	ev := cache.Evidence{
-		Attestations: []cache.Attestation{f.att(f.a, nil), f.att(f.b, func(a *cache.Attestation) { a.NarSize++ })},
+	ev := Evidence{
+		Attestations: []Attestation{f.att(f.a, nil), f.att(f.b, func(a *Attestation) { a.NarSize++ })},
 		Allow:        f.allow(f.narHash, time.Time{}),
 		Deny:         deny("*-nothing-*"),
 	}
@@ -681,17 +693,17 @@ func TestFlatSHA256(t *testing.T) {
 	cases := []struct {
 		name string
 		ni   *narinfo.NarInfo
-		want []byte
+		want narinfo.SHA256
 		err  string
 	}{
-		{"recursive: the NarHash is the commitment", caNarInfo(t, caRecursive), nil, ""},
-		{"flat", caNarInfo(t, caFlat), sum("flat file content\n"), ""},
-		{"text", caNarInfo(t, caText), sum("hello from toFile\n"), ""},
-		{"no CA", &narinfo.NarInfo{}, nil, "only sha256"},
-		{"flat sha1", &narinfo.NarInfo{CA: "fixed:sha1:" + hex.EncodeToString(sha1Sum("x"))}, nil, "only sha256"},
-		{"recursive sha512", &narinfo.NarInfo{CA: "fixed:r:sha512:" + hex.EncodeToString(make([]byte, 64))}, nil, "only sha256"},
-		{"git", &narinfo.NarInfo{CA: "fixed:git:sha256:" + hex.EncodeToString(make([]byte, 32))}, nil, "only sha256"},
-		{"flat sha256 bad digest", &narinfo.NarInfo{CA: "fixed:sha256:xyz"}, nil, "bad hash"},
+		{"recursive: the NarHash is the commitment", caNarInfo(t, caRecursive), narinfo.SHA256{}, ""},
+		{"flat", caNarInfo(t, caFlat), sha("flat file content\n"), ""},
+		{"text", caNarInfo(t, caText), sha("hello from toFile\n"), ""},
+		{"no CA", &narinfo.NarInfo{}, narinfo.SHA256{}, "only sha256"},
+		{"flat sha1", &narinfo.NarInfo{CA: "fixed:sha1:" + hex.EncodeToString(sha1Sum("x"))}, narinfo.SHA256{}, "only sha256"},
+		{"recursive sha512", &narinfo.NarInfo{CA: "fixed:r:sha512:" + hex.EncodeToString(make([]byte, 64))}, narinfo.SHA256{}, "only sha256"},
+		{"git", &narinfo.NarInfo{CA: "fixed:git:sha256:" + hex.EncodeToString(make([]byte, 32))}, narinfo.SHA256{}, "only sha256"},
+		{"flat sha256 bad digest", &narinfo.NarInfo{CA: "fixed:sha256:xyz"}, narinfo.SHA256{}, "bad hash"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -702,10 +714,77 @@ func TestFlatSHA256(t *testing.T) {
 				}
 				return
 			}
-			if err != nil || !bytes.Equal(got, c.want) {
+			if err != nil || got != c.want {
 				t.Fatalf("got %x, %v; want %x", got, err, c.want)
 			}
 		})
+	}
+}
+
+// Decision.NAR carries the narinfo's promises to the NAR verifier, plus the
+// content hash for a path approved by its flat or text content address.
+func TestDecisionNAR(t *testing.T) {
+	f := newFixture(t)
+	up := []verify.PublicKey{f.up.Public()}
+	decide := func(hash string, raw []byte, ev Evidence) Decision {
+		t.Helper()
+		d := f.policy().Decide(Input{Hash: hash, Raw: raw, Upstream: "u", UpstreamKeys: up}, ev, f.now)
+		if !d.Approved {
+			t.Fatalf("setup: %s %s", d, d.Detail)
+		}
+		return d
+	}
+	flat := caNarInfo(t, caFlat)
+	flatRaw := f.signed(caNarInfo(t, caFlat), f.up)
+	promised := verify.Expect{Compression: flat.Compression, FileHash: flat.FileHash, FileSize: flat.FileSize,
+		NarHash: flat.NarHash, NarSize: flat.NarSize}
+
+	withFlat := promised
+	withFlat.Flat = sha("flat file content\n")
+	cases := []struct {
+		name string
+		d    Decision
+		want verify.Expect
+	}{
+		{"flat content address adds the content hash", decide(caFlat, flatRaw, Evidence{}), withFlat},
+		{"the same path allowlisted has no content hash", decide(caFlat, flatRaw, Evidence{Allow: &AllowEntry{StorePath: flat.StorePath}}), promised},
+		{"text content address adds the content hash", decide(caText, f.signed(caNarInfo(t, caText), f.up), Evidence{}),
+			func() verify.Expect {
+				ni := caNarInfo(t, caText)
+				return verify.Expect{Compression: ni.Compression, FileHash: ni.FileHash, FileSize: ni.FileSize,
+					NarHash: ni.NarHash, NarSize: ni.NarSize, Flat: sha("hello from toFile\n")}
+			}()},
+		{"recursive content address: the NarHash is the commitment", decide(caRecursive, f.signed(caNarInfo(t, caRecursive), f.up), Evidence{}),
+			func() verify.Expect {
+				ni := caNarInfo(t, caRecursive)
+				return verify.Expect{Compression: ni.Compression, FileHash: ni.FileHash, FileSize: ni.FileSize,
+					NarHash: ni.NarHash, NarSize: ni.NarSize}
+			}()},
+		{"attested", decide(f.hash, f.raw(nil), Evidence{Attestations: []Attestation{f.att(f.a, nil)}}),
+			verify.Expect{Compression: narinfo.CompressionXZ, FileHash: sha("file"), FileSize: 1234, NarHash: f.narHash, NarSize: f.narSize}},
+	}
+	for _, c := range cases {
+		if got := c.d.NAR(); got != c.want {
+			t.Errorf("%s: NAR() = %+v, want %+v", c.name, got, c.want)
+		}
+	}
+}
+
+func TestAllowEntryExpired(t *testing.T) {
+	t0 := time.Date(2025, 6, 1, 12, 0, 0, 0, time.UTC)
+	cases := []struct {
+		expires time.Time
+		want    bool
+	}{
+		{time.Time{}, false},
+		{t0.Add(time.Nanosecond), false},
+		{t0, true},
+		{t0.Add(-time.Second), true},
+	}
+	for _, c := range cases {
+		if got := (AllowEntry{Expires: c.expires}).Expired(t0); got != c.want {
+			t.Errorf("Expires %v: Expired = %v, want %v", c.expires, got, c.want)
+		}
 	}
 }
 
@@ -713,11 +792,11 @@ func TestClosure(t *testing.T) {
 	f := newFixture(t)
 	up := []verify.PublicKey{f.up.Public()}
 	ok := f.policy().Decide(Input{Hash: f.hash, Raw: f.raw(nil), Upstream: "u", UpstreamKeys: up},
-		cache.Evidence{Allow: f.allow(f.narHash, time.Time{})}, f.now)
+		Evidence{Allow: f.allow(f.narHash, time.Time{})}, f.now)
 	if ok.Reason != Allowlisted {
 		t.Fatalf("setup: %s %s", ok, ok.Detail)
 	}
-	rejected := f.policy().Decide(Input{Hash: f.hash, Raw: f.raw(nil), Upstream: "u", UpstreamKeys: up}, cache.Evidence{}, f.now)
+	rejected := f.policy().Decide(Input{Hash: f.hash, Raw: f.raw(nil), Upstream: "u", UpstreamKeys: up}, Evidence{}, f.now)
 	if rejected.Reason != Unattested {
 		t.Fatalf("setup: %s", rejected)
 	}
@@ -773,6 +852,7 @@ func TestClosure(t *testing.T) {
 }
 
 func TestServed(t *testing.T) {
+	// NarMismatch and StaleNarInfo (like rules 1–2) are refused in both modes.
 	served := map[Reason]bool{Denied: true, AttestationMismatch: true, Unattested: true, ClosureIncomplete: true}
 	for _, r := range Reasons {
 		for _, report := range []bool{false, true} {
@@ -790,7 +870,7 @@ func TestServed(t *testing.T) {
 			}
 		}
 	}
-	if len(Reasons) != 10 {
+	if len(Reasons) != 11 {
 		t.Errorf("Reasons has %d entries; update this test", len(Reasons))
 	}
 }
@@ -868,7 +948,7 @@ func TestDenyMatches(t *testing.T) {
 		{other, false},
 		{f.hash, true},
 		{hashOf(other), false},
-		{f.narHash, true},
+		{f.narHash.String(), true},
 		{"sha256-" + base64.StdEncoding.EncodeToString(f.narDigest), true},
 		{"sha256:" + hex.EncodeToString(f.narDigest), true},
 		{narinfo.FormatHash("sha256", sum("other")), false},
@@ -885,7 +965,7 @@ func TestDenyMatches(t *testing.T) {
 		{"a/b*", false},
 	}
 	for _, c := range cases {
-		if got := DenyMatches(c.pattern, ni, storeDir); got != c.want {
+		if got := DenyMatches(c.pattern, ni.StorePath, ni.NarHash, storeDir); got != c.want {
 			t.Errorf("DenyMatches(%q) = %v, want %v", c.pattern, got, c.want)
 		}
 	}

@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
+	"github.com/cacheproxy/cacheproxy/internal/gate"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 )
 
@@ -42,6 +44,12 @@ func (s *Server) AdminHandler() http.Handler {
 	}))
 }
 
+// authorized compares the bearer token in constant time.
+func (s *Server) authorized(r *http.Request) bool {
+	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	return ok && len(s.token) > 0 && subtle.ConstantTimeCompare([]byte(tok), s.token) == 1
+}
+
 func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
@@ -52,6 +60,21 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 
 func writeError(w http.ResponseWriter, code int, format string, args ...any) {
 	writeJSON(w, code, adminapi.Error{Error: fmt.Sprintf(format, args...)})
+}
+
+// writeGateError answers an error from the gate with the status its kind
+// calls for.
+func writeGateError(w http.ResponseWriter, prefix string, err error) {
+	code := http.StatusInternalServerError
+	switch {
+	case errors.Is(err, gate.ErrInvalid):
+		code = http.StatusBadRequest
+	case errors.Is(err, gate.ErrNotFound):
+		code = http.StatusNotFound
+	case errors.Is(err, gate.ErrUnavailable):
+		code = http.StatusServiceUnavailable
+	}
+	writeError(w, code, "%s%v", prefix, err)
 }
 
 // readBody reads a bounded request body.
@@ -116,4 +139,18 @@ func (s *Server) pathHashes(args []string) ([]string, error) {
 		out = append(out, h)
 	}
 	return out, nil
+}
+
+// pathsRequest decodes a PathsRequest into hashes, answering 400 itself.
+func (s *Server) pathsRequest(w http.ResponseWriter, r *http.Request) ([]string, bool) {
+	var req adminapi.PathsRequest
+	if !decodeJSON(w, r, &req) {
+		return nil, false
+	}
+	hashes, err := s.pathHashes(req.Paths)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "%v", err)
+		return nil, false
+	}
+	return hashes, true
 }

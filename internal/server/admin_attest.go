@@ -1,22 +1,16 @@
 package server
 
 import (
+	"log/slog"
 	"net/http"
-	"strings"
-	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/attest"
-	"github.com/cacheproxy/cacheproxy/internal/cache"
-	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
 // handleAttest imports rebuild attestations: `nix path-info --json --sigs`
-// output in any of its shapes, or narinfo text. Only signatures by
-// configured attester keys that verify over the claim's own fingerprint are
-// stored; whether that fingerprint matches what upstream serves is decided
-// later, per request, by the policy. A body that does not parse changes
-// nothing.
+// output in any of its shapes, or narinfo text. A body that does not parse
+// changes nothing.
 func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request) {
 	raw, ok := readBody(w, r)
 	if !ok {
@@ -27,55 +21,20 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "attestations not imported: %v", err)
 		return
 	}
-	now := s.now()
-	var results []adminapi.AttestResult
-	var toStore []cache.Attestation
-	var storeIdx []int
-	for _, c := range claims {
-		fp, err := c.Fingerprint(s.cfg.StoreDir)
-		if err != nil {
-			writeError(w, http.StatusBadRequest, "attestations not imported: %s: %v", c.StorePath, err)
-			return
-		}
-		found := false
-		for _, sig := range c.Sigs {
-			name, _, _ := strings.Cut(sig, ":")
-			for _, key := range s.policy.Attesters {
-				if key.Name != name {
-					continue
-				}
-				found = true
-				if !key.Verify(fp, sig) {
-					results = append(results, adminapi.AttestResult{Path: c.StorePath, Key: key.Name, Status: adminapi.AttestBadSignature})
-					continue
-				}
-				storeIdx = append(storeIdx, len(results))
-				results = append(results, adminapi.AttestResult{Path: c.StorePath, Key: key.Name})
-				toStore = append(toStore, attestation(c, key, sig, now))
-			}
-		}
-		if !found {
-			results = append(results, adminapi.AttestResult{Path: c.StorePath, Status: adminapi.AttestNoAttester})
-		}
-	}
-	stored, err := s.db.PutAttestations(toStore)
+	res, err := s.gate.Attest(claims)
 	if err != nil {
-		writeError(w, http.StatusInternalServerError, "store attestations: %v", err)
+		writeGateError(w, "attestations not imported: ", err)
 		return
 	}
-	for i, st := range stored {
-		results[storeIdx[i]].Status = string(st)
+	out := adminapi.AttestResponse{Results: make([]adminapi.AttestResult, len(res)), Counts: map[string]int{}}
+	for i, x := range res {
+		out.Results[i] = adminapi.AttestResult{Path: x.Path, Key: x.Key, Status: x.Status}
+		out.Counts[x.Status]++
 	}
-	counts := map[string]int{}
-	for _, res := range results {
-		counts[res.Status]++
+	attrs := []any{"paths", len(claims)}
+	for _, st := range []string{adminapi.AttestStored, adminapi.AttestKnown, adminapi.AttestNoAttester, adminapi.AttestBadSignature} {
+		attrs = append(attrs, slog.Int(st, out.Counts[st]))
 	}
-	s.refreshGauges()
-	s.log.Info("attestations imported", "paths", len(claims), "counts", counts)
-	writeJSON(w, http.StatusOK, adminapi.AttestResponse{Results: results, Counts: counts})
-}
-
-func attestation(c attest.Claim, key verify.PublicKey, sig string, now time.Time) cache.Attestation {
-	return cache.Attestation{StorePath: c.StorePath, NarHash: c.NarHash, NarSize: c.NarSize, References: c.References,
-		Deriver: c.Deriver, KeyName: key.Name, PublicKey: key.String(), Sig: sig, Imported: now}
+	s.log.Info("attestations imported", attrs...)
+	writeJSON(w, http.StatusOK, out)
 }

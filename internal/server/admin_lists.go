@@ -1,30 +1,42 @@
 package server
 
 import (
-	"context"
-	"fmt"
 	"net/http"
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
-	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/config"
-	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
 )
 
+func allowWire(es []policy.AllowEntry) []adminapi.AllowEntry {
+	out := make([]adminapi.AllowEntry, len(es))
+	for i, e := range es {
+		out[i] = adminapi.AllowEntry{StorePath: e.StorePath, NarHash: e.NarHash.String(), Reason: e.Reason, Added: e.Added, Expires: e.Expires}
+	}
+	return out
+}
+
+func denyWire(es []policy.DenyEntry) []adminapi.DenyEntry {
+	out := make([]adminapi.DenyEntry, len(es))
+	for i, e := range es {
+		out[i] = adminapi.DenyEntry{Pattern: e.Pattern, Reason: e.Reason, Added: e.Added}
+	}
+	return out
+}
+
 func (s *Server) handleAllowList(w http.ResponseWriter, r *http.Request) {
-	entries, err := s.db.AllowList()
+	entries, err := s.gate.AllowList()
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, "%v", err)
 		return
 	}
-	writeJSON(w, http.StatusOK, adminapi.AllowList{Entries: entries})
+	writeJSON(w, http.StatusOK, adminapi.AllowList{Entries: allowWire(entries)})
 }
 
-// handleAllowAdd pins each path (and with closure, everything it references)
-// to the NarHash its upstream serves now. Every path is resolved before
-// anything is written: one that cannot be resolved fails the whole request.
+// handleAllowAdd pins each path (and with closure, everything it
+// references) to the NarHash its upstream serves now; a path that cannot be
+// resolved fails the whole request.
 func (s *Server) handleAllowAdd(w http.ResponseWriter, r *http.Request) {
 	var req adminapi.AllowRequest
 	if !decodeJSON(w, r, &req) {
@@ -35,7 +47,6 @@ func (s *Server) handleAllowAdd(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "%v", err)
 		return
 	}
-	now := s.now()
 	var expires time.Time
 	if req.Expires != "" {
 		d, err := config.ParseDuration(req.Expires)
@@ -43,99 +54,36 @@ func (s *Server) handleAllowAdd(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusBadRequest, "expires %q: want a positive duration such as 30d or 12h", req.Expires)
 			return
 		}
-		expires = now.Add(d)
+		expires = time.Now().Add(d)
 	}
-	var entries []cache.AllowEntry
-	seen := map[string]bool{}
-	for len(hashes) > 0 {
-		h := hashes[0]
-		hashes = hashes[1:]
-		if seen[h] {
-			continue
-		}
-		seen[h] = true
-		ni, code, err := s.upstreamNarInfo(r.Context(), h)
-		if err != nil {
-			writeError(w, code, "nothing added: %v", err)
-			return
-		}
-		entries = append(entries, cache.AllowEntry{StorePath: ni.StorePath, NarHash: ni.NarHash, Reason: req.Reason, Added: now, Expires: expires})
-		if req.Closure {
-			for _, ref := range ni.References {
-				if rh, _, err := narinfo.ParseBaseName(ref); err == nil {
-					hashes = append(hashes, rh)
-				}
-			}
-		}
-	}
-	if err := s.db.PutAllow(entries); err != nil {
-		writeError(w, http.StatusInternalServerError, "store allowlist: %v", err)
+	entries, err := s.gate.Allow(r.Context(), hashes, req.Closure, req.Reason, expires)
+	if err != nil {
+		writeGateError(w, "nothing added: ", err)
 		return
 	}
-	s.refreshGauges()
-	for _, e := range entries {
-		s.log.Info("allowlisted", "path", e.StorePath, "nar_hash", e.NarHash, "reason", e.Reason, "expires", e.Expires)
-	}
-	writeJSON(w, http.StatusOK, adminapi.AllowList{Entries: entries})
-}
-
-// upstreamNarInfo returns the first upstream narinfo for hash that passes
-// rules 1–2 (well-formed, signed by its upstream), with the HTTP status to
-// answer when there is none.
-func (s *Server) upstreamNarInfo(ctx context.Context, hash string) (*narinfo.NarInfo, int, error) {
-	var lastErr error
-	unavailable := false
-	for _, u := range s.upstreams {
-		raw, err := s.fetchNarInfo(ctx, u, hash)
-		if err != nil {
-			if !isNotFound(err) {
-				unavailable = true
-				lastErr = err
-			}
-			continue
-		}
-		d := s.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.name, UpstreamKeys: u.keys}, cache.Evidence{}, s.now())
-		if d.Reason == policy.UpstreamMalformed || d.Reason == policy.UpstreamUnsigned {
-			lastErr = fmt.Errorf("%s: %s: %s", u.name, d.Reason, d.Detail)
-			continue
-		}
-		return d.NarInfo, 0, nil
-	}
-	switch {
-	case lastErr == nil:
-		return nil, http.StatusNotFound, fmt.Errorf("%s not found in any upstream", hash)
-	case unavailable:
-		return nil, http.StatusServiceUnavailable, fmt.Errorf("%s: %w", hash, lastErr)
-	}
-	return nil, http.StatusBadRequest, fmt.Errorf("%s: %w", hash, lastErr)
+	writeJSON(w, http.StatusOK, adminapi.AllowList{Entries: allowWire(entries)})
 }
 
 func (s *Server) handleAllowRemove(w http.ResponseWriter, r *http.Request) {
-	var req adminapi.PathsRequest
-	if !decodeJSON(w, r, &req) {
+	hashes, ok := s.pathsRequest(w, r)
+	if !ok {
 		return
 	}
-	hashes, err := s.pathHashes(req.Paths)
-	if err != nil {
-		writeError(w, http.StatusBadRequest, "%v", err)
-		return
-	}
-	missing, err := s.db.RemoveAllow(hashes)
+	removed, missing, err := s.gate.RemoveAllow(hashes)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, "%v", err)
 		return
 	}
-	s.refreshGauges()
-	writeJSON(w, http.StatusOK, adminapi.Removed{Removed: minus(hashes, missing), Missing: missing})
+	writeJSON(w, http.StatusOK, adminapi.Removed{Removed: removed, Missing: missing})
 }
 
 func (s *Server) handleDenyList(w http.ResponseWriter, r *http.Request) {
-	entries, err := s.db.DenyList()
+	entries, err := s.gate.DenyList()
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, "%v", err)
 		return
 	}
-	writeJSON(w, http.StatusOK, adminapi.DenyList{Entries: entries})
+	writeJSON(w, http.StatusOK, adminapi.DenyList{Entries: denyWire(entries)})
 }
 
 func (s *Server) handleDenyAdd(w http.ResponseWriter, r *http.Request) {
@@ -147,23 +95,16 @@ func (s *Server) handleDenyAdd(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "no patterns given")
 		return
 	}
-	now := s.now()
-	entries := make([]cache.DenyEntry, 0, len(req.Patterns))
+	now := time.Now()
+	entries := make([]policy.DenyEntry, 0, len(req.Patterns))
 	for _, p := range req.Patterns {
-		if policy.DenyKind(p, s.cfg.StoreDir) == "" {
-			writeError(w, http.StatusBadRequest, "nothing denied: %q is not a store path, hash, NarHash, name or name glob", p)
-			return
-		}
-		entries = append(entries, cache.DenyEntry{Pattern: p, Reason: req.Reason, Added: now})
+		entries = append(entries, policy.DenyEntry{Pattern: p, Reason: req.Reason, Added: now})
 	}
-	if err := s.db.PutDeny(entries); err != nil {
-		writeError(w, http.StatusInternalServerError, "store denylist: %v", err)
+	if err := s.gate.Deny(entries); err != nil {
+		writeGateError(w, "nothing denied: ", err)
 		return
 	}
-	for _, e := range entries {
-		s.log.Info("denied", "pattern", e.Pattern, "reason", e.Reason)
-	}
-	writeJSON(w, http.StatusOK, adminapi.DenyList{Entries: entries})
+	writeJSON(w, http.StatusOK, adminapi.DenyList{Entries: denyWire(entries)})
 }
 
 func (s *Server) handleDenyRemove(w http.ResponseWriter, r *http.Request) {
@@ -175,24 +116,10 @@ func (s *Server) handleDenyRemove(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "no patterns given")
 		return
 	}
-	missing, err := s.db.RemoveDeny(req.Patterns)
+	removed, missing, err := s.gate.RemoveDeny(req.Patterns)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, "%v", err)
 		return
 	}
-	writeJSON(w, http.StatusOK, adminapi.Removed{Removed: minus(req.Patterns, missing), Missing: missing})
-}
-
-func minus(all, drop []string) []string {
-	skip := map[string]bool{}
-	for _, d := range drop {
-		skip[d] = true
-	}
-	out := []string{}
-	for _, a := range all {
-		if !skip[a] {
-			out = append(out, a)
-		}
-	}
-	return out
+	writeJSON(w, http.StatusOK, adminapi.Removed{Removed: removed, Missing: missing})
 }

@@ -65,7 +65,7 @@ func TestNarBigMemoryFlat(t *testing.T) {
 	o := &storeObj{hash: storeHash("big-1"), file: nil}
 	o.storePath = storeDir + "/" + o.hash + "-big-1"
 	o.ni = narinfo.NarInfo{StorePath: o.storePath, URL: "nar/big.nar", Compression: "none",
-		NarHash: narinfo.FormatHash("sha256", h.Sum(nil)), NarSize: uint64(big.len())}
+		NarHash: narinfo.SHA256(h.Sum(nil)), NarSize: uint64(big.len())}
 	f.up.publish(o)
 	f.up.handle("/nar/big.nar", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", strconv.FormatInt(big.len(), 10))

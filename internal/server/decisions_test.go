@@ -8,6 +8,7 @@ import (
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/config"
+	"github.com/cacheproxy/cacheproxy/internal/gate"
 )
 
 func withRequireClosure(c *config.Config) { c.Policy.RequireClosure = true }
@@ -50,7 +51,7 @@ func TestSettingsChangeForgetsDecisions(t *testing.T) {
 
 // narURLFor is the proxy's NAR URL for o without asking for the narinfo.
 func (f *fixture) narURLFor(o *storeObj) string {
-	return "/nar/" + o.hash + "-" + strings.TrimPrefix(o.ni.NarHash, "sha256:") + ".nar.zst"
+	return "/nar/" + o.hash + "-" + o.ni.NarHash.Nix32() + ".nar.zst"
 }
 
 // A reference shared by two branches of a closure (a diamond) is approved
@@ -145,13 +146,13 @@ func TestRepeatedShortNarWithoutLength(t *testing.T) {
 		w.Write(o.file[:len(o.file)/2]) // no Content-Length: chunked, then a clean end
 	})
 	nar := f.narURL(o)
-	for i := 1; i <= maxAmbiguousTruncations; i++ {
+	for i := 1; i <= gate.MaxAmbiguousTruncations; i++ {
 		resp, body, err := f.get(nar)
 		if err == nil && resp.StatusCode == 200 && len(body) == len(o.file) {
 			t.Fatalf("transfer %d: a short NAR was delivered whole", i)
 		}
 		want := `decision="approved"`
-		if i == maxAmbiguousTruncations {
+		if i == gate.MaxAmbiguousTruncations {
 			want = `decision="rejected"`
 		}
 		code, hdr := f.narinfoDecision(o)
@@ -159,8 +160,8 @@ func TestRepeatedShortNarWithoutLength(t *testing.T) {
 			t.Fatalf("after %d short transfers: %d %q, want %s", i, code, hdr, want)
 		}
 	}
-	if v := f.metric("cacheproxy_nar_verification_failures_total", `check="truncated"`); v != maxAmbiguousTruncations-1 {
-		t.Errorf("truncated = %v, want %d", v, maxAmbiguousTruncations-1)
+	if v := f.metric("cacheproxy_nar_verification_failures_total", `check="truncated"`); v != gate.MaxAmbiguousTruncations-1 {
+		t.Errorf("truncated = %v, want %d", v, gate.MaxAmbiguousTruncations-1)
 	}
 }
 

@@ -135,10 +135,7 @@ func storeHash(name string) string {
 	return nixbase32.EncodeToString(d[:20])
 }
 
-func sha256Str(b []byte) string {
-	d := sha256.Sum256(b)
-	return narinfo.FormatHash("sha256", d[:])
-}
+func sha256Str(b []byte) narinfo.SHA256 { return narinfo.SumSHA256(b) }
 
 // newObj wraps a NAR as a store object with the given compression ("none"
 // or "zstd").
@@ -162,8 +159,8 @@ func newObj(t testing.TB, name string, narBytes []byte, compression string) *sto
 	fh := sha256Str(o.file)
 	o.ni = narinfo.NarInfo{
 		StorePath:   o.storePath,
-		URL:         "nar/" + strings.TrimPrefix(fh, "sha256:") + ".nar" + narExt(compression),
-		Compression: compression,
+		URL:         "nar/" + fh.Nix32() + ".nar" + narinfo.Compression(compression).Ext(),
+		Compression: narinfo.Compression(compression),
 		FileHash:    fh,
 		FileSize:    uint64(len(o.file)),
 		NarHash:     sha256Str(narBytes),
@@ -286,10 +283,10 @@ func newFixtureWith(t testing.TB, ups []*fakeUpstream, opts ...fixtureOpt) *fixt
 	cfg.StateDir = t.TempDir()
 	cfg.Upstreams = nil
 	for _, u := range ups {
-		cfg.Upstreams = append(cfg.Upstreams, config.Upstream{URL: u.srv.URL, PublicKeys: []string{u.key.Public().String()},
+		cfg.Upstreams = append(cfg.Upstreams, config.Upstream{URL: u.srv.URL, PublicKeys: []config.PublicKey{config.Key(u.key.Public())},
 			Timeout: config.Duration{Duration: 2 * time.Second}})
 	}
-	cfg.Policy.Attesters = []string{rb.Public().String()}
+	cfg.Policy.Attesters = []config.PublicKey{config.Key(rb.Public())}
 	cfg.Admin.Listen = "127.0.0.1:0" // never listened on: the tests call AdminHandler
 	for _, o := range opts {
 		o(&cfg)

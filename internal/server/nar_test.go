@@ -20,6 +20,8 @@ import (
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/config"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/narstream"
 )
 
 // gatedNar makes the upstream send the first `first` bytes of body, then
@@ -102,7 +104,7 @@ func TestNarFollowersShareOneDownload(t *testing.T) {
 	// Every client must have received bytes before the upstream sends the
 	// rest: so all of them are attached to the one running download.
 	const clients = 20
-	gate := gatedNar(f, o, 2*holdback)
+	gate := gatedNar(f, o, 2*narstream.Holdback)
 	var gotFirst sync.WaitGroup
 	gotFirst.Add(clients)
 	bodies := make([][]byte, clients)
@@ -204,7 +206,7 @@ func TestNarClientDisconnectDoesNotAbortDownload(t *testing.T) {
 	f.up.publish(o)
 	f.attest(o)
 	narPath := f.narURL(o)
-	gate := gatedNar(f, o, 2*holdback)
+	gate := gatedNar(f, o, 2*narstream.Holdback)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -256,7 +258,7 @@ func holdBackRun(t *testing.T, f *fixture, o *storeObj, narPath string, body, ta
 // wantCL (-1: none, when the narinfo gives no FileSize for a compressed NAR).
 func holdBackRunCL(t *testing.T, f *fixture, o *storeObj, narPath string, body, tail []byte, wantCL int64) ([]byte, error) {
 	t.Helper()
-	if len(body) <= 4*holdback {
+	if len(body) <= 4*narstream.Holdback {
 		t.Fatalf("NAR file of %d bytes is too small for a hold-back test", len(body))
 	}
 	release := make(chan struct{})
@@ -305,12 +307,12 @@ func holdBackRunCL(t *testing.T, f *fixture, o *storeObj, narPath string, body, 
 	}()
 
 	sent := int64(len(body) - len(tail))
-	wantHeld := sent - holdback
+	wantHeld := sent - narstream.Holdback
 	eventually(t, 10*time.Second, "the client to receive the bytes hold-back releases", func() bool {
 		return received.Load() >= wantHeld
 	})
 	time.Sleep(200 * time.Millisecond) // anything more would arrive now
-	if got := received.Load(); got > int64(len(body))-holdback || got != wantHeld {
+	if got := received.Load(); got > int64(len(body))-narstream.Holdback || got != wantHeld {
 		t.Errorf("while the upstream withholds its last %d bytes, the client has %d of %d bytes; want exactly %d (at most size-64KiB)",
 			len(tail), got, len(body), wantHeld)
 	}
@@ -333,7 +335,7 @@ func holdBackRunCL(t *testing.T, f *fixture, o *storeObj, narPath string, body, 
 func TestNarHoldBackReleasedWhenVerified(t *testing.T) {
 	f := newFixture(t)
 	o := newObj(t, "holdback-ok", dirNAR(t, 2, 400<<10), "none")
-	o.ni.FileHash, o.ni.FileSize = "", 0
+	o.ni.FileHash, o.ni.FileSize = narinfo.SHA256{}, 0
 	f.up.publish(o)
 	f.attest(o)
 	narPath := f.narURL(o)
@@ -367,7 +369,7 @@ func TestNarTamperedTailQuarantines(t *testing.T) {
 			var served []byte
 			switch tc.compression {
 			case "none":
-				o.ni.FileHash, o.ni.FileSize = "", 0
+				o.ni.FileHash, o.ni.FileSize = narinfo.SHA256{}, 0
 				served = bytes.Clone(o.file)
 				for i := len(served) - 10; i < len(served); i++ {
 					served[i] ^= 0x5a
@@ -380,7 +382,7 @@ func TestNarTamperedTailQuarantines(t *testing.T) {
 				enc.Close()
 				o.ni.FileHash, o.ni.FileSize = sha256Str(served), uint64(len(served))
 				if tc.name == "zstd-no-filesize" {
-					o.ni.FileHash, o.ni.FileSize = "", 0
+					o.ni.FileHash, o.ni.FileSize = narinfo.SHA256{}, 0
 				}
 			}
 			f.up.publish(o)
@@ -700,7 +702,7 @@ func TestNarUpstreamFaultsClassified(t *testing.T) {
 			f := newFixture(t)
 			o := newObj(t, "fault-"+tc.name, dirNAR(t, 40, 200<<10), tc.compress)
 			if !tc.fileHash {
-				o.ni.FileHash = ""
+				o.ni.FileHash = narinfo.SHA256{}
 			}
 			f.up.publish(o)
 			f.attest(o)

@@ -1,20 +1,17 @@
 // Package server is cacheproxy's HTTP side: the Nix binary-cache protocol on
-// the main listener and the admin API on the admin listener. It wires the
-// other packages together and owns no rule of its own: decisions come from
-// package policy, NAR checks from package verify, state from package cache.
+// the main listener and the admin API on the admin listener, as small
+// handlers over the gate (package gate), one file per route group. It owns
+// no rule: what is served, refused or retried later is the gate's answer;
+// the handlers turn answers into status codes and headers.
 //
-// Trust model: clients are untrusted and only ever receive narinfos the
-// policy approved (signed by the gatekeeper key) and NAR bytes whose hashes
-// were checked before the last bytes left. Admin callers are trusted once
-// they present the bearer token.
+// Trust model: clients are untrusted and only ever receive what the gate
+// serves (narinfos signed by the gatekeeper key, NAR bytes verified before
+// their last bytes leave). Admin callers are trusted once they present the
+// bearer token.
 package server
 
 import (
 	"context"
-	"crypto/sha256"
-	"crypto/subtle"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -23,58 +20,43 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
-	"sync"
 	"time"
-
-	"golang.org/x/sync/singleflight"
 
 	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/config"
+	"github.com/cacheproxy/cacheproxy/internal/gate"
+	"github.com/cacheproxy/cacheproxy/internal/metrics"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
 	"github.com/cacheproxy/cacheproxy/internal/upstream"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
-// upstreamCache is one configured upstream with the keys it must sign with.
-type upstreamCache struct {
-	client *upstream.Client
-	name   string
-	keys   []verify.PublicKey
+// Protocol is what the binary-cache handlers ask of the gate.
+type Protocol interface {
+	NarInfo(ctx context.Context, hash string) (gate.Answer, error)
+	NAR(ctx context.Context, file string) (gate.Answer, error)
+	OpenNAR(ctx context.Context, rec *cache.Record, download bool) (gate.Body, error)
+	Listing(ctx context.Context, hash string) (gate.Answer, []byte, error)
+	BuildLog(ctx context.Context, drv string) ([]byte, error)
 }
 
 // Server serves one state dir.
 type Server struct {
-	cfg       config.Config
-	log       *slog.Logger
-	db        *cache.DB
-	blobs     *cache.Blobs
-	policy    policy.Policy
-	upstreams []*upstreamCache
-	key       verify.SecretKey
-	token     []byte
-	m         *metrics
-	now       func() time.Time
-
-	narinfoFlight singleflight.Group
-	hot           *hotRecords
-
-	dlMu      sync.Mutex
-	downloads map[string]*download // by NAR file name
-	closed    bool
-	shortRuns map[string]int // NAR file -> transfers in a row that ended short with no declared length
-
-	// bg is the lifetime of downloads: they outlive the request that
-	// started them (followers and the cache still want the bytes) but not
-	// the server.
-	bg     context.Context
-	stopBg context.CancelFunc
-	bgWG   sync.WaitGroup
+	cfg   config.Config
+	log   *slog.Logger
+	m     *metrics.Metrics
+	db    *cache.DB
+	blobs *cache.Blobs
+	gate  *gate.Gate
+	proto Protocol // the gate, as the cache protocol handlers see it
+	token []byte
+	stop  context.CancelFunc
+	done  chan struct{}
 }
 
 // New opens the state dir, loads or creates the gatekeeper key and the
-// admin token, and prepares the upstream clients. cfg must be validated.
+// admin token, and builds the gate. cfg must be validated.
 func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state dir: %w", err)
@@ -83,42 +65,20 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: log, key: key, m: newMetrics(), now: time.Now, downloads: map[string]*download{}, shortRuns: map[string]int{}, hot: newHotRecords()}
+	s := &Server{cfg: cfg, log: log, m: metrics.New(), done: make(chan struct{})}
 	if cfg.Admin.Listen != "" {
 		if s.token, err = loadOrCreateToken(cfg.AdminTokenFile()); err != nil {
 			return nil, err
 		}
 	}
-	s.policy = policy.Policy{
-		StoreDir:         cfg.StoreDir,
-		Quorum:           cfg.Policy.Quorum,
-		ContentAddressed: cfg.Policy.ContentAddressed,
-		RequireClosure:   cfg.Policy.RequireClosure,
-		Report:           cfg.Mode == config.ModeReport,
-	}
-	for i, a := range cfg.Policy.Attesters {
-		k, err := verify.ParsePublicKey(a)
-		if err != nil {
-			return nil, fmt.Errorf("policy.attesters[%d]: %w", i, err)
-		}
-		s.policy.Attesters = append(s.policy.Attesters, k)
-	}
+	var ups []gate.Upstream
 	for i, u := range cfg.Upstreams {
 		c, err := upstream.New(upstream.Options{URL: u.URL, Timeout: u.Timeout.Duration, NetrcFile: u.NetrcFile, UserAgent: "cacheproxy"})
 		if err != nil {
 			return nil, fmt.Errorf("upstreams[%d]: %w", i, err)
 		}
-		uc := &upstreamCache{client: c, name: c.Name()}
-		for j, pk := range u.PublicKeys {
-			k, err := verify.ParsePublicKey(pk)
-			if err != nil {
-				return nil, fmt.Errorf("upstreams[%d].public_keys[%d]: %w", i, j, err)
-			}
-			uc.keys = append(uc.keys, k)
-		}
-		s.upstreams = append(s.upstreams, uc)
+		ups = append(ups, gate.Upstream{Client: c, Keys: config.Keys(u.PublicKeys)})
 	}
-
 	if s.db, err = cache.OpenDB(filepath.Join(cfg.StateDir, "state.db")); err != nil {
 		return nil, err
 	}
@@ -126,69 +86,42 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 		s.db.Close()
 		return nil, err
 	}
-	s.blobs.OnEvict(func(n int, _ int64) { s.m.evictions.Add(float64(n)) })
-	s.db.ForgetAllOnChange(cfg.Policy.RequireClosure)
-	changed, err := s.db.SyncSettings(s.settingsDigest())
+	s.blobs.OnEvict(func(n int, _ int64) { s.m.Evictions.Add(float64(n)) })
+	s.gate, err = gate.New(gate.Options{
+		Policy: policy.Policy{
+			StoreDir:         cfg.StoreDir,
+			Attesters:        config.Keys(cfg.Policy.Attesters),
+			Quorum:           cfg.Policy.Quorum,
+			ContentAddressed: cfg.Policy.ContentAddressed,
+			RequireClosure:   cfg.Policy.RequireClosure,
+			Report:           cfg.Mode == config.ModeReport,
+		},
+		Upstreams: ups, Key: key, DB: s.db, Blobs: s.blobs, Metrics: s.m, Log: log,
+	})
 	if err != nil {
-		s.Close()
+		s.blobs.Close()
+		s.db.Close()
 		return nil, fmt.Errorf("state db: %w", err)
 	}
-	if changed {
-		log.Info("decision settings changed since the last start: every path will be decided again")
-	}
-	s.refreshGauges()
-	s.bg, s.stopBg = context.WithCancel(context.Background())
-	s.bgWG.Add(1)
+	s.proto = s.gate
+	var ctx context.Context
+	ctx, s.stop = context.WithCancel(context.Background())
 	go func() {
-		defer s.bgWG.Done()
-		s.saveUsageEvery(usageSaveInterval)
+		defer close(s.done)
+		s.saveUsageEvery(ctx, usageSaveInterval)
 	}()
 	return s, nil
-}
-
-// settingsDigest names everything a stored decision depends on besides the
-// evidence in the DB: if any of it changes between starts (a revoked
-// upstream key, a higher quorum, report mode turned off, a new gatekeeper
-// key), stored decisions must not be served.
-func (s *Server) settingsDigest() string {
-	type up struct {
-		URL  string
-		Keys []string
-	}
-	v := struct {
-		Report, ContentAddressed, RequireClosure bool
-		StoreDir, Gatekeeper                     string
-		Quorum                                   int
-		Attesters                                []string
-		Upstreams                                []up
-	}{s.policy.Report, s.policy.ContentAddressed, s.policy.RequireClosure,
-		s.cfg.StoreDir, s.key.Public().String(), s.policy.Quorum, nil, nil}
-	for _, a := range s.policy.Attesters {
-		v.Attesters = append(v.Attesters, a.String())
-	}
-	sort.Strings(v.Attesters)
-	for _, u := range s.upstreams {
-		e := up{URL: u.name}
-		for _, k := range u.keys {
-			e.Keys = append(e.Keys, k.String())
-		}
-		sort.Strings(e.Keys)
-		v.Upstreams = append(v.Upstreams, e)
-	}
-	raw, _ := json.Marshal(v)
-	sum := sha256.Sum256(raw)
-	return hex.EncodeToString(sum[:])
 }
 
 // usageSaveInterval is how often blob last-used times are persisted.
 const usageSaveInterval = 5 * time.Minute
 
-func (s *Server) saveUsageEvery(d time.Duration) {
+func (s *Server) saveUsageEvery(ctx context.Context, d time.Duration) {
 	t := time.NewTicker(d)
 	defer t.Stop()
 	for {
 		select {
-		case <-s.bg.Done():
+		case <-ctx.Done():
 			return
 		case <-t.C:
 			if err := s.blobs.SaveUsage(); err != nil {
@@ -199,17 +132,13 @@ func (s *Server) saveUsageEvery(d time.Duration) {
 }
 
 // PublicKey is the gatekeeper key fleet machines trust.
-func (s *Server) PublicKey() verify.PublicKey { return s.key.Public() }
+func (s *Server) PublicKey() verify.PublicKey { return s.gate.PublicKey() }
 
 // Close stops downloads and closes the state.
 func (s *Server) Close() error {
-	s.dlMu.Lock()
-	s.closed = true // join starts no download after this
-	s.dlMu.Unlock()
-	if s.stopBg != nil {
-		s.stopBg()
-	}
-	s.bgWG.Wait()
+	s.gate.Close()
+	s.stop()
+	<-s.done
 	return errors.Join(s.blobs.Close(), s.db.Close())
 }
 
@@ -269,7 +198,7 @@ func (s *Server) route(r *http.Request) (string, http.HandlerFunc) {
 	case p == "/healthz":
 		return "healthz", s.handleHealthz
 	case p == "/metrics":
-		return "metrics", s.m.handler().ServeHTTP
+		return "metrics", s.m.Handler().ServeHTTP
 	case strings.HasPrefix(p, "/nar/"):
 		return "nar", s.handleNar
 	case strings.HasPrefix(p, "/log/"):
@@ -284,6 +213,29 @@ func (s *Server) route(r *http.Request) (string, http.HandlerFunc) {
 
 func badRequest(msg string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) { http.Error(w, msg, http.StatusBadRequest) }
+}
+
+// retryAfter is what a client is told to wait when every upstream failed.
+const retryAfter = "30"
+
+// writeAnswer writes a gate answer that serves nothing: a rejection (404
+// with the decision header), not found, or unavailable (503 + Retry-After).
+func (s *Server) writeAnswer(w http.ResponseWriter, a gate.Answer) {
+	if a.Decision != "" {
+		w.Header().Set("X-Cacheproxy-Decision", a.Decision)
+	}
+	switch a.Status {
+	case gate.Unavailable:
+		w.Header().Set("Retry-After", retryAfter)
+		http.Error(w, a.Detail, http.StatusServiceUnavailable)
+	default:
+		http.Error(w, a.Detail, http.StatusNotFound)
+	}
+}
+
+func (s *Server) internalError(w http.ResponseWriter, what string, err error) {
+	s.log.Error(what, "err", err)
+	http.Error(w, "internal error", http.StatusInternalServerError)
 }
 
 // statusWriter records the status code for metrics and whether headers went out.
@@ -344,38 +296,9 @@ func (s *Server) instrument(name string, h http.Handler) http.Handler {
 				code = 0 // aborted mid-response
 				defer panic(p)
 			}
-			s.m.httpRequests.WithLabelValues(name, fmt.Sprint(code)).Inc()
-			s.m.httpDuration.WithLabelValues(name).Observe(time.Since(start).Seconds())
+			s.m.HTTPRequests.WithLabelValues(name, fmt.Sprint(code)).Inc()
+			s.m.HTTPDuration.WithLabelValues(name).Observe(time.Since(start).Seconds())
 		}()
 		h.ServeHTTP(sw, r)
 	})
-}
-
-func (s *Server) handleCacheInfo(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "text/x-nix-cache-info")
-	fmt.Fprintf(w, "StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n", s.cfg.StoreDir, s.cfg.Priority)
-}
-
-func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
-	if err := s.db.Writable(); err != nil {
-		http.Error(w, "state store not writable: "+err.Error(), http.StatusServiceUnavailable)
-		return
-	}
-	fmt.Fprintln(w, "ok")
-}
-
-func (s *Server) refreshGauges() {
-	if n, err := s.db.CountAttestations(); err == nil {
-		s.m.attestations.Set(float64(n))
-	}
-	if l, err := s.db.AllowList(); err == nil {
-		s.m.allowEntries.Set(float64(len(l)))
-	}
-	s.m.cacheSize.Set(float64(s.blobs.Size()))
-}
-
-// authorized compares the bearer token in constant time.
-func (s *Server) authorized(r *http.Request) bool {
-	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	return ok && len(s.token) > 0 && subtle.ConstantTimeCompare([]byte(tok), s.token) == 1
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"github.com/andybalholm/brotli"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/klauspost/compress/zstd"
 	"github.com/therootcompany/xz"
 )
@@ -39,17 +40,17 @@ func isUnexpectedEOF(err error) bool { return errors.Is(err, io.ErrUnexpectedEOF
 
 // codecFor maps Nix's Compression field values to decoders. "none" and ""
 // are handled without a decoder.
-func codecFor(name string) (codec, error) {
+func codecFor(name narinfo.Compression) (codec, error) {
 	switch name {
-	case "xz":
+	case narinfo.CompressionXZ:
 		// xz-embedded reports a stream that needs more input than there
 		// is as XZ_BUF_ERROR.
 		return codec{open: openXZ, truncated: func(err error) bool { return errors.Is(err, xz.ErrBuf) }}, nil
-	case "zstd":
+	case narinfo.CompressionZstd:
 		return codec{open: openZstd, truncated: isUnexpectedEOF}, nil
-	case "bzip2":
+	case narinfo.CompressionBzip2:
 		return codec{open: openBzip2, truncated: isUnexpectedEOF}, nil
-	case "br":
+	case narinfo.CompressionBrotli:
 		return codec{open: openBrotli, holdback: brotliHoldback, truncated: isUnexpectedEOF}, nil
 	default:
 		return codec{}, fmt.Errorf("unsupported compression %q", name)

@@ -2,12 +2,12 @@ package verify
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
 
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/nix-community/go-nix/pkg/nar"
 )
 
@@ -22,12 +22,12 @@ var errFlatStopped = errors.New("verify: flat check stopped")
 // reader pulls from an io.Reader while the verifier pushes bytes.
 type flatChecker struct {
 	pw   *io.PipeWriter
-	want []byte
+	want narinfo.SHA256
 	done chan struct{}
 	err  error // *Error or nil; written before done is closed
 }
 
-func newFlatChecker(want []byte) *flatChecker {
+func newFlatChecker(want narinfo.SHA256) *flatChecker {
 	pr, pw := io.Pipe()
 	f := &flatChecker{pw: pw, want: want, done: make(chan struct{})}
 	go f.run(pr)
@@ -73,7 +73,7 @@ func (f *flatChecker) run(pr *io.PipeReader) {
 	}
 }
 
-func checkFlat(pr *io.PipeReader, want []byte) error {
+func checkFlat(pr *io.PipeReader, want narinfo.SHA256) error {
 	// go-nix reads tokens a few bytes at a time; buffering keeps that off the
 	// pipe.
 	br := bufio.NewReaderSize(pr, 64<<10)
@@ -125,8 +125,8 @@ func checkFlat(pr *io.PipeReader, want []byte) error {
 	} else if extra > 0 {
 		return fmt.Errorf("%d bytes after NAR end", extra)
 	}
-	if got := h.Sum(nil); !bytes.Equal(got, want) {
-		return fmt.Errorf("file hashes to %s, store path says %s", formatSHA256(got), formatSHA256(want))
+	if got := sum(h); got != want {
+		return fmt.Errorf("file hashes to %s, store path says %s", got, want)
 	}
 	return nil
 }

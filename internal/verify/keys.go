@@ -150,3 +150,6 @@ func isDuplicateKey(seen []PublicKey, k PublicKey) bool {
 	}
 	return false
 }
+
+// MarshalText writes the key in Nix's format.
+func (k PublicKey) MarshalText() ([]byte, error) { return []byte(k.String()), nil }

@@ -1,31 +1,46 @@
 package verify
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"errors"
 	"fmt"
 	"hash"
 	"io"
+
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 )
 
-// Expect is what a narinfo promises about a NAR download.
+// Expect is what a NAR must be: what an approved narinfo promises about its
+// NAR file. The stored decision, the blob index and the verifier all hold
+// this one struct, so "was this blob verified against what the client was
+// promised?" is plain equality. JSON field names are those of the state DB.
 type Expect struct {
-	// Compression is the narinfo's Compression: "none" or "", "xz", "zstd",
-	// "bzip2", "br". Anything else makes NewVerifier fail.
-	Compression string
-	// FileHash is "sha256:<nix32>" of the compressed bytes, "" when unknown.
-	FileHash string
+	// Compression of the file. An unsupported one makes NewVerifier fail.
+	Compression narinfo.Compression `json:"compression"`
+	// FileHash of the compressed bytes; zero when unknown.
+	FileHash narinfo.SHA256 `json:"file_hash,omitzero"`
 	// FileSize is the compressed size, 0 when unknown.
-	FileSize uint64
-	// NarHash is "sha256:<nix32>" of the decompressed NAR (required).
-	NarHash string
+	FileSize uint64 `json:"file_size,omitempty"`
+	// NarHash of the decompressed NAR (required).
+	NarHash narinfo.SHA256 `json:"nar_hash"`
 	// NarSize is the decompressed size (required, > 0).
-	NarSize uint64
-	// FlatSHA256, when set, additionally requires the NAR to hold exactly one
+	NarSize uint64 `json:"nar_size"`
+	// Flat, when set, additionally requires the NAR to hold exactly one
 	// non-executable regular file whose contents hash to it: the content
 	// address of a "fixed:sha256" flat or "text:sha256" path.
-	FlatSHA256 []byte
+	Flat narinfo.SHA256 `json:"flat_hash,omitzero"`
+}
+
+// Size is the number of bytes a client receives for this NAR file, or -1
+// when neither FileSize nor (uncompressed) NarSize says.
+func (e Expect) Size() int64 {
+	switch {
+	case e.FileSize > 0:
+		return int64(e.FileSize)
+	case e.Compression == narinfo.CompressionNone || e.Compression == "":
+		return int64(e.NarSize)
+	}
+	return -1
 }
 
 // Check names the check that failed, with the label values of the
@@ -71,14 +86,14 @@ var (
 // concurrent use; every Verifier must end with Finish or Abort, which release
 // its goroutines.
 type Verifier struct {
-	fileWant []byte // nil when FileHash is unknown
-	fileSize uint64 // 0 when unknown
+	fileWant narinfo.SHA256 // zero when FileHash is unknown
+	fileSize uint64         // 0 when unknown
 	fileN    uint64
 	// fileHash hashes the compressed bytes; nil for "none", where the
 	// compressed bytes are the NAR and nar.h already hashes them.
 	fileHash hash.Hash
 
-	narWant []byte
+	narWant narinfo.SHA256
 	nar     *narSink
 	dec     *decoder // nil for "none"
 
@@ -90,26 +105,18 @@ type Verifier struct {
 // only when e itself is unusable (unknown compression, malformed hash,
 // missing NarSize).
 func NewVerifier(e Expect) (*Verifier, error) {
-	narWant, err := parseSHA256(e.NarHash)
-	if err != nil {
-		return nil, fmt.Errorf("new verifier: NarHash: %w", err)
+	if e.NarHash.IsZero() {
+		return nil, errors.New("new verifier: NarHash is required")
 	}
 	if e.NarSize == 0 {
 		// Every NAR has a header, so 0 can only mean "unknown", and an
 		// unknown size would leave decompression unbounded.
 		return nil, errors.New("new verifier: NarSize is required")
 	}
-	if e.FlatSHA256 != nil && len(e.FlatSHA256) != sha256.Size {
-		return nil, fmt.Errorf("new verifier: FlatSHA256 is %d bytes, want %d", len(e.FlatSHA256), sha256.Size)
-	}
-	v := &Verifier{fileSize: e.FileSize, narWant: narWant}
-	if e.FileHash != "" {
-		if v.fileWant, err = parseSHA256(e.FileHash); err != nil {
-			return nil, fmt.Errorf("new verifier: FileHash: %w", err)
-		}
-	}
+	v := &Verifier{fileSize: e.FileSize, narWant: e.NarHash, fileWant: e.FileHash}
 	var dec codec
-	if e.Compression != "none" && e.Compression != "" {
+	if e.Compression != narinfo.CompressionNone && e.Compression != "" {
+		var err error
 		if dec, err = codecFor(e.Compression); err != nil {
 			return nil, fmt.Errorf("new verifier: %w", err)
 		}
@@ -117,8 +124,8 @@ func NewVerifier(e Expect) (*Verifier, error) {
 	}
 
 	v.nar = &narSink{h: sha256.New(), limit: e.NarSize}
-	if e.FlatSHA256 != nil {
-		v.nar.flat = newFlatChecker(bytes.Clone(e.FlatSHA256))
+	if !e.Flat.IsZero() {
+		v.nar.flat = newFlatChecker(e.Flat)
 	}
 	if dec.open != nil {
 		v.dec = startDecoder(dec, v.nar)
@@ -205,20 +212,20 @@ func (v *Verifier) Finish() error {
 		return v.fail(&Error{Check: CheckNarSize,
 			Detail: fmt.Sprintf("NAR ended after %d of %d bytes", v.nar.n, v.nar.limit)})
 	}
-	narGot := v.nar.h.Sum(nil)
-	if v.fileWant != nil {
+	narGot := sum(v.nar.h)
+	if !v.fileWant.IsZero() {
 		fileGot := narGot
 		if v.fileHash != nil {
-			fileGot = v.fileHash.Sum(nil)
+			fileGot = sum(v.fileHash)
 		}
-		if !bytes.Equal(fileGot, v.fileWant) {
+		if fileGot != v.fileWant {
 			return v.fail(&Error{Check: CheckFileHash,
-				Detail: fmt.Sprintf("compressed bytes hash to %s, narinfo says %s", formatSHA256(fileGot), formatSHA256(v.fileWant))})
+				Detail: fmt.Sprintf("compressed bytes hash to %s, narinfo says %s", fileGot, v.fileWant)})
 		}
 	}
-	if !bytes.Equal(narGot, v.narWant) {
+	if narGot != v.narWant {
 		return v.fail(&Error{Check: CheckNarHash,
-			Detail: fmt.Sprintf("NAR hashes to %s, narinfo says %s", formatSHA256(narGot), formatSHA256(v.narWant))})
+			Detail: fmt.Sprintf("NAR hashes to %s, narinfo says %s", narGot, v.narWant)})
 	}
 	if flatErr != nil {
 		return v.fail(flatErr)

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/nix-community/go-nix/pkg/nar"
 )
 
@@ -74,7 +75,7 @@ func buildBench() (*benchFiles, error) {
 	}
 	d := sha256.Sum256(data)
 	bf := &benchFiles{dir: dir, nar: data, exps: map[string]Expect{}, path: map[string]string{}}
-	narHash := formatSHA256(d[:])
+	narHash := narinfo.SHA256(d)
 	bf.exps["none"] = Expect{Compression: "none", FileHash: narHash, FileSize: uint64(len(data)), NarHash: narHash, NarSize: uint64(len(data))}
 	bf.path["none"] = narPath
 	for _, tool := range benchTools {
@@ -98,7 +99,7 @@ func buildBench() (*benchFiles, error) {
 			return nil, err
 		}
 		fd := sha256.Sum256(comp)
-		bf.exps[tool.name] = Expect{Compression: tool.name, FileHash: formatSHA256(fd[:]), FileSize: uint64(len(comp)), NarHash: narHash, NarSize: uint64(len(data))}
+		bf.exps[tool.name] = Expect{Compression: narinfo.Compression(tool.name), FileHash: narinfo.SHA256(fd), FileSize: uint64(len(comp)), NarHash: narHash, NarSize: uint64(len(data))}
 		bf.path[tool.name] = out
 	}
 	return bf, nil

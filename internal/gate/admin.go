@@ -1,0 +1,324 @@
+package gate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path"
+	"strings"
+	"time"
+
+	"github.com/cacheproxy/cacheproxy/internal/attest"
+	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/policy"
+	"github.com/cacheproxy/cacheproxy/internal/upstream"
+)
+
+// Kinds of admin errors, for the HTTP status: wrap them with %w.
+var (
+	ErrInvalid     = errors.New("invalid request")
+	ErrNotFound    = errors.New("not found")
+	ErrUnavailable = errors.New("upstream unavailable")
+)
+
+// Every admin change below writes its evidence and drops the stored
+// decisions it affects in one transaction, and nothing else: a fleet
+// machine holding a narinfo for any other path keeps getting its NAR.
+
+// Attestation import outcomes, per path and key.
+const (
+	AttestStored       = "stored"
+	AttestKnown        = "already_known"
+	AttestNoAttester   = "no_attester_signature"
+	AttestBadSignature = "bad_signature"
+)
+
+// AttestResult is what import did for one path and attester key.
+type AttestResult struct {
+	Path, Key, Status string
+}
+
+// Attest stores the signatures in claims made by configured attester keys
+// that verify over the claim's own fingerprint. Whether that fingerprint
+// matches what an upstream serves is decided per request by the policy.
+func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
+	now := g.now()
+	var results []AttestResult
+	var toStore []policy.Attestation
+	var storeIdx []int
+	for _, c := range claims {
+		fp, err := c.Fingerprint(g.policy.StoreDir)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err)
+		}
+		found := false
+		for _, sig := range c.Sigs {
+			name, _, _ := strings.Cut(sig, ":")
+			for _, key := range g.policy.Attesters {
+				if key.Name != name {
+					continue
+				}
+				found = true
+				if !key.Verify(fp, sig) {
+					results = append(results, AttestResult{Path: c.StorePath, Key: key.Name, Status: AttestBadSignature})
+					continue
+				}
+				storeIdx = append(storeIdx, len(results))
+				results = append(results, AttestResult{Path: c.StorePath, Key: key.Name})
+				toStore = append(toStore, policy.Attestation{StorePath: c.StorePath, NarHash: c.NarHash, NarSize: c.NarSize,
+					References: c.References, Deriver: c.Deriver, KeyName: key.Name, PublicKey: key.String(), Sig: sig, Imported: now})
+			}
+		}
+		if !found {
+			results = append(results, AttestResult{Path: c.StorePath, Status: AttestNoAttester})
+		}
+	}
+	stored, err := g.db.PutAttestations(toStore)
+	if err != nil {
+		return nil, fmt.Errorf("store attestations: %w", err)
+	}
+	for i, st := range stored {
+		results[storeIdx[i]].Status = string(st)
+	}
+	g.refreshGauges()
+	return results, nil
+}
+
+// Pin returns the first upstream narinfo for hash that passes rules 1–2
+// (well-formed, signed by its upstream): what an allowlist entry pins.
+func (g *Gate) Pin(ctx context.Context, hash string) (*narinfo.NarInfo, error) {
+	var lastErr error
+	unavailable := false
+	for _, u := range g.upstreams {
+		raw, err := g.fetchNarInfo(ctx, u, hash)
+		if err != nil {
+			if !errors.Is(err, upstream.ErrNotFound) {
+				unavailable = true
+				lastErr = err
+			}
+			continue
+		}
+		d := g.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, policy.Evidence{}, g.now())
+		if d.Reason == policy.UpstreamMalformed || d.Reason == policy.UpstreamUnsigned {
+			lastErr = fmt.Errorf("%s: %s: %s", u.Name(), d.Reason, d.Detail)
+			continue
+		}
+		return d.NarInfo, nil
+	}
+	switch {
+	case lastErr == nil:
+		return nil, fmt.Errorf("%w: %s is in no upstream", ErrNotFound, hash)
+	case unavailable:
+		return nil, fmt.Errorf("%w: %s: %v", ErrUnavailable, hash, lastErr)
+	}
+	return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, hash, lastErr)
+}
+
+// Allow pins each path (with closure, also everything it references,
+// transitively) to the NarHash its upstream serves now. Every path is
+// resolved before anything is written.
+func (g *Gate) Allow(ctx context.Context, hashes []string, closure bool, reason string, expires time.Time) ([]policy.AllowEntry, error) {
+	now := g.now()
+	var entries []policy.AllowEntry
+	seen := map[string]bool{}
+	for len(hashes) > 0 {
+		h := hashes[0]
+		hashes = hashes[1:]
+		if seen[h] {
+			continue
+		}
+		seen[h] = true
+		ni, err := g.Pin(ctx, h)
+		if err != nil {
+			return nil, err
+		}
+		entries = append(entries, policy.AllowEntry{StorePath: ni.StorePath, NarHash: ni.NarHash, Reason: reason, Added: now, Expires: expires})
+		if closure {
+			for _, ref := range ni.References {
+				if rh, _, err := narinfo.ParseBaseName(ref); err == nil {
+					hashes = append(hashes, rh)
+				}
+			}
+		}
+	}
+	if err := g.db.PutAllow(entries); err != nil {
+		return nil, fmt.Errorf("store allowlist: %w", err)
+	}
+	g.refreshGauges()
+	for _, e := range entries {
+		g.log.Info("allowlisted", "path", e.StorePath, "nar_hash", e.NarHash.String(), "reason", e.Reason, "expires", e.Expires)
+	}
+	return entries, nil
+}
+
+// RemoveAllow removes allowlist entries; it returns the hashes that had one
+// and those that had none.
+func (g *Gate) RemoveAllow(hashes []string) (removed, missing []string, err error) {
+	if missing, err = g.db.RemoveAllow(hashes); err != nil {
+		return nil, nil, err
+	}
+	g.refreshGauges()
+	removed = minus(hashes, missing)
+	for _, h := range removed {
+		g.log.Info("allowlist entry removed", "hash", h)
+	}
+	return removed, missing, nil
+}
+
+// Deny adds denylist entries and drops the stored decisions they match.
+func (g *Gate) Deny(entries []policy.DenyEntry) error {
+	for _, e := range entries {
+		if policy.DenyKind(e.Pattern, g.policy.StoreDir) == "" {
+			return fmt.Errorf("%w: %q is not a store path, hash, NarHash, name or name glob", ErrInvalid, e.Pattern)
+		}
+	}
+	dropped, err := g.db.PutDeny(entries, g.denyMatch(entries))
+	if err != nil {
+		return fmt.Errorf("store denylist: %w", err)
+	}
+	for _, e := range entries {
+		g.log.Info("denied", "pattern", e.Pattern, "reason", e.Reason)
+	}
+	g.log.Info("decisions dropped by deny", "count", dropped)
+	return nil
+}
+
+// RemoveDeny removes denylist entries; it returns the patterns that had one
+// and those that had none.
+func (g *Gate) RemoveDeny(patterns []string) (removed, missing []string, err error) {
+	entries := make([]policy.DenyEntry, len(patterns))
+	for i, p := range patterns {
+		entries[i].Pattern = p
+	}
+	if missing, err = g.db.RemoveDeny(patterns, g.denyMatch(entries)); err != nil {
+		return nil, nil, err
+	}
+	removed = minus(patterns, missing)
+	for _, p := range removed {
+		g.log.Info("denylist entry removed", "pattern", p)
+	}
+	return removed, missing, nil
+}
+
+// denyMatch reports whether any of entries matches a stored decision.
+func (g *Gate) denyMatch(entries []policy.DenyEntry) func(base string, narHash narinfo.SHA256) bool {
+	return func(base string, narHash narinfo.SHA256) bool {
+		storePath := path.Join(g.policy.StoreDir, base)
+		for _, e := range entries {
+			if policy.DenyMatches(e.Pattern, storePath, narHash, g.policy.StoreDir) {
+				return true
+			}
+		}
+		return false
+	}
+}
+
+// Retry lifts nar_mismatch quarantines: the next request fetches and
+// verifies the NAR again. It returns the hashes that were quarantined and
+// those that were not.
+func (g *Gate) Retry(hashes []string) (lifted, notQuarantined []string, err error) {
+	if notQuarantined, err = g.db.Retry(hashes); err != nil {
+		return nil, nil, err
+	}
+	lifted = minus(hashes, notQuarantined)
+	for _, h := range lifted {
+		g.db.ClearRejection(h)
+		g.log.Info("quarantine lifted", "hash", h)
+	}
+	return lifted, notQuarantined, nil
+}
+
+// AllowList, DenyList and Rejections read the evidence as stored.
+func (g *Gate) AllowList() ([]policy.AllowEntry, error) { return g.db.AllowList() }
+func (g *Gate) DenyList() ([]policy.DenyEntry, error)   { return g.db.DenyList() }
+func (g *Gate) Rejections() ([]cache.Rejection, error)  { return g.db.Rejections() }
+
+// VerifyCache re-hashes every cached blob and drops those that fail.
+func (g *Gate) VerifyCache() (int, []cache.BlobFailure, error) {
+	n, failed, err := g.blobs.VerifyAll()
+	for _, f := range failed {
+		g.log.Error("cached blob failed verification; dropped", "blob", f.Blob, "path", f.StorePath, "err", f.Error)
+	}
+	g.m.CacheSize.Set(float64(g.blobs.Size()))
+	return n, failed, err
+}
+
+// Explanation is everything the gate knows about one path right now.
+type Explanation struct {
+	Hash      string
+	StorePath string
+	// Decision is decided afresh from the current evidence (nil when no
+	// upstream answered); Unavailable says an upstream failed meanwhile.
+	Decision    *policy.Decision
+	Unavailable error
+	// NarInfo and NAR are what a narinfo request and a request for the NAR
+	// that narinfo names would get at this moment.
+	NarInfo   Answer
+	NAR       Answer
+	NarFile   string
+	NarCached bool
+	Stored    *cache.Record // the stored decision, if it is current
+	Rejection *cache.Rejection
+}
+
+// Explain decides the path afresh, storing nothing and starting no
+// download, and says what each kind of request would get now.
+func (g *Gate) Explain(ctx context.Context, hash string) (Explanation, error) {
+	ex := Explanation{Hash: hash, StorePath: path.Join(g.policy.StoreDir, hash)}
+	stored, err := g.stored(hash)
+	if err != nil {
+		return ex, err
+	}
+	ex.Stored = stored
+	if ex.Rejection, err = g.db.Rejection(hash); err != nil {
+		return ex, err
+	}
+	fresh, err := g.decide(ctx, hash, map[string]bool{}, false)
+	if err != nil {
+		return ex, err
+	}
+	ex.Decision, ex.Unavailable = fresh.decision, fresh.unavailable
+	if ex.Decision != nil && ex.Decision.NarInfo != nil {
+		ex.StorePath = ex.Decision.NarInfo.StorePath
+	}
+	// A request is answered from the stored decision when there is one,
+	// otherwise from the decision it would make now.
+	out := outcome{rec: stored}
+	if stored == nil {
+		out = fresh
+		if d := fresh.decision; d != nil && fresh.unavailable == nil && g.policy.Served(*d) {
+			rec := g.record(*d, fresh.until)
+			out = outcome{rec: &rec, decision: d}
+		}
+	}
+	ex.NarInfo = answer(out)
+	ex.NAR = ex.NarInfo
+	if ex.NarInfo.Status == Serve {
+		rec := ex.NarInfo.Record
+		ex.StorePath, ex.NarFile = rec.StorePath, rec.NarFile
+		if f := g.openBlob(rec); f != nil {
+			f.Close()
+			ex.NarCached = true
+		}
+		if q, err := g.db.Quarantine(hash); err == nil && q != nil {
+			d := policy.Decision{Reason: policy.NarMismatch}
+			ex.NAR = Answer{Status: Reject, Decision: d.String(), Detail: "NAR failed " + q.Check + " check"}
+		}
+	}
+	return ex, nil
+}
+
+func minus(all, drop []string) []string {
+	skip := map[string]bool{}
+	for _, d := range drop {
+		skip[d] = true
+	}
+	out := []string{}
+	for _, a := range all {
+		if !skip[a] {
+			out = append(out, a)
+		}
+	}
+	return out
+}

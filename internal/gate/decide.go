@@ -1,0 +1,304 @@
+package gate
+
+import (
+	"context"
+	"errors"
+	"path"
+	"time"
+
+	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/policy"
+	"github.com/cacheproxy/cacheproxy/internal/upstream"
+)
+
+// maxNarInfoSize bounds what is read of an upstream narinfo; real ones are
+// a few KiB even with thousands of references.
+const maxNarInfoSize = 4 << 20
+
+// outcome is the gate's answer for one store path hash before it becomes
+// an HTTP answer.
+type outcome struct {
+	rec         *cache.Record    // the stored decision to serve, when the path is served
+	decision    *policy.Decision // the decision, when one was made now
+	unavailable error            // set when nothing was approved and an upstream failed transiently
+	// until ends an approval that rests on evidence with an expiry (its own
+	// allowlist entry, or with require_closure one of its references').
+	until time.Time
+}
+
+// stored returns the stored decision for hash if it may be served now: made
+// under the current settings, not expired, and approved unless in report
+// mode (which stores the rejections it serves).
+func (g *Gate) stored(hash string) (*cache.Record, error) {
+	rec := g.hot.get(hash)
+	if rec == nil {
+		before := g.db.Changes()
+		var err error
+		if rec, err = g.db.Record(hash); err != nil || rec == nil {
+			return nil, err
+		}
+		g.hot.put(hash, rec, before, g.db.Changes)
+	}
+	if rec.Settings != g.settings || rec.Expired(g.now()) || (!rec.Approved && !g.policy.Report) {
+		return nil, nil
+	}
+	return rec, nil
+}
+
+// lookup is the answer for hash at this moment: the stored decision when
+// there is one, otherwise one decision round (shared by every concurrent
+// request for the hash, narinfo and NAR alike) that decides and stores.
+// kind labels the cache metrics ("narinfo"), or "" not to count.
+func (g *Gate) lookup(ctx context.Context, hash, kind string) (outcome, error) {
+	rec, err := g.stored(hash)
+	if err != nil {
+		return outcome{}, err
+	}
+	if rec != nil {
+		if kind != "" {
+			g.m.CacheHits.WithLabelValues(kind).Inc()
+		}
+		if !rec.Approved {
+			// Report mode counts every request for a rejected path, as
+			// enforce mode does, though the answer comes from the store.
+			g.m.Decisions.WithLabelValues("rejected", string(rec.Reason)).Inc()
+		}
+		return outcome{rec: rec}, nil
+	}
+	if kind != "" {
+		g.m.CacheMisses.WithLabelValues(kind).Inc()
+	}
+	// The shared round must not die with the first client that gave up.
+	v, err, _ := g.flight.Do(hash, func() (any, error) {
+		return g.decideAndStore(context.WithoutCancel(ctx), hash, map[string]bool{})
+	})
+	if err != nil {
+		return outcome{}, err
+	}
+	return v.(outcome), nil
+}
+
+// decideAndStore decides and stores what is served (approved, or in report
+// mode also rejected by policy); rejections are logged, counted and
+// recorded. visiting holds the paths whose closure walk is under way.
+func (g *Gate) decideAndStore(ctx context.Context, hash string, visiting map[string]bool) (outcome, error) {
+	if rec, err := g.stored(hash); err != nil || rec != nil {
+		return outcome{rec: rec}, err // decided while we waited
+	}
+	// A decision rests on the evidence as it was when deciding began; if an
+	// admin change lands meanwhile, the decision is answered but not stored.
+	epoch, err := g.db.Epoch()
+	if err != nil {
+		return outcome{}, err
+	}
+	out, err := g.decide(ctx, hash, visiting, true)
+	if err != nil || out.decision == nil {
+		return out, err
+	}
+	d := out.decision
+	g.m.Decisions.WithLabelValues(decisionLabel(d.Approved), string(d.Reason)).Inc()
+	if !g.policy.Served(*d) || out.unavailable != nil {
+		g.logRejection(*d, hash)
+		return out, nil
+	}
+	if !d.Approved {
+		g.logRejection(*d, hash) // report mode: recorded, then served
+	} else {
+		g.log.Info("approved", "path", d.NarInfo.StorePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream)
+	}
+	rec := g.record(*d, out.until)
+	if _, err := g.db.PutRecord(hash, rec, epoch); err != nil {
+		return outcome{}, err
+	}
+	return outcome{rec: &rec, decision: d}, nil
+}
+
+func decisionLabel(approved bool) string {
+	if approved {
+		return "approved"
+	}
+	return "rejected"
+}
+
+// decide asks the upstreams in order and returns the first approved
+// decision; failing that, the first rejection, marked unavailable when an
+// upstream failed transiently (it might have approved); failing that, not
+// found or unavailable. It stores nothing of the path itself; with store
+// set, the closure walk stores what it decides about references.
+func (g *Gate) decide(ctx context.Context, hash string, visiting map[string]bool, store bool) (outcome, error) {
+	var first *policy.Decision
+	var unavailable error
+	for _, u := range g.upstreams {
+		raw, err := g.fetchNarInfo(ctx, u, hash)
+		switch {
+		case errors.Is(err, upstream.ErrNotFound):
+			continue
+		case err != nil:
+			unavailable = errors.Join(unavailable, err)
+			continue
+		}
+		ev, _, err := g.db.Evidence(hash)
+		if err != nil {
+			return outcome{}, err
+		}
+		d := g.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, ev, g.now())
+		var until time.Time
+		if d.Reason == policy.Allowlisted && d.Allow != nil {
+			until = d.Allow.Expires
+		}
+		if d.Approved && g.policy.RequireClosure {
+			refs, refsUntil, err := g.referenceDecisions(ctx, hash, d, visiting, store)
+			var ru *refUnavailableError
+			if errors.As(err, &ru) {
+				return outcome{unavailable: err}, nil // 503, not a 404 the client would cache
+			}
+			if err != nil {
+				return outcome{}, err
+			}
+			d = g.policy.Closure(d, refs)
+			until = earliest(until, refsUntil)
+		}
+		if d.Approved {
+			return outcome{decision: &d, until: until}, nil
+		}
+		// The first rejection is the answer, unless a later upstream's
+		// would be served (report mode) and the first's would not.
+		if first == nil || (!g.policy.Served(*first) && g.policy.Served(d)) {
+			first = &d
+		}
+	}
+	return outcome{decision: first, unavailable: unavailable}, nil
+}
+
+// fetchNarInfo asks one upstream for a narinfo, timing and counting the
+// request; errors are upstream.ErrNotFound or a transient failure.
+func (g *Gate) fetchNarInfo(ctx context.Context, u Upstream, hash string) ([]byte, error) {
+	start := time.Now()
+	raw, err := u.Client.Get(ctx, hash+".narinfo", maxNarInfoSize)
+	g.m.UpstreamDuration.WithLabelValues(u.Name(), "narinfo").Observe(time.Since(start).Seconds())
+	result := "found"
+	switch {
+	case errors.Is(err, upstream.ErrNotFound):
+		result = "not_found"
+	case err != nil:
+		result = "unavailable"
+		g.log.Warn("upstream unavailable", "upstream", u.Name(), "hash", hash, "err", err)
+	}
+	g.m.UpstreamRequests.WithLabelValues(u.Name(), "narinfo", result).Inc()
+	return raw, err
+}
+
+// refUnavailableError: a reference could not be decided because its
+// upstreams failed transiently.
+type refUnavailableError struct {
+	ref string
+	err error
+}
+
+func (e *refUnavailableError) Error() string { return "reference " + e.ref + ": " + e.err.Error() }
+func (e *refUnavailableError) Unwrap() error { return e.err }
+
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
+	}
+	return a
+}
+
+// referenceDecisions decides every reference of an approved path (through
+// the stored decisions where they exist) for require_closure, and returns
+// the earliest expiry among their approvals.
+func (g *Gate) referenceDecisions(ctx context.Context, hash string, d policy.Decision, visiting map[string]bool, store bool) (map[string]policy.Decision, time.Time, error) {
+	// visiting is the current walk only: a reference shared by two branches
+	// (a diamond) must be decided, not skipped, on the second branch.
+	visiting[hash] = true
+	defer delete(visiting, hash)
+	var until time.Time
+	refs := map[string]policy.Decision{}
+	for _, ref := range d.NarInfo.References {
+		rh, _, err := narinfo.ParseBaseName(ref)
+		if err != nil || rh == hash {
+			continue // the path itself
+		}
+		rec, err := g.stored(rh)
+		if err != nil {
+			return nil, until, err
+		}
+		if rec == nil && visiting[rh] {
+			continue // a cycle: store paths have none but self-references
+		}
+		var out outcome
+		switch {
+		case rec != nil:
+			out = outcome{rec: rec}
+		case store:
+			out, err = g.decideAndStore(ctx, rh, visiting)
+		default:
+			out, err = g.decide(ctx, rh, visiting, false)
+		}
+		if err != nil {
+			return nil, until, err
+		}
+		switch {
+		case out.rec != nil:
+			refs[ref] = policy.Decision{Approved: out.rec.Approved, Reason: out.rec.Reason}
+			until = earliest(until, out.rec.ValidUntil)
+		case out.unavailable != nil:
+			return nil, until, &refUnavailableError{ref: ref, err: out.unavailable}
+		case out.decision != nil:
+			refs[ref] = *out.decision
+			until = earliest(until, out.until)
+		}
+	}
+	return refs, until, nil
+}
+
+// narFile is the name this proxy gives a path's NAR file: unique per
+// path, NAR content and compression, so that a client holding an older
+// narinfo never gets bytes its NarHash does not describe.
+func narFile(hash string, ni *narinfo.NarInfo) string {
+	return hash + "-" + ni.NarHash.Nix32() + ".nar" + ni.Compression.Ext()
+}
+
+// record turns a served decision into the stored record served from now
+// on: the upstream narinfo with its URL pointing here and the gatekeeper's
+// signature added. It is signed once, here, and served as stored.
+func (g *Gate) record(d policy.Decision, until time.Time) cache.Record {
+	ni := *d.NarInfo
+	hash := path.Base(ni.StorePath)[:narinfo.HashLen]
+	rec := cache.Record{
+		StorePath: ni.StorePath, Reason: d.Reason, Approved: d.Approved,
+		Upstream: d.Upstream, NarURL: ni.URL, NarFile: narFile(hash, &ni), NAR: d.NAR(),
+		Settings: g.settings, Decided: g.now(), ValidUntil: until,
+	}
+	if g.policy.RequireClosure {
+		for _, ref := range ni.References {
+			if rh, _, err := narinfo.ParseBaseName(ref); err == nil && rh != hash {
+				rec.References = append(rec.References, rh)
+			}
+		}
+	}
+	ni.URL = "nar/" + rec.NarFile
+	ni.Sigs = append(append([]string(nil), ni.Sigs...), g.key.Sign(d.Fingerprint))
+	rec.NarInfo = ni.Marshal()
+	return rec
+}
+
+// logRejection logs, and records for `cacheproxy rejections`, one refusal.
+func (g *Gate) logRejection(d policy.Decision, hash string) {
+	storePath := path.Join(g.policy.StoreDir, hash)
+	deriver := ""
+	if d.NarInfo != nil {
+		storePath = d.NarInfo.StorePath
+		if d.NarInfo.Deriver != "" {
+			deriver = path.Join(g.policy.StoreDir, d.NarInfo.Deriver)
+		}
+	}
+	g.log.Warn("rejected", "path", storePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream, "served", g.policy.Served(d))
+	err := g.db.RecordRejection(cache.Rejection{StorePath: storePath, Reason: string(d.Reason), Detail: d.Detail,
+		Deriver: deriver, Upstream: d.Upstream, Last: g.now()})
+	if err != nil {
+		g.log.Error("record rejection", "path", storePath, "err", err)
+	}
+}

@@ -1,0 +1,207 @@
+// Package gate is cacheproxy's gatekeeper: every answer about a store path,
+// for a narinfo request, a NAR request, an operator's explain or an
+// allowlist pin, comes from here. It asks the upstreams, gathers the
+// evidence, applies the policy, walks the closure, signs, stores, and keeps
+// each stored decision exactly as long as the evidence behind it.
+//
+// Trust model: the gate trusts its configuration (upstream keys, attester
+// keys, policy) and the state store (everything in it was verified or
+// entered by an authenticated operator). Upstream answers are trusted only
+// as far as policy.Decide approves them, and NAR bytes only as far as the
+// verifier checks them against the approved narinfo. Callers (HTTP
+// handlers) are not trusted to hold a decision: they ask for the answer at
+// the moment of each request.
+package gate
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/singleflight"
+
+	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/metrics"
+	"github.com/cacheproxy/cacheproxy/internal/narstream"
+	"github.com/cacheproxy/cacheproxy/internal/policy"
+	"github.com/cacheproxy/cacheproxy/internal/upstream"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
+)
+
+// Upstream is one configured binary cache with the keys it must sign with.
+type Upstream struct {
+	Client *upstream.Client
+	Keys   []verify.PublicKey
+}
+
+// Name is the upstream's name in logs, metrics and stored records.
+func (u Upstream) Name() string { return u.Client.Name() }
+
+// Options are what a Gate is made of. DB, Blobs, Metrics and Log must be set.
+type Options struct {
+	Policy    policy.Policy // StoreDir set
+	Upstreams []Upstream    // asked in this order
+	Key       verify.SecretKey
+	DB        *cache.DB
+	Blobs     *cache.Blobs
+	Metrics   *metrics.Metrics
+	Log       *slog.Logger
+	Now       func() time.Time // time.Now when nil
+}
+
+// Gate decides. It is safe for concurrent use.
+type Gate struct {
+	policy    policy.Policy
+	upstreams []Upstream
+	key       verify.SecretKey
+	settings  string // digest of everything a stored decision depends on besides the evidence
+	db        *cache.DB
+	blobs     *cache.Blobs
+	m         *metrics.Metrics
+	log       *slog.Logger
+	now       func() time.Time
+
+	flight singleflight.Group // one decision per hash at a time
+	hot    *hotRecords
+	nars   *narstream.Group
+
+	mu        sync.Mutex
+	shortRuns map[string]int // NAR file -> transfers in a row that ended short with no declared length
+}
+
+// New returns a Gate over an open state store. Decisions stored under other
+// settings (another policy, other upstream keys, another gatekeeper key)
+// are not served: each is decided again when next requested.
+func New(o Options) (*Gate, error) {
+	g := &Gate{policy: o.Policy, upstreams: o.Upstreams, key: o.Key, db: o.DB, blobs: o.Blobs,
+		m: o.Metrics, log: o.Log, now: o.Now, hot: newHotRecords(), nars: narstream.NewGroup(),
+		shortRuns: map[string]int{}}
+	if g.now == nil {
+		g.now = time.Now
+	}
+	g.settings = settingsDigest(o)
+	g.db.OnForget(g.hot.drop)
+	changed, err := g.db.SyncSettings(g.settings)
+	if err != nil {
+		return nil, err
+	}
+	if changed {
+		g.log.Info("decision settings changed since the last start: stored decisions are decided again as they are requested")
+	}
+	g.refreshGauges()
+	return g, nil
+}
+
+// Close stops the downloads in progress.
+func (g *Gate) Close() { g.nars.Close() }
+
+// PublicKey is the gatekeeper key fleet machines trust.
+func (g *Gate) PublicKey() verify.PublicKey { return g.key.Public() }
+
+// settingsDigest names everything a stored decision depends on besides the
+// evidence in the DB: if any of it changes between starts (a revoked
+// upstream key, a higher quorum, report mode turned off, a new gatekeeper
+// key), stored decisions must not be served as they are.
+func settingsDigest(o Options) string {
+	type up struct {
+		URL  string
+		Keys []string
+	}
+	p := o.Policy
+	v := struct {
+		Report, ContentAddressed, RequireClosure bool
+		StoreDir, Gatekeeper                     string
+		Quorum                                   int
+		Attesters                                []string
+		Upstreams                                []up
+	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, o.Key.Public().String(), p.Quorum, nil, nil}
+	for _, a := range p.Attesters {
+		v.Attesters = append(v.Attesters, a.String())
+	}
+	sort.Strings(v.Attesters)
+	for _, u := range o.Upstreams {
+		e := up{URL: u.Name()}
+		for _, k := range u.Keys {
+			e.Keys = append(e.Keys, k.String())
+		}
+		sort.Strings(e.Keys)
+		v.Upstreams = append(v.Upstreams, e)
+	}
+	raw, _ := json.Marshal(v)
+	sum := sha256.Sum256(raw)
+	return hex.EncodeToString(sum[:])
+}
+
+func (g *Gate) upstreamNamed(name string) (Upstream, bool) {
+	for _, u := range g.upstreams {
+		if u.Name() == name {
+			return u, true
+		}
+	}
+	return Upstream{}, false
+}
+
+func (g *Gate) refreshGauges() {
+	if n, err := g.db.CountAttestations(); err == nil {
+		g.m.Attestations.Set(float64(n))
+	}
+	if l, err := g.db.AllowList(); err == nil {
+		g.m.AllowEntries.Set(float64(len(l)))
+	}
+	g.m.CacheSize.Set(float64(g.blobs.Size()))
+}
+
+// maxHotRecords bounds the in-memory copies of stored records (about 1 KiB
+// each).
+const maxHotRecords = 65536
+
+// hotRecords keeps recently served records in memory: a narinfo hit is the
+// hottest request a fleet makes, and reading and decoding the record from
+// bbolt each time costs most of it. The store tells it which decisions each
+// change dropped (cache.DB.OnForget); a copy read while a change was being
+// committed is not kept (see put).
+type hotRecords struct {
+	mu sync.RWMutex
+	m  map[string]*cache.Record
+}
+
+func newHotRecords() *hotRecords { return &hotRecords{m: map[string]*cache.Record{}} }
+
+func (h *hotRecords) get(hash string) *cache.Record {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.m[hash]
+}
+
+// put keeps rec, read from the store when current() returned before; if
+// current() has moved on since, a change may have dropped rec after it was
+// read, and it is not kept. The check runs under the lock that drop takes,
+// so a drop either sees the copy or the copy sees the drop.
+func (h *hotRecords) put(hash string, rec *cache.Record, before uint64, current func() uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if current() != before {
+		return
+	}
+	if len(h.m) >= maxHotRecords {
+		for k := range h.m { // drop an arbitrary tenth; map order is random
+			delete(h.m, k)
+			if len(h.m) < maxHotRecords*9/10 {
+				break
+			}
+		}
+	}
+	h.m[hash] = rec
+}
+
+func (h *hotRecords) drop(hashes []string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, k := range hashes {
+		delete(h.m, k)
+	}
+}

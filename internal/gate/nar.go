@@ -1,0 +1,177 @@
+package gate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/narstream"
+	"github.com/cacheproxy/cacheproxy/internal/policy"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
+)
+
+// Body is the NAR of a served decision: a verified blob from the cache, or
+// a reader of the one download in progress. The caller closes it.
+type Body struct {
+	Blob   *os.File          // cached and verified against exactly this decision
+	Stream *narstream.Reader // verified as it streams; fails rather than end short
+	Size   int64             // bytes the client gets, -1 when unknown
+}
+
+// Close releases the body.
+func (b Body) Close() error {
+	if b.Blob != nil {
+		return b.Blob.Close()
+	}
+	if b.Stream != nil {
+		return b.Stream.Close()
+	}
+	return nil
+}
+
+// Errors of OpenNAR.
+var (
+	// ErrQuarantined: the NAR failed verification since the decision was read.
+	ErrQuarantined = errors.New("the NAR failed verification and is quarantined")
+	// errCommitted: the blob appeared while joining.
+	errCommitted = errors.New("committed meanwhile")
+)
+
+// OpenNAR returns the NAR of a served record: the cached blob if one was
+// verified against exactly rec's expectations, otherwise a reader of the one
+// upstream download (started if needed, unless download is false: then a
+// Body with neither Blob nor Stream says that the NAR is not cached).
+func (g *Gate) OpenNAR(ctx context.Context, rec *cache.Record, download bool) (Body, error) {
+	size := rec.NAR.Size()
+	if f := g.openBlob(rec); f != nil {
+		g.m.CacheHits.WithLabelValues("nar").Inc()
+		return Body{Blob: f, Size: size}, nil
+	}
+	if !download {
+		return Body{Size: size}, nil
+	}
+	g.m.CacheMisses.WithLabelValues("nar").Inc()
+	u, ok := g.upstreamNamed(rec.Upstream)
+	if !ok {
+		return Body{}, fmt.Errorf("upstream %s of %s is no longer configured", rec.Upstream, rec.StorePath)
+	}
+	job := narstream.Job{
+		Name:   rec.NarFile,
+		Expect: rec.NAR,
+		Open: func(ctx context.Context) (io.ReadCloser, int64, error) {
+			return u.Client.Open(ctx, rec.NarURL)
+		},
+		Temp: func() (*os.File, error) { return g.blobs.CreateTemp(rec.NarFile) },
+		Commit: func(f *os.File) error {
+			return g.blobs.Commit(f, rec.NarFile, cache.BlobMeta{StorePath: rec.StorePath, NAR: rec.NAR})
+		},
+		Discard: g.blobs.Discard,
+		Finally: func(err error) {
+			if err != nil {
+				return
+			}
+			// Evict only now: its bbolt writes must not delay the final bytes.
+			if err := g.blobs.Evict(); err != nil {
+				g.log.Error("evict blobs", "err", err)
+			}
+			g.m.CacheSize.Set(float64(g.blobs.Size()))
+		},
+	}
+	start := time.Now()
+	job.Done = func(err error) {
+		g.m.UpstreamDuration.WithLabelValues(u.Name(), "nar").Observe(time.Since(start).Seconds())
+		g.narDone(rec, u, err)
+	}
+	r, err := g.nars.Join(ctx, job, func() error {
+		// Checked under the download table's lock: a download that just
+		// ended has either committed its blob or written its quarantine.
+		if g.blobs.Has(rec.NarFile) {
+			return errCommitted
+		}
+		if q, err := g.db.Quarantine(pathHash(rec)); err != nil || q != nil {
+			return errors.Join(ErrQuarantined, err)
+		}
+		return nil
+	})
+	switch {
+	case errors.Is(err, errCommitted):
+		if f := g.openBlob(rec); f != nil {
+			return Body{Blob: f, Size: size}, nil
+		}
+		return Body{}, errors.New("the NAR was cached and evicted at once")
+	case err != nil:
+		return Body{}, err
+	}
+	return Body{Stream: r, Size: size}, nil
+}
+
+// openBlob opens rec's cached blob if it was verified against exactly
+// rec's expectations. A blob of the same name verified against another
+// variant (another upstream's compression of the same NAR) is dropped: its
+// bytes would not match the narinfo the client holds.
+func (g *Gate) openBlob(rec *cache.Record) *os.File {
+	f, err := g.blobs.Open(rec.NarFile)
+	if err != nil {
+		return nil
+	}
+	if meta, err := g.blobs.Meta(rec.NarFile); err != nil || meta == nil || meta.NAR != rec.NAR {
+		f.Close()
+		g.log.Warn("cached blob was verified against another narinfo; dropping it", "blob", rec.NarFile)
+		g.blobs.Remove(rec.NarFile)
+		return nil
+	}
+	return f
+}
+
+// MaxAmbiguousTruncations is how many transfers of one NAR in a row may end
+// short without any declared length before the shortness counts as the
+// upstream's answer (nar_mismatch) rather than a network blip.
+const MaxAmbiguousTruncations = 3
+
+// narDone counts how a NAR download ended and quarantines the path when a
+// complete transfer disagreed with the narinfo. It runs before any reader
+// learns the result, so a client that retries at once finds the quarantine.
+func (g *Gate) narDone(rec *cache.Record, u Upstream, err error) {
+	var ve *verify.Error
+	var te *narstream.TruncatedError
+	g.mu.Lock()
+	if errors.As(err, &te) && te.UnknownLength != nil {
+		g.shortRuns[rec.NarFile]++
+		if g.shortRuns[rec.NarFile] >= MaxAmbiguousTruncations {
+			err, te = te.UnknownLength, nil
+		}
+	}
+	if te == nil {
+		delete(g.shortRuns, rec.NarFile)
+	}
+	g.mu.Unlock()
+	switch {
+	case err == nil:
+		g.m.UpstreamRequests.WithLabelValues(u.Name(), "nar", "found").Inc()
+	case te != nil:
+		g.m.VerifyFailures.WithLabelValues(string(verify.CheckTruncated)).Inc()
+		g.m.UpstreamRequests.WithLabelValues(u.Name(), "nar", "truncated").Inc()
+		g.log.Warn("NAR transfer broken; will retry on next request", "path", rec.StorePath, "upstream", u.Name(), "err", err)
+	case errors.As(err, &ve):
+		g.m.VerifyFailures.WithLabelValues(string(ve.Check)).Inc()
+		g.m.UpstreamRequests.WithLabelValues(u.Name(), "nar", "mismatch").Inc()
+		g.m.Decisions.WithLabelValues("rejected", string(policy.NarMismatch)).Inc()
+		g.log.Error("NAR failed verification; path quarantined", "path", rec.StorePath, "upstream", u.Name(), "check", ve.Check, "err", err)
+		q := policy.Quarantine{StorePath: rec.StorePath, Check: string(ve.Check), Detail: ve.Detail, Upstream: u.Name(), Time: g.now()}
+		if err := g.db.PutQuarantine(pathHash(rec), q); err != nil {
+			g.log.Error("quarantine", "path", rec.StorePath, "err", err)
+		}
+		g.db.RecordRejection(cache.Rejection{StorePath: rec.StorePath, Reason: string(policy.NarMismatch), Detail: ve.Error(), Upstream: u.Name(), Last: g.now()})
+	default:
+		g.m.UpstreamRequests.WithLabelValues(u.Name(), "nar", "unavailable").Inc()
+		g.log.Warn("NAR fetch failed", "path", rec.StorePath, "upstream", u.Name(), "err", err)
+	}
+}
+
+// pathHash is the store path hash of a record.
+func pathHash(rec *cache.Record) string { return rec.NarFile[:narinfo.HashLen] }
