@@ -211,40 +211,54 @@ func (d *DB) Record(hash string) (rec *Record, err error) {
 // nothing is stored (stored is false); the next request decides again. An
 // approved record also clears the path's rejection log entry.
 func (d *DB) PutRecord(hash string, rec Record, epoch int64) (stored bool, err error) {
+	return d.PutRecords(map[string]Record{hash: rec}, epoch)
+}
+
+// PutRecords is PutRecord for many decisions in one transaction.
+func (d *DB) PutRecords(recs map[string]Record, epoch int64) (stored bool, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
 		if readCount(tx, keyEpoch) != epoch {
 			return nil
 		}
 		stored = true
-		if rec.Approved {
-			if err := clearRejection(tx, hash); err != nil {
-				return err
-			}
-		}
-		old, err := get[Record](tx, bucketRecords, hash)
-		if err != nil {
-			return err
-		}
-		if old != nil {
-			if err := unindex(tx, hash, old); err != nil {
-				return err
-			}
-		}
-		if err := put(tx, bucketRecords, hash, rec); err != nil {
-			return err
-		}
-		if err := tx.Bucket(bucketRecordNames).Put([]byte(path.Base(rec.StorePath)), rec.NAR.NarHash[:]); err != nil {
-			return err
-		}
-		refs := tx.Bucket(bucketRecordRefs)
-		for _, r := range rec.References {
-			if err := refs.Put([]byte(r+"/"+hash), nil); err != nil {
+		for hash, rec := range recs {
+			if err := putRecord(tx, hash, rec); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
 	return stored, err
+}
+
+func putRecord(tx *bolt.Tx, hash string, rec Record) error {
+	if rec.Approved {
+		if err := clearRejection(tx, hash); err != nil {
+			return err
+		}
+	}
+	old, err := get[Record](tx, bucketRecords, hash)
+	if err != nil {
+		return err
+	}
+	if old != nil {
+		if err := unindex(tx, hash, old); err != nil {
+			return err
+		}
+	}
+	if err := put(tx, bucketRecords, hash, rec); err != nil {
+		return err
+	}
+	if err := tx.Bucket(bucketRecordNames).Put([]byte(path.Base(rec.StorePath)), rec.NAR.NarHash[:]); err != nil {
+		return err
+	}
+	refs := tx.Bucket(bucketRecordRefs)
+	for _, r := range rec.References {
+		if err := refs.Put([]byte(r+"/"+hash), nil); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // unindex removes a record's index entries.
