@@ -28,10 +28,10 @@ type Blobs struct {
 	lastUsed map[string]time.Time // in memory; persisted by SaveUsage (periodically) and Close
 	// sizes holds the indexed size of every blob in lastUsed. Remove and
 	// evict account with it rather than with a stat of the file, which
-	// drifted when a file had been truncated or deleted behind our back
-	// (found by TestVerifyAll), and they count a blob as removed only when
-	// it was still in the map, so concurrent evictions neither count one
-	// blob twice nor evict more than needed (found by TestBlobsConcurrent).
+	// drifts when a file is truncated or deleted behind our back, and they
+	// count a blob as removed only when it was still in the map, so that
+	// concurrent evictions neither count one blob twice nor evict more than
+	// needed.
 	sizes   map[string]int64
 	onEvict func(n int, bytes int64)
 }

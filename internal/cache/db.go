@@ -414,20 +414,13 @@ func (d *DB) Evidence(hash string) (ev policy.Evidence, epoch int64, err error) 
 	return ev, epoch, err
 }
 
-// AttestResult says what PutAttestation did with one attestation.
-type AttestResult string
-
-const (
-	AttestStored AttestResult = "stored"
-	AttestKnown  AttestResult = "already_known"
-)
-
 // PutAttestations stores verified attestations in one transaction and drops
 // the stored decisions of their paths. An attestation by the same key for the
-// same path replaces the older one (the attester rebuilt again).
-func (d *DB) PutAttestations(as []policy.Attestation) ([]AttestResult, error) {
-	res := make([]AttestResult, len(as))
-	err := d.update(func(tx *bolt.Tx) error {
+// same path replaces the older one (the attester rebuilt again). stored[i]
+// is false when as[i] was already known.
+func (d *DB) PutAttestations(as []policy.Attestation) (stored []bool, err error) {
+	stored = make([]bool, len(as))
+	err = d.update(func(tx *bolt.Tx) error {
 		var changed []string
 		for i, a := range as {
 			hash := hashOf(a.StorePath)
@@ -437,14 +430,13 @@ func (d *DB) PutAttestations(as []policy.Attestation) ([]AttestResult, error) {
 				return err
 			}
 			if old != nil && old.Sig == a.Sig {
-				res[i] = AttestKnown
 				continue
 			}
 			if err := put(tx, bucketAttestations, key, a); err != nil {
 				return err
 			}
 			changed = append(changed, hash)
-			res[i] = AttestStored
+			stored[i] = true
 		}
 		if len(changed) == 0 {
 			return nil
@@ -452,7 +444,7 @@ func (d *DB) PutAttestations(as []policy.Attestation) ([]AttestResult, error) {
 		_, err := d.forget(tx, changed)
 		return err
 	})
-	return res, err
+	return stored, err
 }
 
 // CountAttestations returns the number of stored attestations.

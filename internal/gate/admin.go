@@ -78,8 +78,11 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("store attestations: %w", err)
 	}
-	for i, st := range stored {
-		results[storeIdx[i]].Status = string(st)
+	for i, ok := range stored {
+		results[storeIdx[i]].Status = AttestKnown
+		if ok {
+			results[storeIdx[i]].Status = AttestStored
+		}
 	}
 	g.refreshGauges()
 	return results, nil

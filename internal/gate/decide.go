@@ -31,19 +31,26 @@ type outcome struct {
 // under the current settings, not expired, and approved unless in report
 // mode (which stores the rejections it serves).
 func (g *Gate) stored(hash string) (*cache.Record, error) {
-	rec := g.hot.get(hash)
-	if rec == nil {
-		before := g.db.Changes()
-		var err error
-		if rec, err = g.db.Record(hash); err != nil || rec == nil {
-			return nil, err
-		}
-		g.hot.put(hash, rec, before, g.db.Changes)
+	if rec := g.hot.get(hash); rec != nil && g.servable(rec) {
+		return rec, nil
 	}
-	if rec.Settings != g.settings || rec.Expired(g.now()) || (!rec.Approved && !g.policy.Report) {
+	// Not in memory, or the copy there is out of date: the store may hold a
+	// newer decision.
+	before := g.db.Changes()
+	rec, err := g.db.Record(hash)
+	if err != nil || rec == nil {
+		return nil, err
+	}
+	g.hot.put(hash, rec, before, g.db.Changes)
+	if !g.servable(rec) {
 		return nil, nil
 	}
 	return rec, nil
+}
+
+// servable reports whether a stored decision may be served now.
+func (g *Gate) servable(rec *cache.Record) bool {
+	return rec.Settings == g.settings && !rec.Expired(g.now()) && (rec.Approved || g.policy.Report)
 }
 
 // lookup is the answer for hash at this moment: the stored decision when
@@ -108,8 +115,13 @@ func (g *Gate) decideAndStore(ctx context.Context, hash string, visiting map[str
 		g.log.Info("approved", "path", d.NarInfo.StorePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream)
 	}
 	rec := g.record(*d, out.until)
-	if _, err := g.db.PutRecord(hash, rec, epoch); err != nil {
+	before := g.db.Changes()
+	stored, err := g.db.PutRecord(hash, rec, epoch)
+	if err != nil {
 		return outcome{}, err
+	}
+	if stored {
+		g.hot.put(hash, &rec, before, g.db.Changes)
 	}
 	return outcome{rec: &rec, decision: d}, nil
 }

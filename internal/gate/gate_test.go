@@ -387,3 +387,39 @@ func checkGlobDeny(t testing.TB, n int) {
 		b.StartTimer()
 	}
 }
+
+// After a restart with other decision settings, a stored decision is
+// decided again once, when first requested, and then served from the store.
+func TestSettingsChangeRedecidesOnce(t *testing.T) {
+	f := newFixture(t, false)
+	app := newObj("app-1.0")
+	f.up.publish(app)
+	f.attest(app)
+	wantAnswer(t, "before", f.narinfo(app), Serve, "approved; reason=attested")
+
+	other, err := verify.GenerateKey("rebuilder-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := Options{Policy: f.g.policy, Upstreams: f.g.upstreams, Key: f.g.key, DB: f.db, Blobs: f.blobs,
+		Metrics: metrics.New(), Log: f.g.log}
+	o.Policy.Attesters = append(o.Policy.Attesters, other.Public())
+	g2, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g2.Close()
+	f.g = g2
+	before := f.up.requests()
+	a := f.nar(narFileOf(app))
+	wantAnswer(t, "NAR after the settings change", a, Serve, "approved; reason=attested")
+	if a.Record.Settings != g2.settings {
+		t.Fatal("the decision was not made again under the new settings")
+	}
+	for range 3 {
+		wantAnswer(t, "narinfo", f.narinfo(app), Serve, "approved; reason=attested")
+	}
+	if n := f.up.requests() - before; n != 1 {
+		t.Fatalf("%d upstream requests after the settings change, want exactly 1", n)
+	}
+}

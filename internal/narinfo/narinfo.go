@@ -128,7 +128,7 @@ func Parse(data []byte, storeDir string) (*NarInfo, error) {
 		}
 	}
 	if n.Compression == "" {
-		n.Compression = "bzip2"
+		n.Compression = CompressionBzip2
 	}
 	switch {
 	case !seen["StorePath"]:
