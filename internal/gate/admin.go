@@ -26,17 +26,22 @@ var (
 // decisions it affects in one transaction, and nothing else: a fleet
 // machine holding a narinfo for any other path keeps getting its NAR.
 
-// Attestation import outcomes, per path and key.
+// AttestOutcome is what import did with one path's signature by one key.
+type AttestOutcome int
+
+// Attestation import outcomes.
 const (
-	AttestStored       = "stored"
-	AttestKnown        = "already_known"
-	AttestNoAttester   = "no_attester_signature"
-	AttestBadSignature = "bad_signature"
+	AttestStored       AttestOutcome = iota // verified and stored
+	AttestKnown                             // verified, already stored
+	AttestNoAttester                        // no signature by a configured attester key
+	AttestBadSignature                      // an attester key's signature that does not verify
 )
 
-// AttestResult is what import did for one path and attester key.
+// AttestResult is what import did for one path and attester key (Key is
+// empty for AttestNoAttester).
 type AttestResult struct {
-	Path, Key, Status string
+	Path, Key string
+	Outcome   AttestOutcome
 }
 
 // Attest stores the signatures in claims made by configured attester keys
@@ -61,7 +66,7 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 				}
 				found = true
 				if !key.Verify(fp, sig) {
-					results = append(results, AttestResult{Path: c.StorePath, Key: key.Name, Status: AttestBadSignature})
+					results = append(results, AttestResult{Path: c.StorePath, Key: key.Name, Outcome: AttestBadSignature})
 					continue
 				}
 				storeIdx = append(storeIdx, len(results))
@@ -71,7 +76,7 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 			}
 		}
 		if !found {
-			results = append(results, AttestResult{Path: c.StorePath, Status: AttestNoAttester})
+			results = append(results, AttestResult{Path: c.StorePath, Outcome: AttestNoAttester})
 		}
 	}
 	stored, err := g.db.PutAttestations(toStore)
@@ -79,9 +84,9 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 		return nil, fmt.Errorf("store attestations: %w", err)
 	}
 	for i, ok := range stored {
-		results[storeIdx[i]].Status = AttestKnown
+		results[storeIdx[i]].Outcome = AttestKnown
 		if ok {
-			results[storeIdx[i]].Status = AttestStored
+			results[storeIdx[i]].Outcome = AttestStored
 		}
 	}
 	g.refreshGauges()

@@ -172,7 +172,7 @@ func (f *fixture) attest(os ...*obj) {
 	f.t.Helper()
 	for _, o := range os {
 		res, err := f.g.Attest(attestClaims(f.t, o.signed(f.rebuilder)))
-		if err != nil || len(res) != 1 || res[0].Status != AttestStored {
+		if err != nil || len(res) != 1 || res[0].Outcome != AttestStored {
 			f.t.Fatalf("attest %s: %v %+v", o.base(), err, res)
 		}
 	}
