@@ -19,6 +19,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 )
 
 func TestExplain(t *testing.T) {
@@ -529,21 +531,11 @@ func TestVerifyCache(t *testing.T) {
 
 func nix32Decode(t testing.TB, s string) []byte {
 	t.Helper()
-	n := len(s) * 5 / 8
-	out := make([]byte, n)
-	for i := 0; i < len(s); i++ {
-		c := strings.IndexByte(nix32Alphabet, s[len(s)-1-i])
-		if c < 0 {
-			t.Fatalf("bad nix32 %q", s)
-		}
-		b := uint(i * 5)
-		j, k := b/8, b%8
-		out[j] |= byte(c << k)
-		if int(j)+1 < n {
-			out[j+1] |= byte(c >> (8 - k))
-		}
+	b, err := nixbase32.DecodeString(s)
+	if err != nil {
+		t.Fatalf("bad nix32 %q: %v", s, err)
 	}
-	return out
+	return b
 }
 
 // signing_key_file: the gatekeeper key is the configured one.

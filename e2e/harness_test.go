@@ -45,6 +45,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 )
 
 const storeDir = "/nix/store"
@@ -277,23 +279,8 @@ func (k *Key) Sign(fp string) string {
 
 // ---------------------------------------------------------------- hashes
 
-const nix32Alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
-
 // nix32 encodes bytes in Nix's base32 (as in narinfo FileHash/NarHash).
-func nix32(b []byte) string {
-	n := (len(b)*8-1)/5 + 1
-	out := make([]byte, 0, n)
-	for i := n - 1; i >= 0; i-- {
-		bit := uint(i * 5)
-		j, k := bit/8, bit%8
-		c := b[j] >> k
-		if int(j) < len(b)-1 {
-			c |= b[j+1] << (8 - k)
-		}
-		out = append(out, nix32Alphabet[c&0x1f])
-	}
-	return string(out)
-}
+func nix32(b []byte) string { return nixbase32.EncodeToString(b) }
 
 func sha256Nix32(b []byte) string {
 	s := sha256.Sum256(b)
