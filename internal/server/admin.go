@@ -16,9 +16,18 @@ import (
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 )
 
-// maxAdminBody bounds admin request bodies (a closure's path-info JSON of
-// tens of thousands of paths fits easily).
-const maxAdminBody = 256 << 20
+// Bounds on admin input. An attestation import may be a closure's
+// path-info JSON of tens of thousands of paths; every other request is a
+// short JSON object. A field longer than its bound is refused with a 400
+// before anything is written (bbolt refuses keys over 32 KiB, which would
+// otherwise surface as a 500).
+const (
+	maxAdminBody   = 256 << 20
+	maxJSONBody    = 4 << 20
+	maxFieldLen    = 1024    // a store path, pattern or hash
+	maxReasonLen   = 4 << 10 // a free-text reason
+	maxFieldsCount = 100000  // paths or patterns in one request
+)
 
 // AdminHandler is the admin API. Every route requires the bearer token.
 func (s *Server) AdminHandler() http.Handler {
@@ -77,9 +86,9 @@ func writeGateError(w http.ResponseWriter, prefix string, err error) {
 	writeError(w, code, "%s%v", prefix, err)
 }
 
-// readBody reads a bounded request body.
-func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
-	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxAdminBody))
+// readBody reads a request body of at most limit bytes.
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
+	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "read request body: %v", err)
 		return nil, false
@@ -87,21 +96,65 @@ func readBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 	return raw, true
 }
 
-// decodeJSON reads a JSON request body strictly: unknown fields are
-// mistakes, and a mistake must not half-apply.
-func decodeJSON(w http.ResponseWriter, r *http.Request, v any) bool {
-	raw, ok := readBody(w, r)
+// decodeJSON reads a JSON request body strictly: unknown fields, trailing
+// data after the object and oversized fields are mistakes, and a mistake
+// must not half-apply.
+func decodeJSON(w http.ResponseWriter, r *http.Request, v interface{ check() error }) bool {
+	raw, ok := readBody(w, r, maxJSONBody)
 	if !ok {
 		return false
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
+	err := dec.Decode(v)
+	if err == nil {
+		if _, terr := dec.Token(); terr != io.EOF {
+			err = errors.New("trailing data after the JSON object")
+		}
+	}
+	if err == nil {
+		err = v.check()
+	}
+	if err != nil {
 		writeError(w, http.StatusBadRequest, "malformed JSON request: %v", err)
 		return false
 	}
 	return true
 }
+
+// checkFields bounds a list of paths or patterns and a reason.
+func checkFields(what string, list []string, reason string) error {
+	if len(list) > maxFieldsCount {
+		return fmt.Errorf("%d %s in one request; at most %d", len(list), what, maxFieldsCount)
+	}
+	for _, f := range list {
+		if len(f) > maxFieldLen {
+			return fmt.Errorf("a %s of %d bytes; at most %d", strings.TrimSuffix(what, "s"), len(f), maxFieldLen)
+		}
+	}
+	if len(reason) > maxReasonLen {
+		return fmt.Errorf("a reason of %d bytes; at most %d", len(reason), maxReasonLen)
+	}
+	return nil
+}
+
+// Request bodies, each with its bounds.
+type (
+	pathsRequest    struct{ adminapi.PathsRequest }
+	patternsRequest struct{ adminapi.PatternsRequest }
+	allowRequest    struct{ adminapi.AllowRequest }
+	denyRequest     struct{ adminapi.DenyRequest }
+)
+
+func (r *pathsRequest) check() error    { return checkFields("paths", r.Paths, "") }
+func (r *patternsRequest) check() error { return checkFields("patterns", r.Patterns, "") }
+func (r *allowRequest) check() error {
+	if len(r.Expires) > maxFieldLen {
+		return fmt.Errorf("an expiry of %d bytes", len(r.Expires))
+	}
+	return checkFields("paths", r.Paths, r.Reason)
+}
+func (r *denyRequest) check() error { return checkFields("patterns", r.Patterns, r.Reason) }
 
 // pathHash accepts "/nix/store/<hash>-<name>", "<hash>-<name>" or a bare
 // hash and returns the hash.
@@ -143,7 +196,7 @@ func (s *Server) pathHashes(args []string) ([]string, error) {
 
 // pathsRequest decodes a PathsRequest into hashes, answering 400 itself.
 func (s *Server) pathsRequest(w http.ResponseWriter, r *http.Request) ([]string, bool) {
-	var req adminapi.PathsRequest
+	var req pathsRequest
 	if !decodeJSON(w, r, &req) {
 		return nil, false
 	}

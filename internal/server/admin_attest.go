@@ -21,7 +21,7 @@ var attestStatus = [...]string{
 // output in any of its shapes, or narinfo text. A body that does not parse
 // changes nothing.
 func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request) {
-	raw, ok := readBody(w, r)
+	raw, ok := readBody(w, r, maxAdminBody)
 	if !ok {
 		return
 	}

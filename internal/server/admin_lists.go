@@ -38,7 +38,7 @@ func (s *Server) handleAllowList(w http.ResponseWriter, r *http.Request) {
 // references) to the NarHash its upstream serves now; a path that cannot be
 // resolved fails the whole request.
 func (s *Server) handleAllowAdd(w http.ResponseWriter, r *http.Request) {
-	var req adminapi.AllowRequest
+	var req allowRequest
 	if !decodeJSON(w, r, &req) {
 		return
 	}
@@ -87,7 +87,7 @@ func (s *Server) handleDenyList(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleDenyAdd(w http.ResponseWriter, r *http.Request) {
-	var req adminapi.DenyRequest
+	var req denyRequest
 	if !decodeJSON(w, r, &req) {
 		return
 	}
@@ -108,7 +108,7 @@ func (s *Server) handleDenyAdd(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleDenyRemove(w http.ResponseWriter, r *http.Request) {
-	var req adminapi.PatternsRequest
+	var req patternsRequest
 	if !decodeJSON(w, r, &req) {
 		return
 	}

@@ -59,7 +59,27 @@ func createKey(path string) ([]byte, error) {
 	return raw, nil
 }
 
-func loadOrCreateToken(path string) ([]byte, error) {
+// minTokenLen is the shortest admin token accepted: the admin API changes
+// what the fleet gets, so its token must not be guessable.
+const minTokenLen = 16
+
+// loadOrCreateToken reads the admin token, generating it on first start.
+// warning is set when the file is readable by other users.
+func loadOrCreateToken(path string) (tok []byte, warning string, err error) {
+	tok, err = readOrCreateToken(path)
+	if err != nil {
+		return nil, "", err
+	}
+	if len(tok) < minTokenLen {
+		return nil, "", fmt.Errorf("admin token in %s is %d bytes long; use at least %d random bytes (e.g. openssl rand -hex 32 > %s)", path, len(tok), minTokenLen, path)
+	}
+	if st, err := os.Stat(path); err == nil && st.Mode().Perm()&0o077 != 0 {
+		warning = fmt.Sprintf("admin token file %s is readable by other users (mode %04o); chmod 600 it", path, st.Mode().Perm())
+	}
+	return tok, warning, nil
+}
+
+func readOrCreateToken(path string) ([]byte, error) {
 	raw, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		b := make([]byte, 32)

@@ -67,8 +67,12 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, m: metrics.New(), done: make(chan struct{})}
 	if cfg.Admin.Listen != "" {
-		if s.token, err = loadOrCreateToken(cfg.AdminTokenFile()); err != nil {
+		var warning string
+		if s.token, warning, err = loadOrCreateToken(cfg.AdminTokenFile()); err != nil {
 			return nil, err
+		}
+		if warning != "" {
+			log.Warn(warning)
 		}
 	}
 	var ups []gate.Upstream
