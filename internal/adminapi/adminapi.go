@@ -85,11 +85,12 @@ type PatternsRequest struct {
 
 // AllowEntry is one allowlist entry on the wire.
 type AllowEntry struct {
-	StorePath string    `json:"store_path"`
-	NarHash   string    `json:"nar_hash,omitempty"` // "sha256:<nix32>" the entry is pinned to
-	Reason    string    `json:"reason,omitempty"`
-	Added     time.Time `json:"added"`
-	Expires   time.Time `json:"expires,omitzero"`
+	StorePath   string    `json:"store_path"`
+	NarHash     string    `json:"nar_hash,omitempty"`    // "sha256:<nix32>" the entry is pinned to
+	Fingerprint string    `json:"fingerprint,omitempty"` // the whole fingerprint it is pinned to
+	Reason      string    `json:"reason,omitempty"`
+	Added       time.Time `json:"added"`
+	Expires     time.Time `json:"expires,omitzero"`
 }
 
 // DenyEntry is one denylist entry on the wire.

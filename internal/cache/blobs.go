@@ -2,6 +2,7 @@ package cache
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -172,13 +173,21 @@ func (b *Blobs) Discard(f *os.File) {
 	os.Remove(f.Name())
 }
 
-// Open opens a blob for serving and marks it used.
+// ErrDamaged is returned by Open for a blob whose size on disk is not the
+// size it was verified at (truncated or grown behind our back); Open has
+// dropped it.
+var ErrDamaged = errors.New("cached blob damaged on disk")
+
+// Open opens a blob for serving and marks it used. Its size is checked
+// against the index at every open, so that a truncated blob is never sent
+// as a complete response; a damaged blob is dropped.
 func (b *Blobs) Open(name string) (*os.File, error) {
 	if err := validName(name); err != nil {
 		return nil, err
 	}
 	b.mu.Lock()
 	_, ok := b.lastUsed[name]
+	size := b.sizes[name]
 	if ok {
 		b.lastUsed[name] = time.Now()
 	}
@@ -186,7 +195,21 @@ func (b *Blobs) Open(name string) (*os.File, error) {
 	if !ok {
 		return nil, os.ErrNotExist
 	}
-	return os.Open(filepath.Join(b.dir, name))
+	f, err := os.Open(filepath.Join(b.dir, name))
+	if err != nil {
+		b.remove(name)
+		return nil, fmt.Errorf("%w: %s: %v", ErrDamaged, name, err)
+	}
+	if st, err := f.Stat(); err != nil || st.Size() != size {
+		f.Close()
+		b.remove(name)
+		got := int64(-1)
+		if st != nil {
+			got = st.Size()
+		}
+		return nil, fmt.Errorf("%w: %s is %d bytes, verified at %d", ErrDamaged, name, got, size)
+	}
+	return f, nil
 }
 
 // Has reports whether blob name is in the store.

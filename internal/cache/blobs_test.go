@@ -488,3 +488,43 @@ func TestBlobsConcurrent(t *testing.T) {
 		t.Errorf("Size %d, %d names, %d evicted", b.Size(), len(b.Names()), evicted)
 	}
 }
+
+// A blob damaged on disk is caught at open by its size, and by Check by its
+// hashes; either way it is dropped, never served.
+func TestDamagedBlobDropped(t *testing.T) {
+	_, _, b := newBlobs(t, 0)
+	dir, _, dirXZ := realNARs(t)
+	commit(t, b, "short.nar", dir.data, dir.meta)
+	commit(t, b, "long.nar", dir.data, dir.meta)
+	commit(t, b, "flipped.nar.xz", dirXZ.data, dirXZ.meta)
+	commit(t, b, "good.nar", dir.data, dir.meta)
+	must(t, os.Truncate(b.Path("short.nar"), int64(len(dir.data)-1)))
+	f, err := os.OpenFile(b.Path("long.nar"), os.O_APPEND|os.O_WRONLY, 0)
+	must(t, err)
+	f.Write([]byte("x"))
+	f.Close()
+	for _, name := range []string{"short.nar", "long.nar"} {
+		if f, err := b.Open(name); !errors.Is(err, ErrDamaged) {
+			if f != nil {
+				f.Close()
+			}
+			t.Errorf("Open(%s) of a blob of the wrong size: %v, want ErrDamaged", name, err)
+		}
+		if b.Has(name) {
+			t.Errorf("%s still indexed after a damaged open", name)
+		}
+	}
+	data, err := os.ReadFile(b.Path("flipped.nar.xz"))
+	must(t, err)
+	data[len(data)/2] ^= 1
+	must(t, os.WriteFile(b.Path("flipped.nar.xz"), data, 0o600))
+	if _, failed, err := b.Check("flipped.nar.xz"); err != nil || failed == nil || b.Has("flipped.nar.xz") {
+		t.Errorf("Check of a flipped blob: %v %v, still there %v", failed, err, b.Has("flipped.nar.xz"))
+	}
+	if n, failed, err := b.Check("good.nar"); err != nil || failed != nil || n != int64(len(dir.data)) {
+		t.Errorf("Check of a good blob: %d %v %v", n, failed, err)
+	}
+	if got := readBlob(t, b, "good.nar"); !bytes.Equal(got, dir.data) {
+		t.Error("good blob changed")
+	}
+}

@@ -39,6 +39,24 @@ func (b *Blobs) VerifyAll() (int, []BlobFailure, error) {
 	return len(names), failed, nil
 }
 
+// Check re-hashes one blob against its index entry and drops it if it
+// fails. It returns the bytes read and the failure, if any; a blob removed
+// meanwhile is no failure.
+func (b *Blobs) Check(name string) (int64, *BlobFailure, error) {
+	m, err := b.Meta(name)
+	if err != nil || m == nil {
+		return 0, nil, err
+	}
+	if err := checkBlob(b.Path(name), *m); err != nil {
+		if !b.Has(name) {
+			return m.Size, nil, nil // evicted while we read it
+		}
+		f := &BlobFailure{Blob: name, StorePath: m.StorePath, Error: err.Error()}
+		return m.Size, f, b.Remove(name)
+	}
+	return m.Size, nil, nil
+}
+
 func checkBlob(path string, m BlobMeta) error {
 	v, err := verify.NewVerifier(m.NAR)
 	if err != nil {

@@ -141,7 +141,12 @@ func (g *Gate) Allow(ctx context.Context, hashes []string, closure bool, reason 
 		if err != nil {
 			return nil, err
 		}
-		entries = append(entries, policy.AllowEntry{StorePath: ni.StorePath, NarHash: ni.NarHash, Reason: reason, Added: now, Expires: expires})
+		fp, err := ni.Fingerprint(g.policy.StoreDir)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, ni.StorePath, err)
+		}
+		entries = append(entries, policy.AllowEntry{StorePath: ni.StorePath, NarHash: ni.NarHash, Fingerprint: fp,
+			Reason: reason, Added: now, Expires: expires})
 		if closure {
 			for _, ref := range ni.References {
 				if rh, _, err := narinfo.ParseBaseName(ref); err == nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"path"
 	"strings"
 
@@ -106,9 +107,10 @@ func NarFileHash(file string) (string, bool) {
 	return file[:narinfo.HashLen], true
 }
 
-// Listing answers GET /<hash>.ls: the upstream's NAR listing of a path
-// served now, or the answer that refuses it.
-func (g *Gate) Listing(ctx context.Context, hash string) (Answer, []byte, error) {
+// Listing answers GET /<hash>.ls: a stream of the upstream's NAR listing
+// of a path served now (the caller closes it), or the answer that refuses
+// it.
+func (g *Gate) Listing(ctx context.Context, hash string) (Answer, io.ReadCloser, error) {
 	out, err := g.lookup(ctx, hash, "")
 	if err != nil {
 		return Answer{}, nil, err
@@ -119,21 +121,19 @@ func (g *Gate) Listing(ctx context.Context, hash string) (Answer, []byte, error)
 	}
 	u, ok := g.upstreamNamed(a.Record.Upstream)
 	if !ok {
-		return Answer{Status: NotFound, Detail: "upstream " + a.Record.Upstream + " is no longer configured"}, nil, nil
+		return Answer{Status: NotFound, Detail: "upstream " + a.Record.Upstream + " is not configured"}, nil, nil
 	}
-	body, err := u.Client.Get(ctx, hash+".ls", maxPassthrough)
+	body, _, err := u.Client.Open(ctx, hash+".ls")
 	return a, body, err
 }
 
-// maxPassthrough bounds listings and build logs relayed from upstreams.
-const maxPassthrough = 64 << 20
-
-// BuildLog fetches a build log from the first upstream that has it. Logs
-// are not substitutes: nothing of them reaches a store.
-func (g *Gate) BuildLog(ctx context.Context, drv string) ([]byte, error) {
+// BuildLog streams a build log from the first upstream that has it (the
+// caller closes it). Logs are not substitutes: nothing of them reaches a
+// store, and nothing of them is held in memory.
+func (g *Gate) BuildLog(ctx context.Context, drv string) (io.ReadCloser, error) {
 	var lastErr error
 	for _, u := range g.upstreams {
-		body, err := u.Client.Get(ctx, path.Join("log", drv), maxPassthrough)
+		body, _, err := u.Client.Open(ctx, path.Join("log", drv))
 		if err == nil {
 			return body, nil
 		}

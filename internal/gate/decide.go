@@ -292,6 +292,10 @@ func (g *Gate) record(d policy.Decision, until time.Time) cache.Record {
 		}
 	}
 	ni.URL = "nar/" + rec.NarFile
+	// Unknown fields are covered by no signature and mean nothing to Nix,
+	// which drops them when it re-serves a narinfo; so do we, rather than
+	// store and serve whatever an upstream puts there.
+	ni.Extra = nil
 	ni.Sigs = append(append([]string(nil), ni.Sigs...), g.key.Sign(d.Fingerprint))
 	rec.NarInfo = ni.Marshal()
 	return rec

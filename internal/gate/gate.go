@@ -155,9 +155,10 @@ func (g *Gate) refreshGauges() {
 	g.m.CacheSize.Set(float64(g.blobs.Size()))
 }
 
-// maxHotRecords bounds the in-memory copies of stored records (about 1 KiB
-// each).
-const maxHotRecords = 65536
+// maxHotBytes bounds the memory held by in-memory copies of stored
+// records. A record is about 1 KiB, but one with thousands of references
+// can be hundreds, so the bound is in bytes, not entries.
+const maxHotBytes = 64 << 20
 
 // hotRecords keeps recently served records in memory: a narinfo hit is the
 // hottest request a fleet makes, and reading and decoding the record from
@@ -165,11 +166,21 @@ const maxHotRecords = 65536
 // change dropped (cache.DB.OnForget); a copy read while a change was being
 // committed is not kept (see put).
 type hotRecords struct {
-	mu sync.RWMutex
-	m  map[string]*cache.Record
+	mu    sync.RWMutex
+	m     map[string]*cache.Record
+	bytes int // sum of recordSize over m
 }
 
 func newHotRecords() *hotRecords { return &hotRecords{m: map[string]*cache.Record{}} }
+
+// recordSize approximates the memory a record holds.
+func recordSize(r *cache.Record) int {
+	n := 256 + len(r.NarInfo) + len(r.StorePath) + len(r.NarURL) + len(r.NarFile) + len(r.Upstream) + len(r.Settings)
+	for _, ref := range r.References {
+		n += 16 + len(ref)
+	}
+	return n
+}
 
 func (h *hotRecords) get(hash string) *cache.Record {
 	h.mu.RLock()
@@ -187,21 +198,32 @@ func (h *hotRecords) put(hash string, rec *cache.Record, before uint64, current 
 	if current() != before {
 		return
 	}
-	if len(h.m) >= maxHotRecords {
-		for k := range h.m { // drop an arbitrary tenth; map order is random
-			delete(h.m, k)
-			if len(h.m) < maxHotRecords*9/10 {
-				break
-			}
+	size := recordSize(rec)
+	if size > maxHotBytes/16 {
+		return // a giant record is read from the store each time
+	}
+	h.remove(hash)
+	for k := range h.m { // over the bound: drop arbitrary entries (map order is random)
+		if h.bytes+size <= maxHotBytes {
+			break
 		}
+		h.remove(k)
 	}
 	h.m[hash] = rec
+	h.bytes += size
+}
+
+func (h *hotRecords) remove(hash string) {
+	if old, ok := h.m[hash]; ok {
+		h.bytes -= recordSize(old)
+		delete(h.m, hash)
+	}
 }
 
 func (h *hotRecords) drop(hashes []string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, k := range hashes {
-		delete(h.m, k)
+		h.remove(k)
 	}
 }

@@ -116,6 +116,10 @@ func (g *Gate) OpenNAR(ctx context.Context, rec *cache.Record, download bool) (B
 // bytes would not match the narinfo the client holds.
 func (g *Gate) openBlob(rec *cache.Record) *os.File {
 	f, err := g.blobs.Open(rec.NarFile)
+	if errors.Is(err, cache.ErrDamaged) {
+		g.m.ScrubFailures.Inc()
+		g.log.Error("cached blob damaged; dropped, will fetch again", "path", rec.StorePath, "err", err)
+	}
 	if err != nil {
 		return nil
 	}
@@ -175,3 +179,41 @@ func (g *Gate) narDone(rec *cache.Record, u Upstream, err error) {
 
 // pathHash is the store path hash of a record.
 func pathHash(rec *cache.Record) string { return rec.NarFile[:narinfo.HashLen] }
+
+// Scrub re-hashes every cached blob, paced so that a whole pass takes
+// about period, and drops and counts those that fail. It runs until ctx
+// ends.
+func (g *Gate) Scrub(ctx context.Context, period time.Duration) {
+	for {
+		names := g.blobs.Names()
+		total := g.blobs.Size()
+		start := time.Now()
+		for _, name := range names {
+			n, failed, err := g.blobs.Check(name)
+			if err != nil {
+				g.log.Error("scrub", "blob", name, "err", err)
+			}
+			if failed != nil {
+				g.m.ScrubFailures.Inc()
+				g.log.Error("cached blob failed verification; dropped", "blob", failed.Blob, "path", failed.StorePath, "err", failed.Error)
+			}
+			// Sleep this blob's share of the period.
+			wait := time.Duration(0)
+			if total > 0 {
+				wait = time.Duration(float64(period) * float64(n) / float64(total))
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+		}
+		g.m.CacheSize.Set(float64(g.blobs.Size()))
+		// An empty or small cache waits out the rest of the period.
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(max(period-time.Since(start), time.Second)):
+		}
+	}
+}

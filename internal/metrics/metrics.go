@@ -29,6 +29,7 @@ type Metrics struct {
 	CacheMisses      *prometheus.CounterVec
 	CacheSize        prometheus.Gauge
 	Evictions        prometheus.Counter
+	ScrubFailures    prometheus.Counter
 	ServedBytes      *prometheus.CounterVec
 	Attestations     prometheus.Gauge
 	AllowEntries     prometheus.Gauge
@@ -67,6 +68,9 @@ func New() *Metrics {
 		CacheSize: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "cacheproxy_cache_size_bytes", Help: "Bytes of verified NAR blobs on disk.",
 		}),
+		ScrubFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cacheproxy_cache_scrub_failures_total", Help: "Cached blobs found damaged (by size at open, or by the background re-hash) and dropped.",
+		}),
 		Evictions: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cacheproxy_cache_evictions_total", Help: "Blobs evicted to stay within cache.max_size.",
 		}),
@@ -82,7 +86,7 @@ func New() *Metrics {
 	}
 	m.reg.MustRegister(m.Decisions, m.VerifyFailures, m.HTTPRequests, m.HTTPDuration,
 		m.UpstreamRequests, m.UpstreamDuration, m.CacheHits, m.CacheMisses, m.CacheSize,
-		m.Evictions, m.ServedBytes, m.Attestations, m.AllowEntries,
+		m.Evictions, m.ScrubFailures, m.ServedBytes, m.Attestations, m.AllowEntries,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	// Expose every series an operator alerts on from the start, at zero,

@@ -83,14 +83,29 @@ type Attestation struct {
 	Imported   time.Time      `json:"imported"`
 }
 
-// AllowEntry approves one store path, pinned to the NarHash its upstream
-// served when a reviewer added it (zero: any NarHash).
+// AllowEntry approves one store path, pinned to the fingerprint (NarHash,
+// NarSize and References) its upstream served when a reviewer added it.
+// An entry without a fingerprint is pinned to its NarHash alone, and one
+// without either approves any NarHash.
 type AllowEntry struct {
-	StorePath string         `json:"store_path"`
-	NarHash   narinfo.SHA256 `json:"nar_hash,omitzero"`
+	StorePath   string         `json:"store_path"`
+	NarHash     narinfo.SHA256 `json:"nar_hash,omitzero"`
+	Fingerprint string         `json:"fingerprint,omitempty"`
 	Reason    string         `json:"reason,omitempty"`
 	Added     time.Time      `json:"added"`
 	Expires   time.Time      `json:"expires,omitzero"`
+}
+
+// Pins reports whether the entry approves a narinfo with this NarHash and
+// fingerprint.
+func (a AllowEntry) Pins(narHash narinfo.SHA256, fingerprint string) bool {
+	switch {
+	case a.Fingerprint != "":
+		return a.Fingerprint == fingerprint
+	case !a.NarHash.IsZero():
+		return a.NarHash == narHash
+	}
+	return true
 }
 
 // Expired reports whether the entry no longer approves anything at now.
@@ -209,13 +224,6 @@ func (p Policy) Decide(in Input, ev Evidence, now time.Time) Decision {
 		return reject(d, UpstreamUnsigned, "no valid signature by a key of %s", in.Upstream)
 	}
 
-	// A NAR that failed verification keeps its path refused until an
-	// operator retries it; like rules 1–2 this holds in report mode too.
-	if ev.Quarantine != nil {
-		d.Quarantine = ev.Quarantine
-		return reject(d, NarMismatch, "NAR failed %s check: %s", ev.Quarantine.Check, ev.Quarantine.Detail)
-	}
-
 	// Gather all the evidence before applying rules 3–8, so that a
 	// decision (and explain) always shows every attestation and entry that
 	// bears on the path, not only the one that decided it.
@@ -235,21 +243,32 @@ func (p Policy) Decide(in Input, ev Evidence, now time.Time) Decision {
 		}
 	}
 	allow := ev.Allow
-	allowPinned := allow != nil && !allow.Expired(now) && (allow.NarHash.IsZero() || allow.NarHash == ni.NarHash)
+	allowPinned := allow != nil && !allow.Expired(now) && allow.Pins(ni.NarHash, fp)
 	if allow != nil {
 		d.Allow = allow
 	}
 
-	// Rule 3: operators can refuse anything.
 	for i := range ev.Deny {
 		if DenyMatches(ev.Deny[i].Pattern, ni.StorePath, ni.NarHash, p.StoreDir) {
 			d.Deny = &ev.Deny[i]
-			return reject(d, Denied, "denylist entry %q: %s", ev.Deny[i].Pattern, ev.Deny[i].Reason)
+			break
 		}
 	}
 
+	// A NAR that failed verification keeps its path refused until an
+	// operator retries it; like rules 1–2 this holds in report mode too.
+	if ev.Quarantine != nil {
+		d.Quarantine = ev.Quarantine
+		return reject(d, NarMismatch, "NAR failed %s check: %s", ev.Quarantine.Check, ev.Quarantine.Detail)
+	}
+
+	// Rule 3: operators can refuse anything.
+	if d.Deny != nil {
+		return reject(d, Denied, "denylist entry %q: %s", d.Deny.Pattern, d.Deny.Reason)
+	}
+
 	// Rule 4: an attester rebuilt something else than upstream serves.
-	if len(d.Mismatched) > 0 && !(allowPinned && allow.NarHash == ni.NarHash) {
+	if len(d.Mismatched) > 0 && !(allowPinned && !allow.NarHash.IsZero()) {
 		return reject(d, AttestationMismatch, "attester %s signed a different fingerprint for %s than upstream serves",
 			strings.Join(d.Mismatched, ", "), ni.StorePath)
 	}
@@ -282,6 +301,9 @@ func (p Policy) Decide(in Input, ev Evidence, now time.Time) Decision {
 		why = "allowlist entry expired " + allow.Expires.Format(time.RFC3339)
 	case allow != nil:
 		why = "allowlist entry pinned to " + allow.NarHash.String() + ", upstream serves " + ni.NarHash.String()
+		if allow.NarHash == ni.NarHash {
+			why = "allowlist entry pinned to the fingerprint " + allow.Fingerprint + ", upstream serves " + fp
+		}
 	case d.Detail != "":
 		why = "content address does not prove the path: " + d.Detail
 	}

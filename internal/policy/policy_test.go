@@ -353,14 +353,32 @@ func TestDecide(t *testing.T) {
 					t.Errorf("Quarantine = %+v", d.Quarantine)
 				}
 			}},
-		{name: "nar_mismatch/beats allowlist and attestations", raw: f.raw(nil),
+		{name: "nar_mismatch/beats allowlist and attestations, and shows them", raw: f.raw(nil),
 			ev: Evidence{
 				Quarantine:   &Quarantine{StorePath: f.path, Check: "decompress"},
 				Attestations: []Attestation{f.att(f.a, nil), f.att(f.b, nil)},
 				Allow:        f.allow(f.narHash, time.Time{}),
-			}, reason: NarMismatch},
+				Deny:         deny("*-openssl-*"),
+			}, reason: NarMismatch,
+			check: func(t *testing.T, d Decision) {
+				if len(d.Attesters) != 2 || d.Allow == nil || d.Deny == nil {
+					t.Errorf("a quarantined path's decision hides evidence: attesters %v, allow %v, deny %v", d.Attesters, d.Allow, d.Deny)
+				}
+			}},
 		{name: "nar_mismatch/beats content address", hash: caRecursive, raw: caDirRaw,
 			ev: Evidence{Quarantine: &Quarantine{Check: "nar_size"}}, reason: NarMismatch},
+
+		// An allowlist entry pins the whole fingerprint: the same NarHash
+		// with other references or another NarSize is not what was reviewed.
+		{name: "allowlist/fingerprint pin", raw: f.raw(nil),
+			ev:       Evidence{Allow: &AllowEntry{StorePath: f.path, NarHash: f.narHash, Fingerprint: fingerprint(t, f.ni())}},
+			approved: true, reason: Allowlisted},
+		{name: "allowlist/fingerprint pin, other references", raw: f.raw(func(ni *narinfo.NarInfo) { ni.References = ni.References[:1] }),
+			ev:     Evidence{Allow: &AllowEntry{StorePath: f.path, NarHash: f.narHash, Fingerprint: fingerprint(t, f.ni())}},
+			reason: Unattested, detail: "pinned to the fingerprint"},
+		{name: "allowlist/fingerprint pin, other NarSize", raw: f.raw(func(ni *narinfo.NarInfo) { ni.NarSize++ }),
+			ev:     Evidence{Allow: &AllowEntry{StorePath: f.path, NarHash: f.narHash, Fingerprint: fingerprint(t, f.ni())}},
+			reason: Unattested, detail: "pinned to the fingerprint"},
 
 		// Rule 3: denied.
 		{name: "denied/store path", raw: f.raw(nil), ev: Evidence{Deny: deny(f.path)}, reason: Denied,

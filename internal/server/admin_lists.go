@@ -12,7 +12,8 @@ import (
 func allowWire(es []policy.AllowEntry) []adminapi.AllowEntry {
 	out := make([]adminapi.AllowEntry, len(es))
 	for i, e := range es {
-		out[i] = adminapi.AllowEntry{StorePath: e.StorePath, NarHash: e.NarHash.String(), Reason: e.Reason, Added: e.Added, Expires: e.Expires}
+		out[i] = adminapi.AllowEntry{StorePath: e.StorePath, NarHash: e.NarHash.String(), Fingerprint: e.Fingerprint,
+			Reason: e.Reason, Added: e.Added, Expires: e.Expires}
 	}
 	return out
 }

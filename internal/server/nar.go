@@ -49,6 +49,9 @@ func (s *Server) handleNar(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("X-Cacheproxy-Decision", a.Decision)
 	switch {
 	case body.Blob != nil:
+		if s.Limits.Write > 0 && s.Limits.MinRate > 0 && body.Size > 0 {
+			extendWrite(w, s.Limits.Write+time.Duration(body.Size/s.Limits.MinRate)*time.Second)
+		}
 		cw := &countingWriter{ResponseWriter: w}
 		http.ServeContent(cw, r, "", time.Time{}, body.Blob)
 		s.m.ServedBytes.WithLabelValues("cache").Add(float64(cw.n))
@@ -87,6 +90,9 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, body gate.Body) 
 			started = true
 		}
 		if n > 0 {
+			if s.Limits.Write > 0 {
+				extendWrite(w, s.Limits.Write) // a stalled reader loses its connection, a slow one does not
+			}
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				return // client went away
 			}

@@ -2,6 +2,7 @@ package server
 
 import (
 	"errors"
+	"io"
 	"net/http"
 	"strings"
 
@@ -18,12 +19,11 @@ func (s *Server) handleListing(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	a, body, err := s.proto.Listing(r.Context(), hash)
-	switch {
-	case err == nil && a.Status != gate.Serve:
+	if err == nil && a.Status != gate.Serve {
 		s.writeAnswer(w, a)
-	default:
-		s.relay(w, body, err, "application/json")
+		return
 	}
+	s.relay(w, body, err, "application/json")
 }
 
 // handleLog relays a build log from the first upstream that has it.
@@ -37,7 +37,8 @@ func (s *Server) handleLog(w http.ResponseWriter, r *http.Request) {
 	s.relay(w, body, err, "text/plain; charset=utf-8")
 }
 
-func (s *Server) relay(w http.ResponseWriter, body []byte, err error, contentType string) {
+// relay streams an upstream file to the client; nothing is buffered.
+func (s *Server) relay(w http.ResponseWriter, body io.ReadCloser, err error, contentType string) {
 	switch {
 	case errors.Is(err, upstream.ErrNotFound):
 		http.Error(w, "not found upstream", http.StatusNotFound)
@@ -45,7 +46,10 @@ func (s *Server) relay(w http.ResponseWriter, body []byte, err error, contentTyp
 		w.Header().Set("Retry-After", retryAfter)
 		http.Error(w, "upstream unavailable", http.StatusServiceUnavailable)
 	default:
+		defer body.Close()
 		w.Header().Set("Content-Type", contentType)
-		w.Write(body)
+		if _, err := io.Copy(w, body); err != nil {
+			panic(http.ErrAbortHandler) // the client must not take a cut log for a whole one
+		}
 	}
 }

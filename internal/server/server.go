@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/cache"
@@ -37,8 +38,8 @@ type Protocol interface {
 	NarInfo(ctx context.Context, hash string) (gate.Answer, error)
 	NAR(ctx context.Context, file string) (gate.Answer, error)
 	OpenNAR(ctx context.Context, rec *cache.Record, download bool) (gate.Body, error)
-	Listing(ctx context.Context, hash string) (gate.Answer, []byte, error)
-	BuildLog(ctx context.Context, drv string) ([]byte, error)
+	Listing(ctx context.Context, hash string) (gate.Answer, io.ReadCloser, error)
+	BuildLog(ctx context.Context, drv string) (io.ReadCloser, error)
 }
 
 // Server serves one state dir.
@@ -51,8 +52,10 @@ type Server struct {
 	gate  *gate.Gate
 	proto Protocol // the gate, as the cache protocol handlers see it
 	token []byte
-	stop  context.CancelFunc
-	done  chan struct{}
+	// Limits apply to the listeners Serve runs; set before Serve.
+	Limits Limits
+	stop   context.CancelFunc
+	done   chan struct{}
 }
 
 // New opens the state dir, loads or creates the gatekeeper key and the
@@ -65,7 +68,7 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: log, m: metrics.New(), done: make(chan struct{})}
+	s := &Server{cfg: cfg, log: log, m: metrics.New(), done: make(chan struct{}), Limits: DefaultLimits()}
 	if cfg.Admin.Listen != "" {
 		var warning string
 		if s.token, warning, err = loadOrCreateToken(cfg.AdminTokenFile()); err != nil {
@@ -110,15 +113,29 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	s.proto = s.gate
 	var ctx context.Context
 	ctx, s.stop = context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(2)
 	go func() {
-		defer close(s.done)
+		defer wg.Done()
 		s.saveUsageEvery(ctx, usageSaveInterval)
+	}()
+	go func() {
+		defer wg.Done()
+		s.gate.Scrub(ctx, scrubPeriod)
+	}()
+	go func() {
+		wg.Wait()
+		close(s.done)
 	}()
 	return s, nil
 }
 
 // usageSaveInterval is how often blob last-used times are persisted.
 const usageSaveInterval = 5 * time.Minute
+
+// scrubPeriod is how long the background scrub takes to re-hash the whole
+// cache once.
+const scrubPeriod = 7 * 24 * time.Hour
 
 func (s *Server) saveUsageEvery(ctx context.Context, d time.Duration) {
 	t := time.NewTicker(d)
@@ -148,11 +165,11 @@ func (s *Server) Close() error {
 
 // Serve runs the main and admin listeners until ctx ends.
 func (s *Server) Serve(ctx context.Context, main, admin net.Listener) error {
-	servers := []*http.Server{{Handler: s.Handler(), ReadHeaderTimeout: 30 * time.Second}}
-	listeners := []net.Listener{main}
+	servers := []*http.Server{s.Limits.httpServer(s.Handler())}
+	listeners := []net.Listener{newLimitListener(main, s.Limits.MaxConns, s.Limits.Headroom)}
 	if admin != nil {
-		servers = append(servers, &http.Server{Handler: s.AdminHandler(), ReadHeaderTimeout: 30 * time.Second})
-		listeners = append(listeners, admin)
+		servers = append(servers, s.Limits.httpServer(s.AdminHandler()))
+		listeners = append(listeners, newLimitListener(admin, AdminMaxConns, 0))
 	}
 	errc := make(chan error, len(servers))
 	for i := range servers {
@@ -290,6 +307,9 @@ func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 func (s *Server) instrument(name string, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
+		if s.Limits.Write > 0 {
+			extendWrite(w, s.Limits.Write)
+		}
 		sw := &statusWriter{ResponseWriter: w}
 		defer func() {
 			code := sw.code
