@@ -103,12 +103,19 @@ func cmdAttest(args []string, cio cmdIO) error {
 		for _, r := range resp.Results {
 			total[r.Status]++
 			if r.Status != adminapi.AttestStored && r.Status != adminapi.AttestKnown {
-				fmt.Fprintf(cio.stdout, "%s\t%s\t%s\n", r.Status, r.Path, r.Key)
+				key := r.Key
+				if key == "" {
+					key = "(no signature at all)"
+				}
+				fmt.Fprintf(cio.stdout, "%s\t%s\tkeys: %s\n", r.Status, r.Path, key)
 			}
 		}
 	}
 	fmt.Fprintf(cio.stdout, "stored %d, already known %d, no attester signature %d, bad signature %d\n",
 		total[adminapi.AttestStored], total[adminapi.AttestKnown], total[adminapi.AttestNoAttester], total[adminapi.AttestBadSignature])
+	if failed := total[adminapi.AttestNoAttester] + total[adminapi.AttestBadSignature]; failed > 0 {
+		return fmt.Errorf("%d of the imported signatures were not stored (listed above)", failed)
+	}
 	return nil
 }
 
@@ -307,6 +314,17 @@ func cmdExplain(args []string, io cmdIO) error {
 	return nil
 }
 
+// rebuildable reports whether a rebuild and its attestation could approve a
+// path rejected for reason: denied, malformed or quarantined paths cannot be
+// fixed by rebuilding them.
+func rebuildable(reason string) bool {
+	switch reason {
+	case "unattested", "attestation_mismatch", "closure_incomplete":
+		return true
+	}
+	return false
+}
+
 // answerLine renders what one kind of request would get, as an operator
 // would see it with curl -i.
 func answerLine(a adminapi.Answer) string {
@@ -348,7 +366,7 @@ func cmdRejections(args []string, io cmdIO) error {
 		seen := map[string]bool{}
 		var out []string
 		for _, r := range resp.Rejections {
-			if r.Deriver != "" && !seen[r.Deriver] {
+			if r.Deriver != "" && !seen[r.Deriver] && rebuildable(r.Reason) {
 				seen[r.Deriver] = true
 				out = append(out, r.Deriver)
 			}

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/debug"
 	"strings"
 )
 
@@ -28,6 +29,7 @@ Usage:
   cacheproxy rejections [--json] [--derivers]
   cacheproxy retry PATH...
   cacheproxy verify-cache [-c FILE]
+  cacheproxy --version
 
 Admin commands (attest, allow, deny, explain, rejections, retry, verify-cache)
 find the running server from the config file (admin.listen, admin.token_file)
@@ -69,6 +71,10 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, usage)
 		return 0
 	}
+	if name == "--version" || name == "version" {
+		fmt.Fprintln(stdout, versionString())
+		return 0
+	}
 	cmd, ok := cmds[name]
 	if !ok {
 		fmt.Fprintf(stderr, "cacheproxy: unknown command %q (see cacheproxy --help)\n", name)
@@ -100,9 +106,60 @@ func newFlags(name, synopsis string, io cmdIO) *flag.FlagSet {
 	fs.SetOutput(io.stderr)
 	fs.Usage = func() {
 		fmt.Fprintf(io.stderr, "Usage: cacheproxy %s\n\nFlags:\n", synopsis)
-		fs.PrintDefaults()
+		printFlags(io.stderr, fs)
 	}
 	return fs
+}
+
+// printFlags lists flags as the README writes them, with two dashes (Go's
+// flag package accepts both, but prints one).
+func printFlags(w io.Writer, fs *flag.FlagSet) {
+	fs.VisitAll(func(f *flag.Flag) {
+		name, usage := flag.UnquoteUsage(f)
+		dash := "--"
+		if len(f.Name) == 1 {
+			dash = "-"
+		}
+		line := "  " + dash + f.Name
+		if name != "" {
+			line += " " + name
+		}
+		line += "\n    \t" + strings.ReplaceAll(usage, "\n", "\n    \t")
+		if f.DefValue != "" && f.DefValue != "false" {
+			line += fmt.Sprintf(" (default %q)", f.DefValue)
+		}
+		fmt.Fprintln(w, line)
+	})
+}
+
+// versionString names the build: the module version when built from a
+// tagged module, else the VCS revision the binary was built from.
+func versionString() string {
+	v := "cacheproxy (devel)"
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return v
+	}
+	if bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		v = "cacheproxy " + bi.Main.Version
+	}
+	var rev, at, dirty string
+	for _, st := range bi.Settings {
+		switch st.Key {
+		case "vcs.revision":
+			rev = st.Value
+		case "vcs.time":
+			at = st.Value
+		case "vcs.modified":
+			if st.Value == "true" {
+				dirty = "+dirty"
+			}
+		}
+	}
+	if rev != "" {
+		v += fmt.Sprintf(" %.12s%s %s", rev, dirty, at)
+	}
+	return v + " " + bi.GoVersion
 }
 
 // parseInterspersed parses flags that may come before, between or after

@@ -26,7 +26,7 @@ type configFlags struct {
 
 func (c *configFlags) register(fs *flag.FlagSet, serve bool) {
 	fs.StringVar(&c.file, "c", "", "configuration `FILE` (TOML); without it the embedded defaults apply")
-	fs.StringVar(&c.file, "config", "", "same as -c")
+	fs.StringVar(&c.file, "config", "", "configuration `FILE`, same as -c")
 	fs.StringVar(&c.stateDir, "state-dir", "", "state `DIR` (overrides state_dir)")
 	if serve {
 		fs.StringVar(&c.listen, "listen", "", "listen `ADDR` (overrides listen)")
@@ -138,7 +138,7 @@ func cmdPubkey(args []string, io cmdIO) error {
 	if err != nil {
 		return err
 	}
-	key, err := server.LoadOrCreateKey(cfg)
+	key, err := server.LoadKey(cfg)
 	if err != nil {
 		return err
 	}

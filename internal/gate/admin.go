@@ -37,8 +37,8 @@ const (
 	AttestBadSignature                      // an attester key's signature that does not verify
 )
 
-// AttestResult is what import did for one path and attester key (Key is
-// empty for AttestNoAttester).
+// AttestResult is what import did for one path and attester key (for
+// AttestNoAttester, Key lists the names of the keys that did sign).
 type AttestResult struct {
 	Path, Key string
 	Outcome   AttestOutcome
@@ -76,7 +76,14 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 			}
 		}
 		if !found {
-			results = append(results, AttestResult{Path: c.StorePath, Outcome: AttestNoAttester})
+			// Name the keys that did sign, so that an operator sees at once
+			// which key is missing from policy.attesters (or was mistyped).
+			var names []string
+			for _, sig := range c.Sigs {
+				name, _, _ := strings.Cut(sig, ":")
+				names = append(names, name)
+			}
+			results = append(results, AttestResult{Path: c.StorePath, Key: strings.Join(names, ","), Outcome: AttestNoAttester})
 		}
 	}
 	stored, err := g.db.PutAttestations(toStore)
@@ -183,7 +190,8 @@ func (g *Gate) RemoveAllow(hashes []string) (removed, missing []string, err erro
 func (g *Gate) Deny(entries []policy.DenyEntry) error {
 	for _, e := range entries {
 		if policy.DenyKind(e.Pattern, g.policy.StoreDir) == "" {
-			return fmt.Errorf("%w: %q is not a store path, hash, NarHash, name or name glob", ErrInvalid, e.Pattern)
+			return fmt.Errorf("%w: %q is not a store path, hash, NarHash, <hash>-<name> or glob over <hash>-<name>%s",
+				ErrInvalid, e.Pattern, denySuggestion(e.Pattern))
 		}
 	}
 	dropped, err := g.db.PutDeny(entries, g.denyMatch(entries))
@@ -195,6 +203,15 @@ func (g *Gate) Deny(entries []policy.DenyEntry) error {
 	}
 	g.log.Info("decisions dropped by deny", "count", dropped)
 	return nil
+}
+
+// denySuggestion proposes the glob an operator most likely meant by a bare
+// name such as "openssl-3.0.7".
+func denySuggestion(pattern string) string {
+	if pattern == "" || strings.ContainsAny(pattern, "/*?[ ") {
+		return ""
+	}
+	return fmt.Sprintf("; to deny every path named %s, use '*-%s*'", pattern, pattern)
 }
 
 // RemoveDeny removes denylist entries; it returns the patterns that had one

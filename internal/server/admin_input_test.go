@@ -64,3 +64,12 @@ func TestAdminTokenChecks(t *testing.T) {
 		t.Errorf("no warning for a world-readable token file; logs:\n%s", logs.String())
 	}
 }
+
+// A second server on the same state dir says who holds it, at once.
+func TestSecondServerOnStateDir(t *testing.T) {
+	f := newFixture(t)
+	_, err := New(f.cfg, f.log)
+	if err == nil || !strings.Contains(err.Error(), "in use by another cacheproxy (PID") {
+		t.Fatalf("second server: %v", err)
+	}
+}

@@ -15,9 +15,9 @@ import (
 )
 
 // LoadOrCreateKey reads the gatekeeper key, generating it into the state
-// dir on first start when no signing_key_file is configured. Two processes
-// starting at once (serve and pubkey) end up with the same key: the file is
-// created exclusively and the loser reads the winner's.
+// dir on first start when no signing_key_file is configured. Two servers
+// starting at once end up with the same key: the file is created
+// exclusively and the loser reads the winner's.
 func LoadOrCreateKey(cfg config.Config) (verify.SecretKey, error) {
 	path := cfg.SigningKeyPath()
 	raw, err := os.ReadFile(path)
@@ -25,6 +25,26 @@ func LoadOrCreateKey(cfg config.Config) (verify.SecretKey, error) {
 		raw, err = createKey(path)
 	}
 	if err != nil {
+		return verify.SecretKey{}, fmt.Errorf("signing_key_file: %w", err)
+	}
+	k, err := verify.ParseSecretKey(string(raw))
+	if err != nil {
+		return k, fmt.Errorf("signing key %s: %w", path, err)
+	}
+	return k, nil
+}
+
+// LoadKey reads the gatekeeper key and never creates one: a key made by a
+// command that only meant to print it would differ from the one serve uses
+// (same name, other bytes), and a fleet configured with it would refuse
+// every path.
+func LoadKey(cfg config.Config) (verify.SecretKey, error) {
+	path := cfg.SigningKeyPath()
+	raw, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist) && cfg.SigningKeyFile == "":
+		return verify.SecretKey{}, fmt.Errorf("no gatekeeper key at %s (state_dir %s): start `cacheproxy serve` with this configuration once to create it, or make one with `cacheproxy keygen NAME` and set signing_key_file", path, cfg.StateDir)
+	case err != nil:
 		return verify.SecretKey{}, fmt.Errorf("signing_key_file: %w", err)
 	}
 	k, err := verify.ParseSecretKey(string(raw))

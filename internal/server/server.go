@@ -52,6 +52,7 @@ type Server struct {
 	gate  *gate.Gate
 	proto Protocol // the gate, as the cache protocol handlers see it
 	token []byte
+	lock  *stateLock
 	// Limits apply to the listeners Serve runs; set before Serve.
 	Limits Limits
 	stop   context.CancelFunc
@@ -64,11 +65,24 @@ func New(cfg config.Config, log *slog.Logger) (*Server, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state dir: %w", err)
 	}
+	lock, err := lockStateDir(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	s, err := open(cfg, log, lock)
+	if err != nil {
+		lock.release()
+		return nil, err
+	}
+	return s, nil
+}
+
+func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error) {
 	key, err := LoadOrCreateKey(cfg)
 	if err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: log, m: metrics.New(), done: make(chan struct{}), Limits: DefaultLimits()}
+	s := &Server{cfg: cfg, log: log, m: metrics.New(), done: make(chan struct{}), Limits: DefaultLimits(), lock: lock}
 	if cfg.Admin.Listen != "" {
 		var warning string
 		if s.token, warning, err = loadOrCreateToken(cfg.AdminTokenFile()); err != nil {
@@ -160,7 +174,7 @@ func (s *Server) Close() error {
 	s.gate.Close()
 	s.stop()
 	<-s.done
-	return errors.Join(s.blobs.Close(), s.db.Close())
+	return errors.Join(s.blobs.Close(), s.db.Close(), s.lock.release())
 }
 
 // Serve runs the main and admin listeners until ctx ends.
