@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -218,6 +219,16 @@ func (b *Blobs) Has(name string) bool {
 	defer b.mu.Unlock()
 	_, ok := b.lastUsed[name]
 	return ok
+}
+
+// Free returns the bytes free for unprivileged writes on the blob store's
+// file system.
+func (b *Blobs) Free() (int64, error) {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(b.dir, &st); err != nil {
+		return 0, fmt.Errorf("statfs %s: %w", b.dir, err)
+	}
+	return int64(st.Bavail) * int64(st.Bsize), nil
 }
 
 // Path returns the file path of a blob (for re-hashing).

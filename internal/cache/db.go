@@ -112,6 +112,7 @@ type DB struct {
 	changes atomic.Uint64
 	// onForget, when set, learns which decisions a committed change dropped.
 	onForget func(hashes []string)
+	opened   os.FileInfo // the file as opened
 }
 
 // Changes returns a number that moves on whenever stored decisions were
@@ -143,11 +144,20 @@ func OpenDB(path string) (*DB, error) {
 		b.Close()
 		return nil, fmt.Errorf("init state db %s: %w", path, err)
 	}
-	return &DB{bolt: b}, nil
+	st, err := os.Stat(path)
+	if err != nil {
+		b.Close()
+		return nil, fmt.Errorf("stat state db %s: %w", path, err)
+	}
+	return &DB{bolt: b, opened: st}, nil
 }
 
 // Close closes the file.
 func (d *DB) Close() error { return d.bolt.Close() }
+
+// FileInfo describes the state file as it was opened (for noticing that it
+// was deleted or replaced since).
+func (d *DB) FileInfo() os.FileInfo { return d.opened }
 
 // Writable reports whether a write transaction commits (for /healthz).
 func (d *DB) Writable() error {

@@ -29,22 +29,25 @@ import (
 
 // Defaults that other packages or the CLI may want to mention in help text.
 const (
-	DefaultListen        = "127.0.0.1:5480"
-	DefaultAdminListen   = "127.0.0.1:5481"
-	DefaultStateDir      = "./cacheproxy-state"
-	DefaultStoreDir      = "/nix/store"
-	DefaultPriority      = 40
-	DefaultMode          = ModeEnforce
-	DefaultUpstreamURL   = "https://cache.nixos.org"
-	DefaultUpstreamKey   = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
-	DefaultTimeout       = 30 * time.Second
-	DefaultMaxSize       = Size(100 << 30)
-	DefaultQuorum        = 1
-	SigningKeyName       = "gatekeeper.sec"
-	AdminTokenName       = "admin-token"
-	ModeEnforce          = "enforce"
-	ModeReport           = "report"
-	stateDirectoryEnvVar = "STATE_DIRECTORY"
+	DefaultListen         = "127.0.0.1:5480"
+	DefaultAdminListen    = "127.0.0.1:5481"
+	DefaultStateDir       = "./cacheproxy-state"
+	DefaultStoreDir       = "/nix/store"
+	DefaultPriority       = 40
+	DefaultMode           = ModeEnforce
+	DefaultUpstreamURL    = "https://cache.nixos.org"
+	DefaultUpstreamKey    = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+	DefaultTimeout        = 30 * time.Second
+	DefaultMaxConnections = 64
+	DefaultMaxSize        = Size(100 << 30)
+	DefaultMinFree        = Size(256 << 20)
+	DefaultScrubPeriod    = 7 * 24 * time.Hour
+	DefaultQuorum         = 1
+	SigningKeyName        = "gatekeeper.sec"
+	AdminTokenName        = "admin-token"
+	ModeEnforce           = "enforce"
+	ModeReport            = "report"
+	stateDirectoryEnvVar  = "STATE_DIRECTORY"
 )
 
 // Upstream is one binary cache cacheproxy fetches from, tried in file order.
@@ -53,6 +56,9 @@ type Upstream struct {
 	PublicKeys []PublicKey `toml:"public_keys"` // "name:base64" ed25519 keys trusted to sign this upstream's narinfos
 	Timeout    Duration    `toml:"timeout"`     // default 30s
 	NetrcFile  string      `toml:"netrc_file"`  // optional credentials for private upstreams
+	// MaxConnections bounds the requests in flight to this upstream (a NAR
+	// download counts until it ends); default 64.
+	MaxConnections int `toml:"max_connections"`
 }
 
 // Policy holds the decision-rule parameters.
@@ -66,6 +72,12 @@ type Policy struct {
 // Cache holds the blob store limits.
 type Cache struct {
 	MaxSize Size `toml:"max_size"` // default 100GiB
+	// MinFree is the free space kept on the state dir's file system: below
+	// it no NAR download starts (503) and /healthz fails. Default 256MiB.
+	MinFree Size `toml:"min_free"`
+	// ScrubPeriod is how long the background re-hash of every cached blob
+	// takes; default 7d.
+	ScrubPeriod Duration `toml:"scrub_period"`
 }
 
 // Admin configures the admin API listener.
@@ -112,15 +124,16 @@ func Defaults(env Env) Config {
 		Priority: DefaultPriority,
 		Mode:     DefaultMode,
 		Upstreams: []Upstream{{
-			URL:        DefaultUpstreamURL,
-			PublicKeys: []PublicKey{ParseKey(DefaultUpstreamKey)},
-			Timeout:    Duration{DefaultTimeout},
+			URL:            DefaultUpstreamURL,
+			PublicKeys:     []PublicKey{ParseKey(DefaultUpstreamKey)},
+			Timeout:        Duration{DefaultTimeout},
+			MaxConnections: DefaultMaxConnections,
 		}},
 		Policy: Policy{
 			Quorum:           DefaultQuorum,
 			ContentAddressed: true,
 		},
-		Cache: Cache{MaxSize: DefaultMaxSize},
+		Cache: Cache{MaxSize: DefaultMaxSize, MinFree: DefaultMinFree, ScrubPeriod: Duration{DefaultScrubPeriod}},
 		Admin: Admin{Listen: DefaultAdminListen},
 	}
 }
@@ -190,20 +203,28 @@ func parse(data []byte, env Env) (Config, error) {
 	}
 	// Per-entry defaults: TOML metadata does not say which array element
 	// defined a key, so look at the raw tables. Checking presence (rather
-	// than Timeout == 0) keeps an explicit "0s" visible to Validate.
+	// than Timeout == 0) keeps an explicit "0s" or 0 visible to Validate.
 	var raw struct {
 		Upstreams []map[string]any `toml:"upstreams"`
 	}
 	if _, err := toml.Decode(string(data), &raw); err != nil {
 		return Config{}, err
 	}
+	def := defaultUpstreams[0]
 	for i := range cfg.Upstreams {
-		if i < len(raw.Upstreams) {
-			if _, set := raw.Upstreams[i]["timeout"]; set {
-				continue
+		set := func(key string) bool {
+			if i >= len(raw.Upstreams) {
+				return false
 			}
+			_, ok := raw.Upstreams[i][key]
+			return ok
 		}
-		cfg.Upstreams[i].Timeout = Duration{DefaultTimeout}
+		if !set("timeout") {
+			cfg.Upstreams[i].Timeout = def.Timeout
+		}
+		if !set("max_connections") {
+			cfg.Upstreams[i].MaxConnections = def.MaxConnections
+		}
 	}
 	return cfg, nil
 }

@@ -39,12 +39,13 @@ func TestDefaultsValidate(t *testing.T) {
 		Priority: 40,
 		Mode:     "enforce",
 		Upstreams: []Upstream{{
-			URL:        "https://cache.nixos.org",
-			PublicKeys: keys("cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="),
-			Timeout:    Duration{30 * time.Second},
+			URL:            "https://cache.nixos.org",
+			PublicKeys:     keys("cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="),
+			Timeout:        Duration{30 * time.Second},
+			MaxConnections: 64,
 		}},
 		Policy: Policy{Quorum: 1, ContentAddressed: true},
-		Cache:  Cache{MaxSize: 100 << 30},
+		Cache:  Cache{MaxSize: 100 << 30, MinFree: 256 << 20, ScrubPeriod: Duration{7 * 24 * time.Hour}},
 		Admin:  Admin{Listen: "127.0.0.1:5481"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
@@ -125,18 +126,20 @@ func TestFullExample(t *testing.T) {
 		SigningKeyFile: "/run/keys/cacheproxy.sec",
 		Upstreams: []Upstream{
 			{
-				URL:        "https://cache.nixos.org",
-				PublicKeys: keys("cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="),
-				Timeout:    Duration{30 * time.Second},
+				URL:            "https://cache.nixos.org",
+				PublicKeys:     keys("cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="),
+				Timeout:        Duration{30 * time.Second},
+				MaxConnections: 32,
 			},
 			{
-				URL:        "file:///srv/internal-cache",
-				PublicKeys: keys(keyC),
-				Timeout:    Duration{30 * time.Second}, // per-entry default
+				URL:            "file:///srv/internal-cache",
+				PublicKeys:     keys(keyC),
+				Timeout:        Duration{30 * time.Second}, // per-entry default
+				MaxConnections: 64,                         // per-entry default
 			},
 		},
 		Policy: Policy{Attesters: keys(keyA, keyB), Quorum: 2, ContentAddressed: false, RequireClosure: true},
-		Cache:  Cache{MaxSize: 500_000_000},
+		Cache:  Cache{MaxSize: 500_000_000, MinFree: 1 << 30, ScrubPeriod: Duration{3 * 24 * time.Hour}},
 		Admin:  Admin{Listen: "127.0.0.1:5481", TokenFile: "/run/keys/cacheproxy-admin-token"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
@@ -163,8 +166,9 @@ timeout = "5s"
 		t.Fatalf("upstreams = %+v", cfg.Upstreams)
 	}
 	u := cfg.Upstreams[0]
-	// The default cache.nixos.org key must not leak into a file upstream.
-	if u.URL != "https://internal.example" || len(u.PublicKeys) != 0 || u.Timeout.Duration != 5*time.Second {
+	// The default cache.nixos.org key must not leak into a file upstream;
+	// the per-entry defaults do apply.
+	if u.URL != "https://internal.example" || len(u.PublicKeys) != 0 || u.Timeout.Duration != 5*time.Second || u.MaxConnections != DefaultMaxConnections {
 		t.Fatalf("upstream = %+v", u)
 	}
 	err = cfg.Validate()
@@ -210,6 +214,7 @@ func TestLoadErrors(t *testing.T) {
 		{"two unknown keys", "a = 1\nb = 2\n", []string{"unknown key a", "unknown key b"}},
 		{"wrong type", "[policy]\nquorum = \"two\"\n", []string{"policy.quorum"}},
 		{"bad duration", "[[upstreams]]\ntimeout = \"30 parsecs\"\n", []string{"timeout", "30 parsecs"}},
+		{"max_connections not a number", "[[upstreams]]\nmax_connections = \"many\"\n", []string{"max_connections"}},
 		{"bad size", "[cache]\nmax_size = \"100 GB-ish\"\n", []string{"max_size"}},
 		{"syntax", "listen = \n", []string{"config "}},
 	} {
@@ -256,6 +261,8 @@ func TestValidateErrors(t *testing.T) {
 		{"key bad base64", func(c *Config) { c.Upstreams[0].PublicKeys = keys("k:not base64!") }, "upstreams[0].public_keys[0]"},
 		{"key short", func(c *Config) { c.Upstreams[0].PublicKeys = keys("k:AAAA") }, "upstreams[0].public_keys[0]"},
 		{"zero timeout", func(c *Config) { c.Upstreams[0].Timeout = Duration{} }, "upstreams[0].timeout"},
+		{"zero max_connections", func(c *Config) { c.Upstreams[0].MaxConnections = 0 }, "upstreams[0].max_connections: 0 must be at least 1"},
+		{"negative max_connections", func(c *Config) { c.Upstreams[0].MaxConnections = -3 }, "upstreams[0].max_connections"},
 		{"unreadable netrc", func(c *Config) { c.Upstreams[0].NetrcFile = missing }, "upstreams[0].netrc_file"},
 		{"netrc is dir", func(c *Config) { c.Upstreams[0].NetrcFile = dir }, "upstreams[0].netrc_file"},
 		{"quorum zero", func(c *Config) { c.Policy.Quorum = 0 }, "policy.quorum"},
@@ -280,6 +287,7 @@ func TestValidateErrors(t *testing.T) {
 		{"admin same as main", func(c *Config) { c.Admin.Listen = c.Listen }, "admin.listen"},
 		{"empty state dir", func(c *Config) { c.StateDir = "" }, "state_dir"},
 		{"zero cache", func(c *Config) { c.Cache.MaxSize = 0 }, "cache.max_size"},
+		{"short scrub", func(c *Config) { c.Cache.ScrubPeriod = Duration{time.Minute} }, "cache.scrub_period"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := Defaults(Env{})
@@ -314,8 +322,8 @@ func TestValidateReportsAllProblems(t *testing.T) {
 func TestValidAlternatives(t *testing.T) {
 	cfg := Defaults(Env{})
 	cfg.Upstreams = append(cfg.Upstreams,
-		Upstream{URL: "file:///srv/cache", PublicKeys: keys(keyC), Timeout: Duration{time.Second}},
-		Upstream{URL: "http://[::1]:8080/prefix/", PublicKeys: keys(keyC), Timeout: Duration{time.Second}},
+		Upstream{URL: "file:///srv/cache", PublicKeys: keys(keyC), Timeout: Duration{time.Second}, MaxConnections: 1},
+		Upstream{URL: "http://[::1]:8080/prefix/", PublicKeys: keys(keyC), Timeout: Duration{time.Second}, MaxConnections: 1000},
 	)
 	cfg.Listen = "[::]:80"
 	cfg.Admin.Listen = ":5481"
@@ -341,13 +349,14 @@ func TestMarshalRoundTrip(t *testing.T) {
 				t.Fatal(err)
 			}
 			cfg.Upstreams[0].Timeout = Duration{90 * time.Second}
+			cfg.Upstreams[0].MaxConnections = 7
 			cfg.Admin.Listen = "" // must survive as "off", not revert to the default
 			cfg.ApplyStateDirDefaults()
 			out, err := cfg.Marshal()
 			if err != nil {
 				t.Fatal(err)
 			}
-			for _, w := range []string{`timeout = "1m30s"`, `max_size = "`} {
+			for _, w := range []string{`timeout = "1m30s"`, `max_size = "`, `max_connections = 7`} {
 				if !strings.Contains(string(out), w) {
 					t.Errorf("output lacks %s:\n%s", w, out)
 				}
@@ -399,4 +408,41 @@ func keys(ss ...string) []PublicKey {
 		out[i] = ParseKey(s)
 	}
 	return out
+}
+
+// An explicit max_connections = 0 is refused, not replaced by the default;
+// each [[upstreams]] entry gets the default on its own.
+func TestMaxConnectionsPerEntry(t *testing.T) {
+	cfg, err := Load(writeFile(t, `
+[[upstreams]]
+url = "https://a.example"
+public_keys = ["`+keyC+`"]
+max_connections = 0
+
+[[upstreams]]
+url = "https://b.example"
+public_keys = ["`+keyC+`"]
+
+[[upstreams]]
+url = "https://c.example"
+public_keys = ["`+keyC+`"]
+max_connections = 8
+`), Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []int
+	for _, u := range cfg.Upstreams {
+		got = append(got, u.MaxConnections)
+	}
+	if !reflect.DeepEqual(got, []int{0, DefaultMaxConnections, 8}) {
+		t.Fatalf("max_connections %v, want [0 %d 8]", got, DefaultMaxConnections)
+	}
+	err = cfg.Validate()
+	if err == nil || !strings.Contains(err.Error(), "upstreams[0].max_connections") {
+		t.Fatalf("want upstreams[0].max_connections error, got %v", err)
+	}
+	if strings.Contains(err.Error(), "upstreams[1]") || strings.Contains(err.Error(), "upstreams[2]") {
+		t.Fatalf("valid entries reported: %v", err)
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // FieldError is one problem with one config key. Key uses the file's
@@ -77,6 +78,9 @@ func (c Config) Validate() error {
 		if u.Timeout.Duration <= 0 {
 			add(key+".timeout", "%s must be positive", u.Timeout)
 		}
+		if u.MaxConnections <= 0 {
+			add(key+".max_connections", "%d must be at least 1", u.MaxConnections)
+		}
 		if u.NetrcFile != "" {
 			addErr(key+".netrc_file", checkReadableFile(u.NetrcFile))
 		}
@@ -110,6 +114,9 @@ func (c Config) Validate() error {
 		add("policy.quorum", "%d is larger than the number of attesters (%d)", c.Policy.Quorum, n)
 	}
 
+	if c.Cache.ScrubPeriod.Duration < time.Hour {
+		add("cache.scrub_period", "%s is shorter than 1h; the scrub would do little but re-hash", c.Cache.ScrubPeriod)
+	}
 	if c.Cache.MaxSize == 0 {
 		add("cache.max_size", "must be larger than zero")
 	}

@@ -14,11 +14,15 @@
 package gate
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"log/slog"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -51,6 +55,9 @@ type Options struct {
 	Metrics   *metrics.Metrics
 	Log       *slog.Logger
 	Now       func() time.Time // time.Now when nil
+	// DiskReserve is the free space kept on the blob store's file system:
+	// below it no download starts (cached NARs are still served).
+	DiskReserve int64
 }
 
 // Gate decides. It is safe for concurrent use.
@@ -59,6 +66,7 @@ type Gate struct {
 	upstreams []Upstream
 	key       verify.SecretKey
 	settings  string // digest of everything a stored decision depends on besides the evidence
+	reserve   int64
 	db        *cache.DB
 	blobs     *cache.Blobs
 	m         *metrics.Metrics
@@ -78,7 +86,7 @@ type Gate struct {
 // are not served: each is decided again when next requested.
 func New(o Options) (*Gate, error) {
 	g := &Gate{policy: o.Policy, upstreams: o.Upstreams, key: o.Key, db: o.DB, blobs: o.Blobs,
-		m: o.Metrics, log: o.Log, now: o.Now, hot: newHotRecords(), nars: narstream.NewGroup(),
+		m: o.Metrics, log: o.Log, now: o.Now, reserve: o.DiskReserve, hot: newHotRecords(), nars: narstream.NewGroup(),
 		shortRuns: map[string]int{}}
 	if g.now == nil {
 		g.now = time.Now
@@ -143,6 +151,46 @@ func (g *Gate) upstreamNamed(name string) (Upstream, bool) {
 		}
 	}
 	return Upstream{}, false
+}
+
+// ErrDiskFull: free space is below the reserve, so no download starts.
+var ErrDiskFull = errors.New("disk space below the reserve")
+
+// DiskRoom says whether there is room for a new download.
+func (g *Gate) DiskRoom() error {
+	free, err := g.blobs.Free()
+	if err != nil {
+		return err
+	}
+	if free < g.reserve {
+		return fmt.Errorf("%w: %d bytes free, reserve %d", ErrDiskFull, free, g.reserve)
+	}
+	return nil
+}
+
+// CheckUpstreams asks each upstream for /nix-cache-info, so that an
+// unreachable or misconfigured upstream is reported at start rather than
+// at the first client's request. It returns the failures by upstream name.
+func (g *Gate) CheckUpstreams(ctx context.Context) map[string]error {
+	failed := map[string]error{}
+	for _, u := range g.upstreams {
+		if _, err := u.Client.Get(ctx, "nix-cache-info", 64<<10); err != nil {
+			failed[u.Name()] = err
+		}
+	}
+	return failed
+}
+
+// UpstreamsDown says why no upstream can answer, or "" when one can.
+func (g *Gate) UpstreamsDown() string {
+	var names []string
+	for _, u := range g.upstreams {
+		if u.Client.Up() {
+			return ""
+		}
+		names = append(names, u.Name())
+	}
+	return "every upstream is down: " + strings.Join(names, ", ")
 }
 
 func (g *Gate) refreshGauges() {

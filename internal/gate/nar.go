@@ -93,6 +93,9 @@ func (g *Gate) OpenNAR(ctx context.Context, rec *cache.Record, download bool) (B
 		if g.blobs.Has(rec.NarFile) {
 			return errCommitted
 		}
+		if err := g.DiskRoom(); err != nil {
+			return err
+		}
 		if q, err := g.db.Quarantine(pathHash(rec)); err != nil || q != nil {
 			return errors.Join(ErrQuarantined, err)
 		}

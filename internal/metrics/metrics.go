@@ -30,6 +30,7 @@ type Metrics struct {
 	CacheSize        prometheus.Gauge
 	Evictions        prometheus.Counter
 	ScrubFailures    prometheus.Counter
+	UpstreamUp       *prometheus.GaugeVec
 	ServedBytes      *prometheus.CounterVec
 	Attestations     prometheus.Gauge
 	AllowEntries     prometheus.Gauge
@@ -68,6 +69,9 @@ func New() *Metrics {
 		CacheSize: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "cacheproxy_cache_size_bytes", Help: "Bytes of verified NAR blobs on disk.",
 		}),
+		UpstreamUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cacheproxy_upstream_up", Help: "1 while an upstream answers, 0 while it is marked down after repeated failures.",
+		}, []string{"upstream"}),
 		ScrubFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cacheproxy_cache_scrub_failures_total", Help: "Cached blobs found damaged (by size at open, or by the background re-hash) and dropped.",
 		}),
@@ -86,7 +90,7 @@ func New() *Metrics {
 	}
 	m.reg.MustRegister(m.Decisions, m.VerifyFailures, m.HTTPRequests, m.HTTPDuration,
 		m.UpstreamRequests, m.UpstreamDuration, m.CacheHits, m.CacheMisses, m.CacheSize,
-		m.Evictions, m.ScrubFailures, m.ServedBytes, m.Attestations, m.AllowEntries,
+		m.Evictions, m.ScrubFailures, m.UpstreamUp, m.ServedBytes, m.Attestations, m.AllowEntries,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	// Expose every series an operator alerts on from the start, at zero,

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -71,5 +72,20 @@ func TestSecondServerOnStateDir(t *testing.T) {
 	_, err := New(f.cfg, f.log)
 	if err == nil || !strings.Contains(err.Error(), "in use by another cacheproxy (PID") {
 		t.Fatalf("second server: %v", err)
+	}
+}
+
+// /healthz says 503, with the reason, when the state file is gone.
+func TestHealthzStateFileGone(t *testing.T) {
+	f := newFixture(t)
+	if resp, body := f.mustGet("/healthz?verbose"); resp.StatusCode != 200 || !strings.Contains(string(body), "state_file: ok") {
+		t.Fatalf("healthy: %d %s", resp.StatusCode, body)
+	}
+	if err := os.Remove(filepath.Join(f.cfg.StateDir, "state.db")); err != nil {
+		t.Fatal(err)
+	}
+	resp, body := f.mustGet("/healthz")
+	if resp.StatusCode != 503 || !strings.Contains(string(body), "state.db is gone") {
+		t.Fatalf("state file deleted: %d %s", resp.StatusCode, body)
 	}
 }

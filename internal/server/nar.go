@@ -38,6 +38,11 @@ func (s *Server) handleNar(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Cacheproxy-Decision", "rejected; reason=nar_mismatch")
 		http.Error(w, "the NAR failed verification", http.StatusNotFound)
 		return
+	case errors.Is(err, gate.ErrDiskFull):
+		s.log.Error("NAR not fetched: disk full", "path", a.Record.StorePath, "err", err)
+		w.Header().Set("Retry-After", retryAfter)
+		http.Error(w, "cannot fetch NAR now: "+err.Error(), http.StatusServiceUnavailable)
+		return
 	case err != nil:
 		s.log.Warn("start NAR download", "path", a.Record.StorePath, "err", err)
 		w.Header().Set("Retry-After", retryAfter)

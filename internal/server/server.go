@@ -94,10 +94,15 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 	}
 	var ups []gate.Upstream
 	for i, u := range cfg.Upstreams {
-		c, err := upstream.New(upstream.Options{URL: u.URL, Timeout: u.Timeout.Duration, NetrcFile: u.NetrcFile, UserAgent: "cacheproxy"})
+		var name string
+		c, err := upstream.New(upstream.Options{URL: u.URL, Timeout: u.Timeout.Duration, NetrcFile: u.NetrcFile,
+			UserAgent: "cacheproxy", MaxConnections: u.MaxConnections,
+			OnStateChange: func(up bool) { s.upstreamState(name, up) }})
 		if err != nil {
 			return nil, fmt.Errorf("upstreams[%d]: %w", i, err)
 		}
+		name = c.Name()
+		s.m.UpstreamUp.WithLabelValues(name).Set(1)
 		ups = append(ups, gate.Upstream{Client: c, Keys: config.Keys(u.PublicKeys)})
 	}
 	if s.db, err = cache.OpenDB(filepath.Join(cfg.StateDir, "state.db")); err != nil {
@@ -118,6 +123,7 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 			Report:           cfg.Mode == config.ModeReport,
 		},
 		Upstreams: ups, Key: key, DB: s.db, Blobs: s.blobs, Metrics: s.m, Log: log,
+		DiskReserve: int64(cfg.Cache.MinFree),
 	})
 	if err != nil {
 		s.blobs.Close()
@@ -135,7 +141,7 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 	}()
 	go func() {
 		defer wg.Done()
-		s.gate.Scrub(ctx, scrubPeriod)
+		s.gate.Scrub(ctx, cfg.Cache.ScrubPeriod.Duration)
 	}()
 	go func() {
 		wg.Wait()
@@ -147,9 +153,16 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 // usageSaveInterval is how often blob last-used times are persisted.
 const usageSaveInterval = 5 * time.Minute
 
-// scrubPeriod is how long the background scrub takes to re-hash the whole
-// cache once.
-const scrubPeriod = 7 * 24 * time.Hour
+// upstreamState records an upstream going down or coming back.
+func (s *Server) upstreamState(name string, up bool) {
+	if up {
+		s.m.UpstreamUp.WithLabelValues(name).Set(1)
+		s.log.Info("upstream up", "upstream", name)
+		return
+	}
+	s.m.UpstreamUp.WithLabelValues(name).Set(0)
+	s.log.Warn("upstream down: skipped until a probe of /nix-cache-info answers", "upstream", name)
+}
 
 func (s *Server) saveUsageEvery(ctx context.Context, d time.Duration) {
 	t := time.NewTicker(d)
@@ -185,6 +198,11 @@ func (s *Server) Serve(ctx context.Context, main, admin net.Listener) error {
 		servers = append(servers, s.Limits.httpServer(s.AdminHandler()))
 		listeners = append(listeners, newLimitListener(admin, AdminMaxConns, 0))
 	}
+	go func() {
+		for name, err := range s.gate.CheckUpstreams(ctx) {
+			s.log.Warn("upstream does not answer /nix-cache-info at start", "upstream", name, "err", err)
+		}
+	}()
 	errc := make(chan error, len(servers))
 	for i := range servers {
 		go func() { errc <- servers[i].Serve(listeners[i]) }()

@@ -17,8 +17,27 @@ import (
 // per call so a remounted or recreated directory is picked up.
 //
 // A missing root directory is Unavailable, not NotFound: an unmounted cache
-// would otherwise produce 404s that Nix remembers for an hour.
-func (c *Client) openLocal(ctx context.Context, rel string, ref *url.URL) (*os.File, fs.FileInfo, error) {
+// would otherwise produce 404s that Nix remembers for an hour. It is also
+// the one failure that says the upstream is down; once the root is open,
+// problems are the file's own.
+func (c *Client) openLocal(ctx context.Context, rel string, ref *url.URL) (*os.File, fs.FileInfo, verdict, error) {
+	f, st, err := c.openUnderRoot(ctx, rel, ref)
+	switch {
+	case err == nil:
+		return f, st, answered, nil
+	case errors.Is(err, errNoRoot):
+		return nil, nil, failing, err
+	case ctx.Err() != nil || errors.Is(err, ErrInvalidPath):
+		return nil, nil, noVerdict, err
+	default:
+		return nil, nil, answered, err
+	}
+}
+
+// errNoRoot marks the failure to open the cache directory itself.
+var errNoRoot = errors.New("cannot open the cache directory")
+
+func (c *Client) openUnderRoot(ctx context.Context, rel string, ref *url.URL) (*os.File, fs.FileInfo, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, nil, c.unavailable(0, "%s: %w", rel, err)
 	}
@@ -27,7 +46,7 @@ func (c *Client) openLocal(ctx context.Context, rel string, ref *url.URL) (*os.F
 	}
 	root, err := os.OpenRoot(c.dir)
 	if err != nil {
-		return nil, nil, c.unavailable(0, "opening cache directory: %w", err)
+		return nil, nil, c.unavailable(0, "%w: %w", errNoRoot, err)
 	}
 	defer root.Close()
 	name := filepath.FromSlash(ref.Path)
@@ -60,42 +79,46 @@ func (c *Client) openLocal(ctx context.Context, rel string, ref *url.URL) (*os.F
 	return f, st, nil
 }
 
-func (c *Client) getFile(ctx context.Context, rel string, ref *url.URL, maxBytes int64) ([]byte, error) {
-	f, st, err := c.openLocal(ctx, rel, ref)
+func (c *Client) getFile(ctx context.Context, rel string, ref *url.URL, maxBytes int64) ([]byte, verdict, error) {
+	f, st, v, err := c.openLocal(ctx, rel, ref)
 	if err != nil {
-		return nil, err
+		return nil, v, err
 	}
 	defer f.Close()
 	if st.Size() > maxBytes {
-		return nil, c.unavailable(0, "%s: %d bytes, limit %d: %w", rel, st.Size(), maxBytes, ErrTooLarge)
+		return nil, v, c.unavailable(0, "%s: %d bytes, limit %d: %w", rel, st.Size(), maxBytes, ErrTooLarge)
 	}
 	data, err := io.ReadAll(io.LimitReader(f, maxBytes+1))
 	if err != nil {
-		return nil, c.unavailable(0, "reading %s: %w", rel, err)
+		return nil, v, c.unavailable(0, "reading %s: %w", rel, err)
 	}
 	if int64(len(data)) > maxBytes { // grew since the Stat
-		return nil, c.unavailable(0, "%s: more than %d bytes: %w", rel, maxBytes, ErrTooLarge)
+		return nil, v, c.unavailable(0, "%s: more than %d bytes: %w", rel, maxBytes, ErrTooLarge)
 	}
-	return data, nil
+	return data, v, nil
 }
 
-func (c *Client) openFile(ctx context.Context, rel string, ref *url.URL) (io.ReadCloser, int64, error) {
-	f, st, err := c.openLocal(ctx, rel, ref)
+// openFile opens a file for Open; release gives back the connection slot
+// when the body is closed. Files are not checked for HTML: nothing between
+// the cache and us could substitute an error page.
+func (c *Client) openFile(ctx context.Context, rel string, ref *url.URL, release func()) (io.ReadCloser, int64, verdict, error) {
+	f, st, v, err := c.openLocal(ctx, rel, ref)
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, v, err
 	}
-	return &fileBody{c: c, rel: rel, f: f, want: st.Size()}, st.Size(), nil
+	return &fileBody{c: c, rel: rel, f: f, want: st.Size(), release: release}, st.Size(), v, nil
 }
 
 // fileBody reports a file that shrank while being read (a cache being
 // rewritten under us) as a truncated transfer, like a short HTTP body.
 type fileBody struct {
-	c    *Client
-	rel  string
-	f    *os.File
-	want int64
-	got  int64
-	err  error
+	c       *Client
+	rel     string
+	f       *os.File
+	release func() // gives back the connection slot; idempotent
+	want    int64
+	got     int64
+	err     error
 }
 
 func (b *fileBody) Read(p []byte) (int, error) {
@@ -117,4 +140,7 @@ func (b *fileBody) Read(p []byte) (int, error) {
 	return n, b.err
 }
 
-func (b *fileBody) Close() error { return b.f.Close() }
+func (b *fileBody) Close() error {
+	defer b.release()
+	return b.f.Close()
+}

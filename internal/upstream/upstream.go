@@ -12,11 +12,18 @@
 // that a request never leaves the configured cache root: the relative paths
 // it is given come from upstream narinfos (the URL field), so they are
 // attacker-controlled and are rejected when absolute, carrying a scheme or
-// host, or containing "..". Credentials from the netrc file are sent only to
-// the upstream's own host (Go's client drops them on cross-host redirects).
+// host, or containing "..". Redirects are followed only within the
+// upstream's origin (scheme, host and port), so neither a request nor the
+// netrc credentials riding on it ever reach another server.
+//
+// It also protects the upstream and the callers from each other: at most
+// MaxConnections requests are in flight to one upstream, and an upstream that
+// stops answering is marked down (ErrDown) and probed with backoff instead of
+// costing every request a full timeout.
 package upstream
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -26,6 +33,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -47,9 +55,27 @@ var ErrTooLarge = errors.New("response too large")
 // timeout (as opposed to the caller's context being cancelled).
 var ErrTimeout = errors.New("timed out")
 
+// ErrNotCacheData is wrapped in the *UnavailableError returned when the
+// upstream answered 200 with an HTML page (a login wall, a proxy's error
+// page) instead of the file. Treating such a page as data would turn a
+// narinfo into an upstream_malformed rejection that Nix caches for an hour,
+// or a NAR into a hash mismatch that quarantines the path.
+var ErrNotCacheData = errors.New("upstream answered with an HTML page, not binary-cache data")
+
+// ErrRedirectRefused is wrapped in the *UnavailableError returned when the
+// upstream redirected to another origin (scheme, host or port) or redirected
+// more than MaxRedirects times.
+var ErrRedirectRefused = errors.New("redirect refused")
+
+// ErrDown is wrapped in the *UnavailableError returned without any request
+// while the upstream is marked down (see Client.Up).
+var ErrDown = errors.New("upstream marked down")
+
 // UnavailableError means the upstream could not answer: connection refused,
-// timeout, 5xx, 429, a malformed or truncated response. It is transient:
-// callers answer 503, never 404.
+// timeout, 5xx, 429, a malformed or truncated response, an HTML page
+// (ErrNotCacheData), a refused redirect (ErrRedirectRefused), or the
+// upstream being marked down (ErrDown). It is transient: callers answer 503,
+// never 404.
 type UnavailableError struct {
 	Upstream   string // Client.Name()
 	StatusCode int    // the HTTP status when there was one, else 0
@@ -68,8 +94,17 @@ func IsUnavailable(err error) bool {
 	return errors.As(err, &u)
 }
 
-// DefaultTimeout applies when Options.Timeout is zero.
-const DefaultTimeout = 30 * time.Second
+// Defaults for the zero values of Options.
+const (
+	DefaultTimeout         = 30 * time.Second
+	DefaultMaxConnections  = 64
+	DefaultDownAfter       = 3
+	DefaultProbeBackoff    = time.Second
+	DefaultMaxProbeBackoff = time.Minute
+)
+
+// MaxRedirects is how many same-origin redirects one request follows.
+const MaxRedirects = 5
 
 // Options configures a Client.
 type Options struct {
@@ -81,6 +116,27 @@ type Options struct {
 	NetrcFile string // HTTP basic auth credentials (machine/login/password/default)
 	UserAgent string
 	Transport http.RoundTripper // nil: a transport owned by this Client
+
+	// MaxConnections bounds the requests in flight to this upstream (an Open
+	// holds its place until the body is closed); 0 means
+	// DefaultMaxConnections. Further callers wait for as long as their
+	// context allows; the wait does not count against Timeout.
+	MaxConnections int
+
+	// DownAfter is how many consecutive failures (no answer, a timeout, a
+	// 5xx) mark the upstream down; 0 means DefaultDownAfter.
+	DownAfter int
+	// ProbeBackoff is how long a down upstream is left alone before the
+	// first probe of nix-cache-info; it doubles after each failed probe, up
+	// to MaxProbeBackoff. Zero values mean DefaultProbeBackoff and
+	// DefaultMaxProbeBackoff (or ProbeBackoff, if that is larger).
+	ProbeBackoff    time.Duration
+	MaxProbeBackoff time.Duration
+	// OnStateChange, when set, is called with false when the upstream is
+	// marked down and with true when it answers again. Calls are serialised
+	// and in order, never repeat the previous state, and come from whichever
+	// goroutine saw the change, so the function must not block.
+	OnStateChange func(up bool)
 }
 
 // Client talks to one upstream. It is safe for concurrent use.
@@ -95,6 +151,8 @@ type Client struct {
 	hasAuth   bool
 	http      *http.Client
 	ownsTrans *http.Transport // the transport New created, to close idle conns
+	slots     chan struct{}   // one token per request in flight; capacity MaxConnections
+	health    health
 }
 
 // New creates a client for one upstream. It reads the netrc file once, here:
@@ -104,16 +162,41 @@ func New(o Options) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q: %w", o.URL, err)
 	}
+	// Errors name the URL redacted, as Name does: they end up in logs.
 	if u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("upstream %q: a cache root cannot have a query or fragment", o.URL)
+		return nil, fmt.Errorf("upstream %s: a cache root cannot have a query or fragment", u.Redacted())
 	}
 	if o.Timeout < 0 {
-		return nil, fmt.Errorf("upstream %q: negative timeout %s", o.URL, o.Timeout)
+		return nil, fmt.Errorf("upstream %s: negative timeout %s", u.Redacted(), o.Timeout)
 	}
+	if o.MaxConnections < 0 || o.DownAfter < 0 {
+		return nil, fmt.Errorf("upstream %s: negative max connections (%d) or down-after count (%d)", u.Redacted(), o.MaxConnections, o.DownAfter)
+	}
+	if o.ProbeBackoff < 0 || o.MaxProbeBackoff < 0 {
+		return nil, fmt.Errorf("upstream %s: negative probe backoff (%s, max %s)", u.Redacted(), o.ProbeBackoff, o.MaxProbeBackoff)
+	}
+	minBackoff := cmp.Or(o.ProbeBackoff, DefaultProbeBackoff)
+	maxBackoff := o.MaxProbeBackoff
+	if maxBackoff == 0 {
+		maxBackoff = max(DefaultMaxProbeBackoff, minBackoff)
+	}
+	if maxBackoff < minBackoff {
+		return nil, fmt.Errorf("upstream %s: probe backoff %s exceeds its maximum %s", u.Redacted(), minBackoff, maxBackoff)
+	}
+	maxConns := cmp.Or(o.MaxConnections, DefaultMaxConnections)
 	c := &Client{
 		name:      u.Redacted(), // Name is used in logs and metric labels: no passwords
 		timeout:   o.Timeout,
 		userAgent: o.UserAgent,
+		slots:     make(chan struct{}, maxConns),
+		health: health{
+			downAfter:  cmp.Or(o.DownAfter, DefaultDownAfter),
+			minBackoff: minBackoff,
+			maxBackoff: maxBackoff,
+			onChange:   o.OnStateChange,
+			now:        time.Now,
+			notifiedUp: true,
+		},
 	}
 	if c.timeout == 0 {
 		c.timeout = DefaultTimeout
@@ -125,16 +208,16 @@ func New(o Options) (*Client, error) {
 	switch u.Scheme {
 	case "file":
 		if u.Opaque != "" || (u.Host != "" && u.Host != "localhost") || !strings.HasPrefix(u.Path, "/") {
-			return nil, fmt.Errorf("upstream %q: a file URL must name an absolute directory, like file:///srv/cache", o.URL)
+			return nil, fmt.Errorf("upstream %s: a file URL must name an absolute directory, like file:///srv/cache", u.Redacted())
 		}
 		c.dir = u.Path
 		return c, nil
 	case "http", "https":
 		if u.Hostname() == "" {
-			return nil, fmt.Errorf("upstream %q: missing host", o.URL)
+			return nil, fmt.Errorf("upstream %s: missing host", u.Redacted())
 		}
 	default:
-		return nil, fmt.Errorf("upstream %q: scheme must be http, https or file", o.URL)
+		return nil, fmt.Errorf("upstream %s: scheme must be http, https or file", u.Redacted())
 	}
 	// Relative names resolve under the root, so the root path must end in "/".
 	base := *u
@@ -160,20 +243,22 @@ func New(o Options) (*Client, error) {
 
 	rt := o.Transport
 	if rt == nil {
-		c.ownsTrans = newTransport()
+		c.ownsTrans = newTransport(maxConns)
 		rt = c.ownsTrans
 	}
 	// No http.Client.Timeout: it would cap a whole NAR download. Deadlines
 	// are per call, through contexts.
-	c.http = &http.Client{Transport: rt}
+	c.http = &http.Client{Transport: rt, CheckRedirect: c.checkRedirect}
 	return c, nil
 }
 
 // newTransport is a pooled transport for one upstream. Each Client owns its
-// own so one slow upstream cannot exhaust another's connections; many
-// concurrent NAR and narinfo fetches go to the same host, hence the larger
-// per-host idle pool than Go's default of 2.
-func newTransport() *http.Transport {
+// own so one slow upstream cannot exhaust another's connections. The slots
+// already bound the requests in flight to maxConns; the transport gets the
+// same bound so no code path (a redirect, a retried dial) can open more, and
+// keeps as many idle so a burst's connections serve the next burst without
+// new TLS handshakes.
+func newTransport(maxConns int) *http.Transport {
 	return &http.Transport{
 		// Fleets behind a corporate proxy configure it like curl (and so Nix)
 		// expects: through HTTP(S)_PROXY / NO_PROXY.
@@ -183,8 +268,9 @@ func newTransport() *http.Transport {
 			KeepAlive: 30 * time.Second,
 		}).DialContext,
 		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          128,
-		MaxIdleConnsPerHost:   32,
+		MaxConnsPerHost:       maxConns,
+		MaxIdleConns:          maxConns,
+		MaxIdleConnsPerHost:   maxConns,
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   10 * time.Second,
 		ExpectContinueTimeout: time.Second,
@@ -214,38 +300,70 @@ func (c *Client) notFound(rel, how string) error {
 // cache root, reading at most maxBytes (a larger file is an error wrapping
 // ErrTooLarge). 200 gives the body; 404, 403 (S3's answer for a missing
 // key) and 410 give an error wrapping ErrNotFound; anything else, including
-// timeouts, gives an *UnavailableError.
+// timeouts, an HTML page (ErrNotCacheData), a refused redirect
+// (ErrRedirectRefused) and a down upstream (ErrDown), gives an
+// *UnavailableError. Timeout bounds the request itself, not the wait for a
+// connection slot.
 func (c *Client) Get(ctx context.Context, rel string, maxBytes int64) ([]byte, error) {
 	ref, err := checkRel(rel)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", c.name, err)
 	}
-	if c.dir != "" {
-		return c.getFile(ctx, rel, ref, maxBytes)
+	if err := c.admit(ctx, rel); err != nil {
+		return nil, err
 	}
+	release, err := c.acquire(ctx, rel)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 
+	var (
+		body []byte
+		v    verdict
+	)
+	if c.dir != "" {
+		body, v, err = c.getFile(ctx, rel, ref, maxBytes)
+	} else {
+		body, v, err = c.getHTTP(ctx, rel, ref, maxBytes)
+	}
+	c.record(ctx, v, err)
+	return body, err
+}
+
+func (c *Client) getHTTP(ctx context.Context, rel string, ref *url.URL, maxBytes int64) ([]byte, verdict, error) {
 	ctx, cancel := context.WithTimeoutCause(ctx, c.timeout,
 		fmt.Errorf("no complete answer within %s: %w", c.timeout, ErrTimeout))
 	defer cancel()
 	resp, err := c.do(ctx, ref)
 	if err != nil {
-		return nil, c.unavailable(0, "GET %s: %w", rel, c.explain(ctx, err))
+		return nil, transportVerdict(err), c.unavailable(statusOf(resp), "GET %s: %w", rel, c.explain(ctx, err))
 	}
 	defer resp.Body.Close()
 	if err := c.checkStatus(resp, rel); err != nil {
-		return nil, err
+		return nil, statusVerdict(resp.StatusCode), err
+	}
+	if ct := resp.Header.Get("Content-Type"); isHTML(ct) {
+		return nil, answered, c.notCacheData(resp.StatusCode, rel, "Content-Type "+ct)
 	}
 	if resp.ContentLength > maxBytes {
-		return nil, c.unavailable(resp.StatusCode, "GET %s: %d bytes, limit %d: %w", rel, resp.ContentLength, maxBytes, ErrTooLarge)
+		return nil, answered, c.unavailable(resp.StatusCode, "GET %s: %d bytes, limit %d: %w", rel, resp.ContentLength, maxBytes, ErrTooLarge)
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxBytes+1))
 	if err != nil {
-		return nil, c.unavailable(resp.StatusCode, "GET %s: reading body: %w", rel, c.explain(ctx, err))
+		return nil, failing, c.unavailable(resp.StatusCode, "GET %s: reading body: %w", rel, c.explain(ctx, err))
 	}
 	if int64(len(body)) > maxBytes {
-		return nil, c.unavailable(resp.StatusCode, "GET %s: more than %d bytes: %w", rel, maxBytes, ErrTooLarge)
+		return nil, answered, c.unavailable(resp.StatusCode, "GET %s: more than %d bytes: %w", rel, maxBytes, ErrTooLarge)
 	}
-	return body, nil
+	// Many error pages come without an HTML Content-Type (or as text/plain
+	// from a misconfigured proxy). Narinfos, nix-cache-info and .ls listings
+	// can never start with "<"; build logs are free text that may, so only
+	// their Content-Type is checked. An encoded body is binary, not text.
+	if !isBuildLog(ref) && identityEncoded(resp) && startsWithMarkup(body) {
+		return nil, answered, c.notCacheData(resp.StatusCode, rel, "a body starting with \"<\"")
+	}
+	return body, answered, nil
 }
 
 // Open starts the download of a large file (a NAR) relative to the cache
@@ -254,15 +372,39 @@ func (c *Client) Get(ctx context.Context, rel string, maxBytes int64) ([]byte, e
 // nothing for Timeout (a stalled upstream is an error, not a hang), and with
 // an error wrapping io.ErrUnexpectedEOF when it ends before Content-Length.
 // Errors are classified as for Get; body read errors are *UnavailableError.
+// An HTML Content-Type is refused (ErrNotCacheData), but the body is never
+// sniffed: compressed NARs may begin with any byte.
+//
+// The download holds one of the MaxConnections slots until the body is
+// closed, so the caller must always Close it.
 func (c *Client) Open(ctx context.Context, rel string) (body io.ReadCloser, size int64, err error) {
 	ref, err := checkRel(rel)
 	if err != nil {
 		return nil, 0, fmt.Errorf("upstream %s: %w", c.name, err)
 	}
-	if c.dir != "" {
-		return c.openFile(ctx, rel, ref)
+	if err := c.admit(ctx, rel); err != nil {
+		return nil, 0, err
+	}
+	release, err := c.acquire(ctx, rel)
+	if err != nil {
+		return nil, 0, err
 	}
 
+	var v verdict
+	if c.dir != "" {
+		body, size, v, err = c.openFile(ctx, rel, ref, release)
+	} else {
+		body, size, v, err = c.openHTTP(ctx, rel, ref, release)
+	}
+	c.record(ctx, v, err)
+	if err != nil {
+		release()
+		return nil, 0, err
+	}
+	return body, size, nil
+}
+
+func (c *Client) openHTTP(ctx context.Context, rel string, ref *url.URL, release func()) (io.ReadCloser, int64, verdict, error) {
 	// One cancellable context serves both phases: a timer cancels it if the
 	// headers are late, and later if a body read waits too long. The cause
 	// tells a timeout apart from the caller giving up.
@@ -273,30 +415,43 @@ func (c *Client) Open(ctx context.Context, rel string) (body io.ReadCloser, size
 	resp, err := c.do(ctx, ref)
 	headerTimer.Stop()
 	if err != nil {
+		// Explained before cancel: afterwards every error would seem to be
+		// a cancellation.
+		err = c.unavailable(statusOf(resp), "GET %s: %w", rel, c.explain(ctx, err))
 		cancel(nil)
-		return nil, 0, c.unavailable(0, "GET %s: %w", rel, c.explain(ctx, err))
+		return nil, 0, transportVerdict(err), err
 	}
 	if err := c.checkStatus(resp, rel); err != nil {
 		resp.Body.Close()
 		cancel(nil)
-		return nil, 0, err
+		return nil, 0, statusVerdict(resp.StatusCode), err
+	}
+	if ct := resp.Header.Get("Content-Type"); isHTML(ct) {
+		resp.Body.Close()
+		cancel(nil)
+		return nil, 0, answered, c.notCacheData(resp.StatusCode, rel, "Content-Type "+ct)
 	}
 	b := &httpBody{
-		c:      c,
-		rel:    rel,
-		rc:     resp.Body,
-		ctx:    ctx,
-		cancel: cancel,
-		want:   resp.ContentLength,
-		status: resp.StatusCode,
+		c:       c,
+		rel:     rel,
+		rc:      resp.Body,
+		ctx:     ctx,
+		cancel:  cancel,
+		release: release,
+		want:    resp.ContentLength,
+		status:  resp.StatusCode,
 	}
 	b.idleTimer = time.AfterFunc(c.timeout, func() {
 		cancel(fmt.Errorf("no data for %s: %w", c.timeout, ErrTimeout))
 	})
 	b.idleTimer.Stop() // armed only while a Read waits
-	return b, resp.ContentLength, nil
+	return b, resp.ContentLength, answered, nil
 }
 
+// do sends one GET. When a redirect is refused, the response is the 3xx
+// that asked for it (body closed) and the error is checkRedirect's, unwrapped
+// from Go's *url.Error: that would quote the full Location, query included,
+// which for a presigned URL is a credential.
 func (c *Client) do(ctx context.Context, ref *url.URL) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base.ResolveReference(ref).String(), nil)
 	if err != nil {
@@ -306,7 +461,21 @@ func (c *Client) do(ctx context.Context, ref *url.URL) (*http.Response, error) {
 	if c.hasAuth {
 		req.SetBasicAuth(c.login, c.password)
 	}
-	return c.http.Do(req)
+	resp, err := c.http.Do(req)
+	var ue *url.Error
+	if err != nil && errors.Is(err, ErrRedirectRefused) && errors.As(err, &ue) {
+		return resp, ue.Err
+	}
+	return resp, err
+}
+
+// statusOf is the status of the response that came with an error from
+// Client.Do (a refused redirect), or 0 when there was none.
+func statusOf(resp *http.Response) int {
+	if resp == nil {
+		return 0
+	}
+	return resp.StatusCode
 }
 
 // checkStatus maps an HTTP status to the three outcomes.
@@ -352,11 +521,14 @@ type httpBody struct {
 	rc        io.ReadCloser
 	ctx       context.Context
 	cancel    context.CancelCauseFunc
+	release   func() // gives back the connection slot; idempotent
 	idleTimer *time.Timer
 	want      int64 // Content-Length or -1
 	got       int64
 	status    int
 	err       error // sticky: a failed download stays failed
+	closeOnce sync.Once
+	closeErr  error
 }
 
 func (b *httpBody) Read(p []byte) (int, error) {
@@ -381,14 +553,22 @@ func (b *httpBody) Read(p []byte) (int, error) {
 		err = io.ErrUnexpectedEOF
 	}
 	b.err = b.c.unavailable(b.status, "GET %s: after %d of %s bytes: %w", b.rel, b.got, sizeText(b.want), b.c.explain(b.ctx, err))
+	// Only a stall is evidence against the upstream: other read errors may
+	// come from the consumer closing the body or cancelling its context.
+	if errors.Is(context.Cause(b.ctx), ErrTimeout) {
+		b.c.health.failure(b.err)
+	}
 	return n, b.err
 }
 
 func (b *httpBody) Close() error {
-	b.idleTimer.Stop()
-	err := b.rc.Close()
-	b.cancel(nil)
-	return err
+	b.closeOnce.Do(func() {
+		b.idleTimer.Stop()
+		b.closeErr = b.rc.Close()
+		b.cancel(nil)
+		b.release()
+	})
+	return b.closeErr
 }
 
 func sizeText(n int64) string {

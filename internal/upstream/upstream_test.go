@@ -96,11 +96,12 @@ func TestStatuses(t *testing.T) {
 		}
 		w.WriteHeader(code)
 	})
-	c := newClient(t, Options{URL: srv.URL})
 	ctx := t.Context()
 
 	for _, code := range []int{200, 404, 403, 410, 500, 502, 503, 504, 429, 204, 401} {
 		t.Run(fmt.Sprint(code), func(t *testing.T) {
+			// A client per status: a run of 5xx would mark a shared one down.
+			c := newClient(t, Options{URL: srv.URL})
 			rel := fmt.Sprintf("%d.narinfo", code)
 			body, err := c.Get(ctx, rel, 1<<20)
 			rc, size, oerr := c.Open(ctx, rel)
@@ -163,6 +164,11 @@ func TestConnectionRefused(t *testing.T) {
 	assertUnavailable(t, err, 0)
 	_, _, err = c.Open(t.Context(), "nar/x.nar")
 	assertUnavailable(t, err, 0)
+	// Open cancels its own context on failure; the error must not then
+	// pass for the caller's cancellation.
+	if errors.Is(err, context.Canceled) {
+		t.Errorf("Open error claims a cancellation: %v", err)
+	}
 }
 
 func TestSlowHeadersTimeout(t *testing.T) {
@@ -572,9 +578,23 @@ func TestNew(t *testing.T) {
 		{URL: "https://x/?q=1"},
 		{URL: "https://x", Timeout: -time.Second},
 		{URL: "https://x", NetrcFile: filepath.Join(t.TempDir(), "missing")},
+		{URL: "https://x", MaxConnections: -1},
+		{URL: "https://x", DownAfter: -1},
+		{URL: "https://x", ProbeBackoff: -time.Second},
+		{URL: "https://x", MaxProbeBackoff: -time.Second},
+		{URL: "https://x", ProbeBackoff: time.Minute, MaxProbeBackoff: time.Second},
 	} {
 		if _, err := New(bad); err == nil {
 			t.Errorf("New(%+v) succeeded", bad)
+		}
+	}
+	for _, bad := range []Options{
+		{URL: "https://user:hunter2@x/?q=1"},
+		{URL: "gopher://user:hunter2@x"},
+		{URL: "https://user:hunter2@x", MaxConnections: -1},
+	} {
+		if _, err := New(bad); err == nil || strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("New(%+v) = %v, want an error without the password", bad, err)
 		}
 	}
 	c, err := New(Options{URL: "https://user:hunter2@cache.example/root"})
@@ -586,5 +606,20 @@ func TestNew(t *testing.T) {
 	}
 	if c.timeout != DefaultTimeout {
 		t.Errorf("default timeout %s", c.timeout)
+	}
+	if cap(c.slots) != DefaultMaxConnections || c.ownsTrans.MaxConnsPerHost != DefaultMaxConnections {
+		t.Errorf("default connection limit: %d slots, transport %d", cap(c.slots), c.ownsTrans.MaxConnsPerHost)
+	}
+	h := &c.health
+	if h.downAfter != DefaultDownAfter || h.minBackoff != DefaultProbeBackoff || h.maxBackoff != DefaultMaxProbeBackoff || !c.Up() {
+		t.Errorf("default health: after %d, backoff %s..%s, up %v", h.downAfter, h.minBackoff, h.maxBackoff, c.Up())
+	}
+	// A first backoff above the default maximum raises the maximum with it.
+	c, err = New(Options{URL: "https://x", ProbeBackoff: 2 * time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.health.maxBackoff != 2*time.Minute {
+		t.Errorf("max backoff %s, want 2m", c.health.maxBackoff)
 	}
 }
