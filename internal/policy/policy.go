@@ -91,9 +91,9 @@ type AllowEntry struct {
 	StorePath   string         `json:"store_path"`
 	NarHash     narinfo.SHA256 `json:"nar_hash,omitzero"`
 	Fingerprint string         `json:"fingerprint,omitempty"`
-	Reason    string         `json:"reason,omitempty"`
-	Added     time.Time      `json:"added"`
-	Expires   time.Time      `json:"expires,omitzero"`
+	Reason      string         `json:"reason,omitempty"`
+	Added       time.Time      `json:"added"`
+	Expires     time.Time      `json:"expires,omitzero"`
 }
 
 // Pins reports whether the entry approves a narinfo with this NarHash and
