@@ -119,8 +119,9 @@ type DB struct {
 // dropped; a copy of a record read when it had another value may be stale.
 func (d *DB) Changes() uint64 { return d.changes.Load() }
 
-// OnForget sets a function told, after each commit, which stored decisions
-// it dropped (for in-memory copies). Call it before the DB is shared.
+// OnForget sets a function told, after each commit that changed evidence,
+// which stored decisions it dropped (possibly none), for in-memory copies
+// of decisions. Call it before the DB is shared.
 func (d *DB) OnForget(fn func(hashes []string)) { d.onForget = fn }
 
 // OpenDB opens (creating if needed) the bbolt file at path.
@@ -388,7 +389,7 @@ func (d *DB) forget(tx *bolt.Tx, hashes []string) (int, error) {
 	}
 	tx.OnCommit(func() {
 		d.changes.Add(1)
-		if d.onForget != nil && len(dropped) > 0 {
+		if d.onForget != nil {
 			d.onForget(dropped)
 		}
 	})

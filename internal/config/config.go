@@ -42,6 +42,7 @@ const (
 	DefaultMaxSize        = Size(100 << 30)
 	DefaultMinFree        = Size(256 << 20)
 	DefaultScrubPeriod    = 7 * 24 * time.Hour
+	DefaultNegativeTTL    = 10 * time.Second
 	DefaultQuorum         = 1
 	SigningKeyName        = "gatekeeper.sec"
 	AdminTokenName        = "admin-token"
@@ -78,6 +79,10 @@ type Cache struct {
 	// ScrubPeriod is how long the background re-hash of every cached blob
 	// takes; default 7d.
 	ScrubPeriod Duration `toml:"scrub_period"`
+	// NegativeTTL is how long a rejection or "not found" is answered
+	// without asking the upstreams again (any admin change ends it at
+	// once); default 10s, "0s" turns it off.
+	NegativeTTL Duration `toml:"negative_ttl"`
 }
 
 // Admin configures the admin API listener.
@@ -133,7 +138,8 @@ func Defaults(env Env) Config {
 			Quorum:           DefaultQuorum,
 			ContentAddressed: true,
 		},
-		Cache: Cache{MaxSize: DefaultMaxSize, MinFree: DefaultMinFree, ScrubPeriod: Duration{DefaultScrubPeriod}},
+		Cache: Cache{MaxSize: DefaultMaxSize, MinFree: DefaultMinFree, ScrubPeriod: Duration{DefaultScrubPeriod},
+			NegativeTTL: Duration{DefaultNegativeTTL}},
 		Admin: Admin{Listen: DefaultAdminListen},
 	}
 }

@@ -117,6 +117,9 @@ func (c Config) Validate() error {
 	if c.Cache.ScrubPeriod.Duration < time.Hour {
 		add("cache.scrub_period", "%s is shorter than 1h; the scrub would do little but re-hash", c.Cache.ScrubPeriod)
 	}
+	if c.Cache.NegativeTTL.Duration < 0 || c.Cache.NegativeTTL.Duration > time.Hour {
+		add("cache.negative_ttl", "%s must be between 0s and 1h", c.Cache.NegativeTTL)
+	}
 	if c.Cache.MaxSize == 0 {
 		add("cache.max_size", "must be larger than zero")
 	}

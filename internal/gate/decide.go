@@ -73,12 +73,23 @@ func (g *Gate) lookup(ctx context.Context, hash, kind string) (outcome, error) {
 		}
 		return outcome{rec: rec}, nil
 	}
+	if out, ok := g.neg.get(hash, g.now()); ok {
+		if d := out.decision; d != nil {
+			g.m.Decisions.WithLabelValues("rejected", string(d.Reason)).Inc()
+		}
+		return out, nil
+	}
 	if kind != "" {
 		g.m.CacheMisses.WithLabelValues(kind).Inc()
 	}
 	// The shared round must not die with the first client that gave up.
 	v, err, _ := g.flight.Do(hash, func() (any, error) {
-		return g.decideAndStore(context.WithoutCancel(ctx), hash, map[string]bool{})
+		before := g.db.Changes()
+		out, err := g.decideAndStore(context.WithoutCancel(ctx), hash, map[string]bool{})
+		if err == nil {
+			g.neg.put(hash, out, g.now(), before, g.db.Changes)
+		}
+		return out, err
 	})
 	if err != nil {
 		return outcome{}, err

@@ -55,6 +55,9 @@ type Options struct {
 	Metrics   *metrics.Metrics
 	Log       *slog.Logger
 	Now       func() time.Time // time.Now when nil
+	// NegativeTTL is how long a rejection or "not found" is remembered
+	// (until any change of evidence); 0 turns that off.
+	NegativeTTL time.Duration
 	// DiskReserve is the free space kept on the blob store's file system:
 	// below it no download starts (cached NARs are still served).
 	DiskReserve int64
@@ -75,6 +78,7 @@ type Gate struct {
 
 	flight singleflight.Group // one decision per hash at a time
 	hot    *hotRecords
+	neg    *negCache
 	nars   *narstream.Group
 
 	mu        sync.Mutex
@@ -86,13 +90,13 @@ type Gate struct {
 // are not served: each is decided again when next requested.
 func New(o Options) (*Gate, error) {
 	g := &Gate{policy: o.Policy, upstreams: o.Upstreams, key: o.Key, db: o.DB, blobs: o.Blobs,
-		m: o.Metrics, log: o.Log, now: o.Now, reserve: o.DiskReserve, hot: newHotRecords(), nars: narstream.NewGroup(),
+		m: o.Metrics, log: o.Log, now: o.Now, reserve: o.DiskReserve, hot: newHotRecords(), neg: newNegCache(o.NegativeTTL), nars: narstream.NewGroup(),
 		shortRuns: map[string]int{}}
 	if g.now == nil {
 		g.now = time.Now
 	}
 	g.settings = settingsDigest(o)
-	g.db.OnForget(g.hot.drop)
+	g.db.OnForget(g.evidenceChanged)
 	changed, err := g.db.SyncSettings(g.settings)
 	if err != nil {
 		return nil, err
@@ -102,6 +106,13 @@ func New(o Options) (*Gate, error) {
 	}
 	g.refreshGauges()
 	return g, nil
+}
+
+// evidenceChanged is told of every committed change of evidence and the
+// stored decisions it dropped.
+func (g *Gate) evidenceChanged(dropped []string) {
+	g.hot.drop(dropped)
+	g.neg.clear()
 }
 
 // Close stops the downloads in progress.

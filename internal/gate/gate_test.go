@@ -130,6 +130,10 @@ type fixture struct {
 }
 
 func newFixture(t testing.TB, requireClosure bool) *fixture {
+	return newFixtureTTL(t, requireClosure, 0)
+}
+
+func newFixtureTTL(t testing.TB, requireClosure bool, negativeTTL time.Duration) *fixture {
 	t.Helper()
 	up := newTestUpstream(t)
 	rb, err := verify.GenerateKey("rebuilder-1")
@@ -157,7 +161,7 @@ func newFixture(t testing.TB, requireClosure bool) *fixture {
 		Policy: policy.Policy{StoreDir: storeDir, Attesters: []verify.PublicKey{rb.Public()}, Quorum: 1,
 			ContentAddressed: true, RequireClosure: requireClosure},
 		Upstreams: []Upstream{{Client: c, Keys: []verify.PublicKey{up.key.Public()}}},
-		Key:       gk, DB: db, Blobs: blobs, Metrics: metrics.New(),
+		Key:       gk, DB: db, Blobs: blobs, Metrics: metrics.New(), NegativeTTL: negativeTTL,
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
 	if err != nil {
@@ -422,4 +426,24 @@ func TestSettingsChangeRedecidesOnce(t *testing.T) {
 	if n := f.up.requests() - before; n != 1 {
 		t.Fatalf("%d upstream requests after the settings change, want exactly 1", n)
 	}
+}
+
+// A flood of requests for a missing or rejected path is one upstream
+// request per negative TTL, and any admin change ends it at once.
+func TestNegativeCache(t *testing.T) {
+	f := newFixtureTTL(t, false, time.Hour)
+	app := newObj("app-1.0")
+	missing := newObj("missing-1.0")
+	f.up.publish(app)
+	for range 50 {
+		wantAnswer(t, "unattested", f.narinfo(app), Reject, "rejected; reason=unattested")
+		if a := f.narinfo(missing); a.Status != NotFound {
+			t.Fatalf("missing path: %+v", a)
+		}
+	}
+	if n := f.up.requests(); n != 2 {
+		t.Fatalf("%d upstream requests for 100 requests of two refused paths, want 2", n)
+	}
+	f.attest(app) // any evidence change clears it
+	wantAnswer(t, "after the attestation", f.narinfo(app), Serve, "approved; reason=attested")
 }

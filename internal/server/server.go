@@ -123,7 +123,7 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 			Report:           cfg.Mode == config.ModeReport,
 		},
 		Upstreams: ups, Key: key, DB: s.db, Blobs: s.blobs, Metrics: s.m, Log: log,
-		DiskReserve: int64(cfg.Cache.MinFree),
+		DiskReserve: int64(cfg.Cache.MinFree), NegativeTTL: cfg.Cache.NegativeTTL.Duration,
 	})
 	if err != nil {
 		s.blobs.Close()
