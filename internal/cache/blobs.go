@@ -35,6 +35,10 @@ type Blobs struct {
 	// concurrent evictions neither count one blob twice nor evict more than
 	// needed.
 	sizes   map[string]int64
+	// temps holds the bytes written so far to each temp file (by path);
+	// temp is their sum. They count against maxSize like blobs do.
+	temps   map[string]int64
+	temp    int64
 	onEvict func(n int, bytes int64)
 }
 
@@ -42,7 +46,7 @@ type Blobs struct {
 // crash and reconciles the index with the files on disk.
 func OpenBlobs(db *DB, stateDir string, maxSize int64) (*Blobs, error) {
 	b := &Blobs{db: db, dir: filepath.Join(stateDir, "blobs"), tmp: filepath.Join(stateDir, "tmp"),
-		maxSize: maxSize, lastUsed: map[string]time.Time{}, sizes: map[string]int64{}}
+		maxSize: maxSize, lastUsed: map[string]time.Time{}, sizes: map[string]int64{}, temps: map[string]int64{}}
 	if err := os.RemoveAll(b.tmp); err != nil {
 		return nil, fmt.Errorf("clear temp dir: %w", err)
 	}
@@ -129,11 +133,50 @@ func (b *Blobs) CreateTemp(name string) (*os.File, error) {
 	return f, nil
 }
 
+// ErrNoRoom is returned by Grow when the bytes do not fit under max_size
+// even with every blob evicted (other downloads hold the space).
+var ErrNoRoom = errors.New("no room under cache.max_size")
+
+// Grow accounts for n more bytes about to be written to temp file f,
+// evicting least-recently-used blobs to make room. It fails, counting
+// nothing, when they do not fit even then.
+func (b *Blobs) Grow(f *os.File, n int64) error {
+	b.mu.Lock()
+	over := b.maxSize > 0 && b.size+b.temp+n > b.maxSize
+	hopeless := b.maxSize > 0 && b.temp+n > b.maxSize // evicting every blob would not help
+	b.mu.Unlock()
+	if hopeless {
+		return fmt.Errorf("%w: %d bytes of downloads in progress, %d more wanted, limit %d", ErrNoRoom, b.temp, n, b.maxSize)
+	}
+	if over {
+		if err := b.evict(n); err != nil {
+			return err
+		}
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.maxSize > 0 && b.size+b.temp+n > b.maxSize {
+		return fmt.Errorf("%w: %d bytes of blobs and %d of downloads in progress, %d more wanted, limit %d", ErrNoRoom, b.size, b.temp, n, b.maxSize)
+	}
+	b.temps[f.Name()] += n
+	b.temp += n
+	return nil
+}
+
+// releaseTemp stops counting a temp file.
+func (b *Blobs) releaseTemp(name string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.temp -= b.temps[name]
+	delete(b.temps, name)
+}
+
 // Commit makes a fully written and verified temp file the blob name: fsync,
 // rename, fsync the directory, then index it with meta. f is closed. It
 // does not evict: callers run Evict once readers of the new blob are served.
 func (b *Blobs) Commit(f *os.File, name string, meta BlobMeta) error {
 	tmpName := f.Name()
+	defer b.releaseTemp(tmpName)
 	size, err := f.Seek(0, 2)
 	if err == nil {
 		err = f.Sync()
@@ -170,6 +213,7 @@ func (b *Blobs) Commit(f *os.File, name string, meta BlobMeta) error {
 
 // Discard removes a temp file that will never be committed.
 func (b *Blobs) Discard(f *os.File) {
+	b.releaseTemp(f.Name())
 	f.Close()
 	os.Remove(f.Name())
 }
@@ -262,6 +306,13 @@ func (b *Blobs) Size() int64 {
 	return b.size
 }
 
+// TempSize returns the bytes written by downloads in progress.
+func (b *Blobs) TempSize() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.temp
+}
+
 // Remove drops a blob and its index entry.
 func (b *Blobs) Remove(name string) error {
 	_, _, err := b.remove(name)
@@ -294,12 +345,15 @@ func (b *Blobs) remove(name string) (freed int64, removed bool, err error) {
 	return freed, removed, nil
 }
 
-// Evict removes least-recently-used blobs until the total is within maxSize.
-// An open file keeps its data on Linux, so a client being served an evicted
-// blob is unaffected.
-func (b *Blobs) Evict() error {
+// Evict removes least-recently-used blobs until blobs and downloads in
+// progress together are within maxSize. An open file keeps its data on
+// Linux, so a client being served an evicted blob is unaffected.
+func (b *Blobs) Evict() error { return b.evict(0) }
+
+// evict makes room for want more bytes.
+func (b *Blobs) evict(want int64) error {
 	b.mu.Lock()
-	if b.maxSize <= 0 || b.size <= b.maxSize {
+	if b.maxSize <= 0 || b.size+b.temp+want <= b.maxSize {
 		b.mu.Unlock()
 		return nil
 	}
@@ -314,7 +368,7 @@ func (b *Blobs) Evict() error {
 	for _, name := range names {
 		// Re-check: another Commit may be evicting at the same time.
 		b.mu.Lock()
-		over := b.size > b.maxSize
+		over := b.size+b.temp+want > b.maxSize
 		b.mu.Unlock()
 		if !over {
 			break

@@ -528,3 +528,34 @@ func TestDamagedBlobDropped(t *testing.T) {
 		t.Error("good blob changed")
 	}
 }
+
+// Downloads in progress count against max_size: their bytes evict
+// least-recently-used blobs, and bytes that cannot fit are refused.
+func TestTempBytesCount(t *testing.T) {
+	_, _, b := newBlobs(t, 3000)
+	dir, _, _ := realNARs(t)
+	if len(dir.data) > 1000 {
+		t.Skipf("fixture NAR of %d bytes is too big for this test", len(dir.data))
+	}
+	commit(t, b, "old.nar", dir.data, dir.meta)
+	commit(t, b, "new.nar", dir.data, dir.meta)
+	tmp, err := b.CreateTemp("big.nar")
+	must(t, err)
+	// Room for this download means evicting the least recently used blob.
+	if err := b.Grow(tmp, 3000-int64(len(dir.data))); err != nil {
+		t.Fatalf("Grow within max_size after eviction: %v", err)
+	}
+	if b.Has("old.nar") || !b.Has("new.nar") || b.TempSize() != 3000-int64(len(dir.data)) {
+		t.Errorf("after Grow: old %v new %v temp %d", b.Has("old.nar"), b.Has("new.nar"), b.TempSize())
+	}
+	other, err := b.CreateTemp("other.nar")
+	must(t, err)
+	if err := b.Grow(other, 3001); !errors.Is(err, ErrNoRoom) || !b.Has("new.nar") {
+		t.Errorf("Grow past max_size: %v (new.nar kept: %v), want ErrNoRoom and no eviction for nothing", err, b.Has("new.nar"))
+	}
+	b.Discard(other)
+	b.Discard(tmp)
+	if b.TempSize() != 0 {
+		t.Errorf("temp bytes after discarding every download: %d", b.TempSize())
+	}
+}

@@ -43,12 +43,16 @@ const (
 	DefaultMinFree        = Size(256 << 20)
 	DefaultScrubPeriod    = 7 * 24 * time.Hour
 	DefaultNegativeTTL    = 10 * time.Second
-	DefaultQuorum         = 1
-	SigningKeyName        = "gatekeeper.sec"
-	AdminTokenName        = "admin-token"
-	ModeEnforce           = "enforce"
-	ModeReport            = "report"
-	stateDirectoryEnvVar  = "STATE_DIRECTORY"
+	// DefaultMaxNarSize is far above the largest NARs cache.nixos.org
+	// serves (a few GiB: CUDA, TeX Live), and far below what a lying
+	// upstream could claim.
+	DefaultMaxNarSize    = Size(16 << 30)
+	DefaultQuorum        = 1
+	SigningKeyName       = "gatekeeper.sec"
+	AdminTokenName       = "admin-token"
+	ModeEnforce          = "enforce"
+	ModeReport           = "report"
+	stateDirectoryEnvVar = "STATE_DIRECTORY"
 )
 
 // Upstream is one binary cache cacheproxy fetches from, tried in file order.
@@ -73,6 +77,9 @@ type Policy struct {
 // Cache holds the blob store limits.
 type Cache struct {
 	MaxSize Size `toml:"max_size"` // default 100GiB
+	// MaxNarSize refuses paths with a larger NAR (too_large); default
+	// 16GiB, and never more than max_size.
+	MaxNarSize Size `toml:"max_nar_size"`
 	// MinFree is the free space kept on the state dir's file system: below
 	// it no NAR download starts (503) and /healthz fails. Default 256MiB.
 	MinFree Size `toml:"min_free"`
@@ -138,7 +145,7 @@ func Defaults(env Env) Config {
 			Quorum:           DefaultQuorum,
 			ContentAddressed: true,
 		},
-		Cache: Cache{MaxSize: DefaultMaxSize, MinFree: DefaultMinFree, ScrubPeriod: Duration{DefaultScrubPeriod},
+		Cache: Cache{MaxSize: DefaultMaxSize, MaxNarSize: DefaultMaxNarSize, MinFree: DefaultMinFree, ScrubPeriod: Duration{DefaultScrubPeriod},
 			NegativeTTL: Duration{DefaultNegativeTTL}},
 		Admin: Admin{Listen: DefaultAdminListen},
 	}
@@ -234,6 +241,10 @@ func parse(data []byte, env Env) (Config, error) {
 	}
 	return cfg, nil
 }
+
+// EffectiveMaxNarSize is the largest NAR accepted: max_nar_size, but no
+// more than the whole cache.
+func (c Config) EffectiveMaxNarSize() uint64 { return uint64(min(c.Cache.MaxNarSize, c.Cache.MaxSize)) }
 
 // AdminTokenFile is the admin token path: admin.token_file, or
 // <state_dir>/admin-token. It is derived on every call so a --state-dir flag

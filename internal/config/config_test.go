@@ -45,7 +45,7 @@ func TestDefaultsValidate(t *testing.T) {
 			MaxConnections: 64,
 		}},
 		Policy: Policy{Quorum: 1, ContentAddressed: true},
-		Cache:  Cache{MaxSize: 100 << 30, MinFree: 256 << 20, ScrubPeriod: Duration{7 * 24 * time.Hour}, NegativeTTL: Duration{10 * time.Second}},
+		Cache:  Cache{MaxSize: 100 << 30, MaxNarSize: 16 << 30, MinFree: 256 << 20, ScrubPeriod: Duration{7 * 24 * time.Hour}, NegativeTTL: Duration{10 * time.Second}},
 		Admin:  Admin{Listen: "127.0.0.1:5481"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
@@ -139,7 +139,7 @@ func TestFullExample(t *testing.T) {
 			},
 		},
 		Policy: Policy{Attesters: keys(keyA, keyB), Quorum: 2, ContentAddressed: false, RequireClosure: true},
-		Cache:  Cache{MaxSize: 500_000_000, MinFree: 1 << 30, ScrubPeriod: Duration{3 * 24 * time.Hour}, NegativeTTL: Duration{5 * time.Second}},
+		Cache:  Cache{MaxSize: 500_000_000, MaxNarSize: 100 << 20, MinFree: 1 << 30, ScrubPeriod: Duration{3 * 24 * time.Hour}, NegativeTTL: Duration{5 * time.Second}},
 		Admin:  Admin{Listen: "127.0.0.1:5481", TokenFile: "/run/keys/cacheproxy-admin-token"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
@@ -287,6 +287,7 @@ func TestValidateErrors(t *testing.T) {
 		{"admin same as main", func(c *Config) { c.Admin.Listen = c.Listen }, "admin.listen"},
 		{"empty state dir", func(c *Config) { c.StateDir = "" }, "state_dir"},
 		{"zero cache", func(c *Config) { c.Cache.MaxSize = 0 }, "cache.max_size"},
+		{"zero max NAR", func(c *Config) { c.Cache.MaxNarSize = 0 }, "cache.max_nar_size"},
 		{"short scrub", func(c *Config) { c.Cache.ScrubPeriod = Duration{time.Minute} }, "cache.scrub_period"},
 		{"long negative ttl", func(c *Config) { c.Cache.NegativeTTL = Duration{2 * time.Hour} }, "cache.negative_ttl"},
 	} {

@@ -120,6 +120,9 @@ func (c Config) Validate() error {
 	if c.Cache.NegativeTTL.Duration < 0 || c.Cache.NegativeTTL.Duration > time.Hour {
 		add("cache.negative_ttl", "%s must be between 0s and 1h", c.Cache.NegativeTTL)
 	}
+	if c.Cache.MaxNarSize == 0 {
+		add("cache.max_nar_size", "must be larger than zero")
+	}
 	if c.Cache.MaxSize == 0 {
 		add("cache.max_size", "must be larger than zero")
 	}

@@ -88,6 +88,11 @@ func (g *Gate) NAR(ctx context.Context, file string) (Answer, error) {
 		return Answer{}, err
 	}
 	a := answer(out)
+	if a.Status == Reject && out.remembered {
+		// A fleet machine asking for the NAR of a refused path is worth a
+		// line each time; a flood of narinfo requests is not.
+		g.logRefusal(*out.decision, hash)
+	}
 	if a.Status != Serve || a.Record.NarFile == file {
 		return a, nil
 	}

@@ -25,6 +25,9 @@ type outcome struct {
 	// until ends an approval that rests on evidence with an expiry (its own
 	// allowlist entry, or with require_closure one of its references').
 	until time.Time
+	// remembered is set when the outcome came from the negative cache: it
+	// was logged when it was decided.
+	remembered bool
 }
 
 // stored returns the stored decision for hash if it may be served now: made
@@ -77,6 +80,7 @@ func (g *Gate) lookup(ctx context.Context, hash, kind string) (outcome, error) {
 		if d := out.decision; d != nil {
 			g.m.Decisions.WithLabelValues("rejected", string(d.Reason)).Inc()
 		}
+		out.remembered = true
 		return out, nil
 	}
 	if kind != "" {
@@ -314,18 +318,29 @@ func (g *Gate) record(d policy.Decision, until time.Time) cache.Record {
 
 // logRejection logs, and records for `cacheproxy rejections`, one refusal.
 func (g *Gate) logRejection(d policy.Decision, hash string) {
-	storePath := path.Join(g.policy.StoreDir, hash)
-	deriver := ""
+	g.logRefusal(d, hash)
+	storePath, deriver := g.names(d, hash)
+	err := g.db.RecordRejection(cache.Rejection{StorePath: storePath, Reason: string(d.Reason), Detail: d.Detail,
+		Deriver: deriver, Upstream: d.Upstream, Last: g.now()})
+	if err != nil {
+		g.log.Error("record rejection", "path", storePath, "err", err)
+	}
+}
+
+// logRefusal writes the log line of one refusal.
+func (g *Gate) logRefusal(d policy.Decision, hash string) {
+	storePath, _ := g.names(d, hash)
+	g.log.Warn("rejected", "path", storePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream, "served", g.policy.Served(d))
+}
+
+// names are the store path and deriver a decision is about.
+func (g *Gate) names(d policy.Decision, hash string) (storePath, deriver string) {
+	storePath = path.Join(g.policy.StoreDir, hash)
 	if d.NarInfo != nil {
 		storePath = d.NarInfo.StorePath
 		if d.NarInfo.Deriver != "" {
 			deriver = path.Join(g.policy.StoreDir, d.NarInfo.Deriver)
 		}
 	}
-	g.log.Warn("rejected", "path", storePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream, "served", g.policy.Served(d))
-	err := g.db.RecordRejection(cache.Rejection{StorePath: storePath, Reason: string(d.Reason), Detail: d.Detail,
-		Deriver: deriver, Upstream: d.Upstream, Last: g.now()})
-	if err != nil {
-		g.log.Error("record rejection", "path", storePath, "err", err)
-	}
+	return storePath, deriver
 }

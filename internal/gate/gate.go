@@ -135,9 +135,10 @@ func settingsDigest(o Options) string {
 		Report, ContentAddressed, RequireClosure bool
 		StoreDir, Gatekeeper                     string
 		Quorum                                   int
+		MaxNarSize                               uint64
 		Attesters                                []string
 		Upstreams                                []up
-	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, o.Key.Public().String(), p.Quorum, nil, nil}
+	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, o.Key.Public().String(), p.Quorum, p.MaxNarSize, nil, nil}
 	for _, a := range p.Attesters {
 		v.Attesters = append(v.Attesters, a.String())
 	}

@@ -71,6 +71,7 @@ func (g *Gate) OpenNAR(ctx context.Context, rec *cache.Record, download bool) (B
 			return g.blobs.Commit(f, rec.NarFile, cache.BlobMeta{StorePath: rec.StorePath, NAR: rec.NAR})
 		},
 		Discard: g.blobs.Discard,
+		Grow:    g.blobs.Grow,
 		Finally: func(err error) {
 			if err != nil {
 				return

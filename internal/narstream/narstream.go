@@ -52,6 +52,12 @@ type Job struct {
 	Temp    func() (*os.File, error)
 	Commit  func(f *os.File) error
 	Discard func(f *os.File)
+	// Grow, when set, is asked before n more bytes are written to f. If it
+	// refuses (the cache has no room), a download nobody reads any more
+	// stops with its error; one that clients still read goes on (its bytes
+	// are bounded by the NAR's declared size, and eviction catches up when
+	// it is committed).
+	Grow func(f *os.File, n int64) error
 	// Done, when set, learns how the download ended before any reader does,
 	// so that a quarantine is in place before a client can retry. err is nil,
 	// a *verify.Error (the bytes disagree with Expect), a *TruncatedError (the
@@ -157,6 +163,13 @@ func (dl *Download) reader(ctx context.Context) *Reader {
 	return &Reader{dl: dl, ctx: ctx}
 }
 
+// readers returns the number of open Readers.
+func (dl *Download) readers() int {
+	dl.mu.Lock()
+	defer dl.mu.Unlock()
+	return dl.holders - 1 // the writer holds one
+}
+
 func (dl *Download) release() {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
@@ -238,6 +251,11 @@ func (dl *Download) copy(ctx context.Context, tmp *os.File) (int64, error) {
 		if n > 0 {
 			if _, err := v.Write(buf[:n]); err != nil {
 				return written, err
+			}
+			if dl.job.Grow != nil {
+				if err := dl.job.Grow(tmp, int64(n)); err != nil && dl.readers() == 0 {
+					return written, err
+				}
 			}
 			if _, err := tmp.Write(buf[:n]); err != nil {
 				return written, fmt.Errorf("write temp file: %w", err)

@@ -293,3 +293,40 @@ func TestJoinRules(t *testing.T) {
 		t.Error("a cancelled download was committed")
 	}
 }
+
+// When the cache has no room, a download nobody reads any more stops; one
+// that a client still reads goes on to the end.
+func TestNoRoomStopsOnlyUnreadDownloads(t *testing.T) {
+	data, e := payload(600 << 10)
+	noRoom := errors.New("no room")
+	for _, keepReader := range []bool{true, false} {
+		src := newSource(data, 0)
+		h := newHarness(t)
+		g := NewGroup()
+		job := h.job("nar-room", e, src, int64(len(data)))
+		job.Grow = func(*os.File, int64) error { return noRoom }
+		r, err := g.Join(context.Background(), job, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !keepReader {
+			r.Close()
+		}
+		src.release(len(data))
+		if keepReader {
+			got, err := io.ReadAll(r)
+			r.Close()
+			if err != nil || !bytes.Equal(got, data) {
+				t.Errorf("a read download without room: %d bytes, %v", len(got), err)
+			}
+		}
+		err = <-h.doneErr
+		switch {
+		case keepReader && err != nil:
+			t.Errorf("read download ended with %v", err)
+		case !keepReader && !errors.Is(err, noRoom):
+			t.Errorf("unread download without room ended with %v, want the Grow error", err)
+		}
+		g.Close()
+	}
+}

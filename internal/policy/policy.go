@@ -44,11 +44,14 @@ const (
 	// older narinfo (another NarHash or compression), and the bytes served
 	// now would not match it.
 	StaleNarInfo Reason = "stale_narinfo"
+	// TooLarge refuses a path whose NAR is larger than the cache may hold
+	// (cache.max_nar_size): it could not be verified and cached.
+	TooLarge Reason = "too_large"
 )
 
 // Reasons lists every reason, for documentation and metric initialisation.
 var Reasons = []Reason{UpstreamMalformed, UpstreamUnsigned, Denied, AttestationMismatch,
-	Attested, Allowlisted, ContentAddressed, Unattested, NarMismatch, ClosureIncomplete, StaleNarInfo}
+	Attested, Allowlisted, ContentAddressed, Unattested, NarMismatch, ClosureIncomplete, StaleNarInfo, TooLarge}
 
 // Policy is the configured policy.
 type Policy struct {
@@ -57,7 +60,8 @@ type Policy struct {
 	Quorum           int
 	ContentAddressed bool
 	RequireClosure   bool
-	Report           bool // mode = "report": policy rejections are recorded but served
+	Report           bool   // mode = "report": policy rejections are recorded but served
+	MaxNarSize       uint64 // larger NARs (or NAR files) are refused as too_large; 0: no bound
 }
 
 // Input is one upstream's answer for one requested store path hash.
@@ -222,6 +226,11 @@ func (p Policy) Decide(in Input, ev Evidence, now time.Time) Decision {
 	}
 	if len(d.UpstreamSigners) == 0 {
 		return reject(d, UpstreamUnsigned, "no valid signature by a key of %s", in.Upstream)
+	}
+	// Like rules 1–2, enforced in both modes: a NAR the cache cannot hold
+	// cannot be verified before its last bytes go out.
+	if p.MaxNarSize > 0 && max(ni.NarSize, ni.FileSize) > p.MaxNarSize {
+		return reject(d, TooLarge, "NAR of %d bytes (file %d) is larger than cache.max_nar_size %d", ni.NarSize, ni.FileSize, p.MaxNarSize)
 	}
 
 	// Gather all the evidence before applying rules 3–8, so that a

@@ -380,6 +380,12 @@ func TestDecide(t *testing.T) {
 			ev:     Evidence{Allow: &AllowEntry{StorePath: f.path, NarHash: f.narHash, Fingerprint: fingerprint(t, f.ni())}},
 			reason: Unattested, detail: "pinned to the fingerprint"},
 
+		// too_large: enforced before any evidence, in both modes.
+		{name: "too_large/NarSize", raw: f.raw(nil), policy: func(p *Policy) { p.MaxNarSize = f.narSize - 1; p.Report = true },
+			ev: Evidence{Attestations: []Attestation{f.att(f.a, nil)}}, reason: TooLarge, detail: "max_nar_size"},
+		{name: "too_large/at the bound", raw: f.raw(nil), policy: func(p *Policy) { p.MaxNarSize = f.narSize },
+			ev: Evidence{Attestations: []Attestation{f.att(f.a, nil)}}, approved: true, reason: Attested},
+
 		// Rule 3: denied.
 		{name: "denied/store path", raw: f.raw(nil), ev: Evidence{Deny: deny(f.path)}, reason: Denied,
 			check: func(t *testing.T, d Decision) {
@@ -888,7 +894,7 @@ func TestServed(t *testing.T) {
 			}
 		}
 	}
-	if len(Reasons) != 11 {
+	if len(Reasons) != 12 { // too_large, like stale_narinfo and nar_mismatch, is never served
 		t.Errorf("Reasons has %d entries; update this test", len(Reasons))
 	}
 }

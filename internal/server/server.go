@@ -121,6 +121,7 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 			ContentAddressed: cfg.Policy.ContentAddressed,
 			RequireClosure:   cfg.Policy.RequireClosure,
 			Report:           cfg.Mode == config.ModeReport,
+			MaxNarSize:       cfg.EffectiveMaxNarSize(),
 		},
 		Upstreams: ups, Key: key, DB: s.db, Blobs: s.blobs, Metrics: s.m, Log: log,
 		DiskReserve: int64(cfg.Cache.MinFree), NegativeTTL: cfg.Cache.NegativeTTL.Duration,

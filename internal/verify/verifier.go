@@ -31,6 +31,20 @@ type Expect struct {
 	Flat narinfo.SHA256 `json:"flat_hash,omitzero"`
 }
 
+// MaxFileSize bounds the bytes of the NAR file: FileSize when the narinfo
+// gives it, else NarSize plus what a compressor adds to incompressible data
+// at most. Without it, an upstream could send endless bytes that decode to
+// nothing (zstd skippable frames, xz padding) and fill the disk.
+func (e Expect) MaxFileSize() uint64 {
+	if e.FileSize > 0 {
+		return e.FileSize
+	}
+	if e.Compression == narinfo.CompressionNone || e.Compression == "" {
+		return e.NarSize
+	}
+	return e.NarSize + e.NarSize/64 + 64<<10
+}
+
 // Size is the number of bytes a client receives for this NAR file, or -1
 // when neither FileSize nor (uncompressed) NarSize says.
 func (e Expect) Size() int64 {
@@ -88,6 +102,7 @@ var (
 type Verifier struct {
 	fileWant narinfo.SHA256 // zero when FileHash is unknown
 	fileSize uint64         // 0 when unknown
+	fileMax  uint64         // bound on the compressed bytes (Expect.MaxFileSize)
 	fileN    uint64
 	// fileHash hashes the compressed bytes; nil for "none", where the
 	// compressed bytes are the NAR and nar.h already hashes them.
@@ -113,7 +128,7 @@ func NewVerifier(e Expect) (*Verifier, error) {
 		// unknown size would leave decompression unbounded.
 		return nil, errors.New("new verifier: NarSize is required")
 	}
-	v := &Verifier{fileSize: e.FileSize, narWant: e.NarHash, fileWant: e.FileHash}
+	v := &Verifier{fileSize: e.FileSize, fileMax: e.MaxFileSize(), narWant: e.NarHash, fileWant: e.FileHash}
 	var dec codec
 	if e.Compression != narinfo.CompressionNone && e.Compression != "" {
 		var err error
@@ -153,9 +168,13 @@ func (v *Verifier) Write(p []byte) (int, error) {
 	if v.closed {
 		return 0, errFinished
 	}
-	if v.fileSize > 0 && uint64(len(p)) > v.fileSize-v.fileN {
+	if uint64(len(p)) > v.fileMax-v.fileN {
+		if v.fileSize > 0 {
+			return 0, v.fail(&Error{Check: CheckFileSize,
+				Detail: fmt.Sprintf("more than the expected %d compressed bytes", v.fileSize)})
+		}
 		return 0, v.fail(&Error{Check: CheckFileSize,
-			Detail: fmt.Sprintf("more than the expected %d compressed bytes", v.fileSize)})
+			Detail: fmt.Sprintf("more than %d compressed bytes for a NAR of %d bytes", v.fileMax, v.nar.limit)})
 	}
 	v.fileN += uint64(len(p))
 	if v.dec == nil {

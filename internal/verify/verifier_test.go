@@ -659,3 +659,28 @@ func TestXZDictLimit(t *testing.T) {
 	e.Compression, e.FileHash, e.FileSize = "xz", narinfo.SumSHA256(data), uint64(len(data))
 	wantCheck(t, run(t, e, data, 4096), CheckDecompress)
 }
+
+// Without a FileSize, the compressed bytes are still bounded: an upstream
+// cannot make a download endless with bytes that decode to nothing.
+func TestCompressedBytesBounded(t *testing.T) {
+	nar := bytes.Repeat([]byte("x"), 1000)
+	e := Expect{Compression: narinfo.CompressionZstd, NarHash: narinfo.SumSHA256(nar), NarSize: uint64(len(nar))}
+	v, err := NewVerifier(e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Abort()
+	// A zstd skippable frame: magic 0x184D2A50, a length, then that many bytes.
+	frame := append([]byte{0x50, 0x2a, 0x4d, 0x18, 0x00, 0x00, 0x01, 0x00}, make([]byte, 1<<16)...)
+	var werr error
+	for i := 0; i < 64 && werr == nil; i++ {
+		_, werr = v.Write(frame)
+	}
+	var ve *Error
+	if !errors.As(werr, &ve) || ve.Check != CheckFileSize {
+		t.Fatalf("4 MiB of skippable frames for a 1000-byte NAR: %v, want a file_size error", werr)
+	}
+	if max := e.MaxFileSize(); max > uint64(len(nar))+128<<10 {
+		t.Errorf("MaxFileSize %d for a %d-byte NAR", max, len(nar))
+	}
+}
