@@ -34,7 +34,7 @@ type Blobs struct {
 	// count a blob as removed only when it was still in the map, so that
 	// concurrent evictions neither count one blob twice nor evict more than
 	// needed.
-	sizes   map[string]int64
+	sizes map[string]int64
 	// temps holds the bytes written so far to each temp file (by path);
 	// temp is their sum. They count against maxSize like blobs do.
 	temps   map[string]int64
