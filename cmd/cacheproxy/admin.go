@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -24,23 +26,44 @@ type adminFlags struct {
 	configFlags
 	server    string
 	tokenFile string
+	caFile    string
 }
 
 func (a *adminFlags) register(fs *flag.FlagSet) {
 	a.configFlags.register(fs, false)
 	fs.StringVar(&a.server, "server", "", "admin API `URL` (default: admin.listen of the config)")
 	fs.StringVar(&a.tokenFile, "token-file", "", "admin token `FILE` (default: admin.token_file of the config)")
+	fs.StringVar(&a.caFile, "ca-file", "", "trust the CA certificates in `FILE` (PEM) for the admin server's certificate,\n"+
+		"instead of the system roots (--server https://...) or admin.tls_cert_file")
 }
 
+// client finds the admin API. From the config, with admin TLS it is
+// https:// to admin.listen trusting exactly admin.tls_cert_file, the
+// server's own (usually self-signed) certificate; --server https://...
+// trusts the system roots, like any https URL; --ca-file replaces either.
 func (a *adminFlags) client() (*adminapi.Client, error) {
 	server, tokenFile := a.server, a.tokenFile
+	var tlsConf *tls.Config
 	if server == "" || tokenFile == "" {
 		cfg, err := a.read()
 		if err != nil {
 			return nil, err
 		}
-		if server == "" {
-			server = cfg.Admin.Listen
+		if server == "" && cfg.Admin.Listen != "" {
+			server = connectAddr(cfg.Admin.Listen)
+			// Either TLS key set means the server speaks only TLS: never
+			// fall back to sending the token in clear text.
+			if cfg.Admin.TLS() {
+				server = "https://" + server
+				if a.caFile == "" {
+					if cfg.Admin.TLSCertFile == "" {
+						return nil, errors.New("admin.tls_cert_file: must be set together with admin.tls_key_file")
+					}
+					if tlsConf, err = adminapi.PinnedTLS(cfg.Admin.TLSCertFile); err != nil {
+						return nil, fmt.Errorf("admin.tls_cert_file: %w", err)
+					}
+				}
+			}
 		}
 		if tokenFile == "" {
 			tokenFile = cfg.AdminTokenFile()
@@ -49,7 +72,30 @@ func (a *adminFlags) client() (*adminapi.Client, error) {
 	if server == "" {
 		return nil, errAdminOff
 	}
-	return adminapi.NewClient(server, tokenFile)
+	if a.caFile != "" {
+		var err error
+		if tlsConf, err = adminapi.CATLS(a.caFile); err != nil {
+			return nil, fmt.Errorf("--ca-file: %w", err)
+		}
+	}
+	return adminapi.NewClient(server, tokenFile, tlsConf)
+}
+
+// connectAddr turns a listen address into one to connect to. A wildcard
+// host (empty, 0.0.0.0, ::) says where the server accepts, not where to
+// dial; the CLI reading the server's config runs beside it, and loopback is
+// among the addresses the wildcard accepts on.
+func connectAddr(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return listen // NewClient reports it
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified() && ip.To4() != nil) {
+		host = "127.0.0.1"
+	} else if ip != nil && ip.IsUnspecified() {
+		host = "::1"
+	}
+	return net.JoinHostPort(host, port)
 }
 
 var errAdminOff = errors.New("the admin API is off (admin.listen is empty); pass --server")

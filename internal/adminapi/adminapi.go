@@ -3,13 +3,17 @@
 //
 // Trust model: the admin API changes what the gatekeeper approves, so every
 // call carries the bearer token from the admin token file; the client never
-// sends it anywhere but the configured admin address.
+// sends it anywhere but the configured admin address, and never in clear
+// text beyond loopback.
 package adminapi
 
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -20,6 +24,7 @@ import (
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/config"
 )
 
 // Routes.
@@ -234,8 +239,11 @@ type Client struct {
 }
 
 // NewClient reads the token file and returns a client for base (a URL or a
-// host:port).
-func NewClient(base, tokenFile string) (*Client, error) {
+// host:port, which means http://). tlsConf is how an https server's
+// certificate is checked (see PinnedTLS and CATLS); nil means the system
+// roots. The token goes to base and nowhere else: plain http only to a
+// loopback host, no proxy from the environment, no redirect followed.
+func NewClient(base, tokenFile string, tlsConf *tls.Config) (*Client, error) {
 	raw, err := os.ReadFile(tokenFile)
 	if err != nil {
 		return nil, fmt.Errorf("read admin token: %w", err)
@@ -243,11 +251,97 @@ func NewClient(base, tokenFile string) (*Client, error) {
 	if !strings.Contains(base, "://") {
 		base = "http://" + base
 	}
-	if _, err := url.Parse(base); err != nil {
+	u, err := url.Parse(base)
+	if err != nil {
 		return nil, fmt.Errorf("admin server URL %q: %w", base, err)
 	}
+	switch u.Scheme {
+	case "https":
+	case "http":
+		if tlsConf != nil {
+			return nil, fmt.Errorf("admin server URL %q: a certificate to trust was given, so use https://", base)
+		}
+		// The token changes what the whole fleet gets; in clear text it
+		// may only travel within this machine.
+		if !config.IsLoopbackHost(u.Hostname()) {
+			return nil, fmt.Errorf("admin server URL %q: refusing to send the admin token in clear text off this machine; use https://", base)
+		}
+	default:
+		return nil, fmt.Errorf("admin server URL %q: scheme must be http or https", base)
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	// A proxy named by $HTTPS_PROXY would be one more party between the
+	// token and the admin address.
+	tr.Proxy = nil
+	if tlsConf == nil {
+		tlsConf = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	tr.TLSClientConfig = tlsConf
 	return &Client{Base: strings.TrimSuffix(base, "/"), Token: strings.TrimSpace(string(raw)),
-		HTTP: &http.Client{Timeout: 10 * time.Minute}}, nil
+		HTTP: &http.Client{Timeout: 10 * time.Minute, Transport: tr,
+			// The admin API never redirects; following one would resend
+			// the token to wherever it points. The 3xx is the answer.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}}, nil
+}
+
+// PinnedTLS trusts exactly the first certificate in certFile (PEM), the
+// server's own admin.tls_cert_file, as the only root. Operators' admin
+// certificates are commonly self-signed, and the CLI connects to whatever
+// admin.listen is, often a wildcard such as 0.0.0.0 that no certificate
+// names; so the chain is checked against that one root (validity dates
+// included) and the host name is not. The name would add nothing: only the
+// holder of that certificate's key can complete the handshake.
+func PinnedTLS(certFile string) (*tls.Config, error) {
+	raw, err := os.ReadFile(certFile)
+	if err != nil {
+		return nil, err
+	}
+	var cert *x509.Certificate
+	for rest := raw; cert == nil; {
+		var block *pem.Block
+		if block, rest = pem.Decode(rest); block == nil {
+			return nil, fmt.Errorf("%s: no PEM certificate", certFile)
+		}
+		if block.Type == "CERTIFICATE" {
+			if cert, err = x509.ParseCertificate(block.Bytes); err != nil {
+				return nil, fmt.Errorf("%s: %w", certFile, err)
+			}
+		}
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(cert)
+	return &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		// Go's own check always compares the host name; VerifyConnection
+		// below does the whole check instead, against roots only.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return errors.New("the admin server sent no certificate")
+			}
+			if _, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{Roots: roots}); err != nil {
+				return fmt.Errorf("%w in %s: %v", errNotPinned, certFile, err)
+			}
+			return nil
+		},
+	}, nil
+}
+
+var errNotPinned = errors.New("the admin server's certificate is not the one")
+
+// CATLS trusts the CA certificates in caFile (PEM) instead of the system
+// roots, with the usual checks, host name included.
+func CATLS(caFile string) (*tls.Config, error) {
+	raw, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, err
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(raw) {
+		return nil, fmt.Errorf("%s: no PEM certificate", caFile)
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: roots}, nil
 }
 
 // ErrUnreachable wraps a failure to reach the server at all.
@@ -278,6 +372,13 @@ func (c *Client) Do(ctx context.Context, method, path string, body, out any) err
 	}
 	resp, err := c.HTTP.Do(req)
 	if err != nil {
+		// A server that answered with a certificate we do not trust was
+		// reached: not "unreachable", which would send verify-cache to the
+		// state dir the server holds instead of naming the problem.
+		var cve *tls.CertificateVerificationError
+		if errors.As(err, &cve) || errors.Is(err, errNotPinned) {
+			return fmt.Errorf("admin server at %s is not trusted: %v", c.Base, err)
+		}
 		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.Base, err)
 	}
 	defer resp.Body.Close()

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 )
@@ -160,7 +161,7 @@ func claimFromNarinfo(ni *narinfo.NarInfo) (Claim, error) {
 		NarSize:    ni.NarSize,
 		References: sortRefs(ni.References),
 		Deriver:    ni.Deriver,
-		Sigs:       append([]string(nil), ni.Sigs...),
+		Sigs:       textSigs(ni.Sigs),
 	}
 	if ni.CA != "" {
 		ca, err := narinfo.ParseCA(ni.CA)
@@ -170,6 +171,19 @@ func claimFromNarinfo(ni *narinfo.NarInfo) (Claim, error) {
 		c.CA = ca.String()
 	}
 	return c, nil
+}
+
+// textSigs keeps the signatures that are valid UTF-8. Any other can match
+// no configured key (key names are TOML strings, the signature base64), and
+// JSON, the form claims are exported and stored in, cannot carry it intact.
+func textSigs(sigs []string) []string {
+	out := make([]string, 0, len(sigs))
+	for _, s := range sigs {
+		if utf8.ValidString(s) {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // sortRefs returns refs sorted and de-duplicated, the order Nix's std::set gives.

@@ -96,7 +96,18 @@ type Cache struct {
 type Admin struct {
 	Listen    string `toml:"listen"`     // default 127.0.0.1:5481; "" turns the admin API off
 	TokenFile string `toml:"token_file"` // "" means <state_dir>/admin-token; see AdminTokenFile
+	// TLSCertFile and TLSKeyFile (PEM, both or neither) make the admin
+	// listener serve HTTPS. They are required when Listen is not a loopback
+	// address: the bearer token must not cross a network in clear text.
+	TLSCertFile string `toml:"tls_cert_file"`
+	TLSKeyFile  string `toml:"tls_key_file"`
 }
+
+// TLS reports whether the admin API is meant to serve HTTPS: either TLS key
+// is set. Either one, not both, so that a config naming only one of them
+// fails closed (Validate refuses it, the server cannot load it, the CLI
+// insists on https) instead of quietly falling back to clear text.
+func (a Admin) TLS() bool { return a.TLSCertFile != "" || a.TLSKeyFile != "" }
 
 // Config is the whole effective configuration.
 type Config struct {

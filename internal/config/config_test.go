@@ -1,6 +1,14 @@
 package config
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -140,14 +148,16 @@ func TestFullExample(t *testing.T) {
 		},
 		Policy: Policy{Attesters: keys(keyA, keyB), Quorum: 2, ContentAddressed: false, RequireClosure: true},
 		Cache:  Cache{MaxSize: 500_000_000, MaxNarSize: 100 << 20, MinFree: 1 << 30, ScrubPeriod: Duration{3 * 24 * time.Hour}, NegativeTTL: Duration{5 * time.Second}},
-		Admin:  Admin{Listen: "127.0.0.1:5481", TokenFile: "/run/keys/cacheproxy-admin-token"},
+		Admin: Admin{Listen: "127.0.0.1:5481", TokenFile: "/run/keys/cacheproxy-admin-token",
+			TLSCertFile: "/run/keys/cacheproxy-admin.crt", TLSKeyFile: "/run/keys/cacheproxy-admin.key"},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("full example:\n got %+v\nwant %+v", cfg, want)
 	}
-	// The example names a key file that does not exist here; with a real one
+	// The example names key files that do not exist here; with real ones
 	// it validates.
 	cfg.SigningKeyFile = writeFile(t, "secret")
+	cfg.Admin.TLSCertFile, cfg.Admin.TLSKeyFile = writeCertPair(t)
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("full example does not validate: %v", err)
 	}
@@ -328,7 +338,8 @@ func TestValidAlternatives(t *testing.T) {
 		Upstream{URL: "http://[::1]:8080/prefix/", PublicKeys: keys(keyC), Timeout: Duration{time.Second}, MaxConnections: 1000},
 	)
 	cfg.Listen = "[::]:80"
-	cfg.Admin.Listen = ":5481"
+	cfg.Admin.Listen = ":5481" // all interfaces: allowed with TLS
+	cfg.Admin.TLSCertFile, cfg.Admin.TLSKeyFile = writeCertPair(t)
 	cfg.Mode = "report"
 	cfg.Policy.Attesters = keys(keyA, keyB)
 	cfg.Policy.Quorum = 2
@@ -446,5 +457,163 @@ max_connections = 8
 	}
 	if strings.Contains(err.Error(), "upstreams[1]") || strings.Contains(err.Error(), "upstreams[2]") {
 		t.Fatalf("valid entries reported: %v", err)
+	}
+}
+
+// writeCertPair writes a fresh self-signed certificate and its key as PEM
+// files, the kind an operator makes with openssl req -x509.
+func writeCertPair(t *testing.T) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "cacheproxy-admin"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "admin.crt"), filepath.Join(dir, "admin.key")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile
+}
+
+// A non-loopback admin.listen needs TLS, because every admin call carries
+// the bearer token; loopback addresses do not.
+func TestAdminListenNeedsTLS(t *testing.T) {
+	cert, key := writeCertPair(t)
+	for _, tc := range []struct {
+		listen string
+		tls    bool
+		ok     bool
+	}{
+		{"10.0.0.5:5481", false, false},
+		{"0.0.0.0:5481", false, false},
+		{":5481", false, false}, // empty host: all interfaces
+		{"[::]:5481", false, false},
+		{"proxy.example:5481", false, false}, // a name may resolve to anything
+		{"127.0.0.1:5481", false, true},
+		{"127.1.2.3:5481", false, true},
+		{"[::1]:5481", false, true},
+		{"localhost:5481", false, true},
+		{"10.0.0.5:5481", true, true},
+		{"0.0.0.0:5481", true, true},
+		{":5481", true, true},
+		{"[::1]:5481", true, true},
+	} {
+		cfg := Defaults(Env{})
+		cfg.Admin.Listen = tc.listen
+		if tc.tls {
+			cfg.Admin.TLSCertFile, cfg.Admin.TLSKeyFile = cert, key
+		}
+		err := cfg.Validate()
+		switch {
+		case tc.ok && err != nil:
+			t.Errorf("admin.listen %q, TLS %v: refused: %v", tc.listen, tc.tls, err)
+		case !tc.ok && err == nil:
+			t.Errorf("admin.listen %q, TLS %v: accepted", tc.listen, tc.tls)
+		case !tc.ok:
+			for _, w := range []string{"admin.listen:", tc.listen, "admin.tls_cert_file", "admin.tls_key_file"} {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("admin.listen %q: error %q does not contain %q", tc.listen, err, w)
+				}
+			}
+		}
+	}
+}
+
+func TestAdminTLSFiles(t *testing.T) {
+	cert, key := writeCertPair(t)
+	otherCert, otherKey := writeCertPair(t)
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "nope")
+	notPEM := writeFile(t, "not a certificate")
+	for _, tc := range []struct {
+		name       string
+		cert, key  string
+		want, also string
+	}{
+		{"only cert", cert, "", "admin.tls_key_file: must be set together with admin.tls_cert_file", ""},
+		{"only key", "", key, "admin.tls_cert_file: must be set together with admin.tls_key_file", ""},
+		{"cert of another key", cert, otherKey, "admin.tls_cert_file: " + cert + " with admin.tls_key_file " + otherKey, "not a usable certificate"},
+		{"key of another cert", otherCert, key, "admin.tls_cert_file: ", "private key does not match public key"},
+		{"cert not PEM", notPEM, key, "admin.tls_cert_file: ", "not a usable certificate"},
+		{"key not PEM", cert, notPEM, "admin.tls_cert_file: ", "not a usable certificate"},
+		{"missing cert", missing, key, "admin.tls_cert_file: not readable", ""},
+		{"missing key", cert, missing, "admin.tls_key_file: not readable", ""},
+		{"cert is a directory", dir, key, "admin.tls_cert_file: " + dir + " is a directory", ""},
+		{"key is a device", cert, os.DevNull, "admin.tls_key_file: " + os.DevNull + " is not a regular file", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Defaults(Env{})
+			cfg.Admin.TLSCertFile, cfg.Admin.TLSKeyFile = tc.cert, tc.key
+			err := cfg.Validate()
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range []string{tc.want, tc.also} {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not contain %q", err, w)
+				}
+			}
+		})
+	}
+	// Half a pair on a non-loopback address: the operator meant TLS, so the
+	// missing half is named, not the address. The whole pair is accepted.
+	cfg := Defaults(Env{})
+	cfg.Admin.Listen = "0.0.0.0:5481"
+	cfg.Admin.TLSCertFile = cert
+	err := cfg.Validate()
+	if err == nil || !strings.Contains(err.Error(), "admin.tls_key_file: must be set") || strings.Contains(err.Error(), "admin.listen") {
+		t.Fatalf("half a pair on 0.0.0.0: %v", err)
+	}
+	cfg.Admin.TLSKeyFile = key
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("whole pair on 0.0.0.0: %v", err)
+	}
+}
+
+// The admin problems are reported with every other one, in one run.
+func TestValidateReportsAdminTLSWithOthers(t *testing.T) {
+	cfg := Defaults(Env{})
+	cfg.Mode = "x"
+	cfg.Admin.Listen = "0.0.0.0:5481"
+	bad := Defaults(Env{})
+	bad.Admin.Listen = "0.0.0.0:5482"
+	bad.Admin.TLSKeyFile = filepath.Join(t.TempDir(), "missing.key")
+	bad.Mode = "x"
+	for _, tc := range []struct {
+		cfg  Config
+		want []string
+	}{
+		{cfg, []string{"mode:", "admin.listen:"}},
+		{bad, []string{"mode:", "admin.tls_cert_file: must be set", "admin.tls_key_file: not readable"}},
+	} {
+		err := tc.cfg.Validate()
+		if err == nil {
+			t.Fatal("no error")
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error %q misses %q", err, w)
+			}
+		}
 	}
 }

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -42,7 +43,15 @@ func (c Config) Validate() error {
 		if c.Admin.Listen == c.Listen {
 			add("admin.listen", "%q is also the main listen address; the admin API needs its own", c.Admin.Listen)
 		}
+		// Every admin call carries the bearer token, which changes what the
+		// whole fleet gets; off loopback it would cross a network in clear
+		// text. A malformed address is reported above and not again here.
+		if host, _, err := net.SplitHostPort(c.Admin.Listen); err == nil && !IsLoopbackHost(host) && !c.Admin.TLS() {
+			add("admin.listen", "%q is not a loopback address, and without TLS the admin token would cross the network in clear text; "+
+				"set admin.tls_cert_file and admin.tls_key_file, or listen on 127.0.0.1, [::1] or localhost", c.Admin.Listen)
+		}
 	}
+	errs = append(errs, c.Admin.validateTLS()...)
 	if strings.TrimSpace(c.StateDir) == "" {
 		add("state_dir", "must not be empty")
 	}
@@ -127,6 +136,68 @@ func (c Config) Validate() error {
 		add("cache.max_size", "must be larger than zero")
 	}
 	return errors.Join(errs...)
+}
+
+// validateTLS checks admin.tls_cert_file and admin.tls_key_file: both or
+// neither, both readable, and loadable as a pair (the server loads them
+// the same way, so a pair refused here would stop it later anyway).
+func (a Admin) validateTLS() []error {
+	var errs []error
+	add := func(key string, err error) {
+		if err != nil {
+			errs = append(errs, &FieldError{Key: key, Err: err})
+		}
+	}
+	cert, key := a.TLSCertFile, a.TLSKeyFile
+	switch {
+	case cert != "" && key == "":
+		add("admin.tls_key_file", errors.New("must be set together with admin.tls_cert_file"))
+	case cert == "" && key != "":
+		add("admin.tls_cert_file", errors.New("must be set together with admin.tls_key_file"))
+	}
+	var certErr, keyErr error
+	if cert != "" {
+		certErr = checkPEMFile(cert)
+		add("admin.tls_cert_file", certErr)
+	}
+	if key != "" {
+		keyErr = checkPEMFile(key)
+		add("admin.tls_key_file", keyErr)
+	}
+	if cert != "" && key != "" && certErr == nil && keyErr == nil {
+		if _, err := tls.LoadX509KeyPair(cert, key); err != nil {
+			add("admin.tls_cert_file", fmt.Errorf("%s with admin.tls_key_file %s is not a usable certificate and key: %w", cert, key, err))
+		}
+	}
+	return errs
+}
+
+// IsLoopbackHost reports whether a listen address's host only accepts
+// connections from this machine: an IP in 127.0.0.0/8, ::1, or "localhost".
+// The empty host (all interfaces) and any other name are not: a name may
+// resolve to anything.
+func IsLoopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// checkPEMFile is checkReadableFile for files read whole into memory: a
+// device or FIFO (say /dev/zero) would never end, so only regular files.
+func checkPEMFile(name string) error {
+	if err := checkReadableFile(name); err != nil {
+		return err
+	}
+	st, err := os.Stat(name)
+	if err != nil {
+		return fmt.Errorf("not readable: %w", err)
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", name)
+	}
+	return nil
 }
 
 // checkListen accepts host:port with a numeric port; the host may be empty

@@ -191,12 +191,24 @@ func (s *Server) Close() error {
 	return errors.Join(s.blobs.Close(), s.db.Close(), s.lock.release())
 }
 
-// Serve runs the main and admin listeners until ctx ends.
+// Serve runs the main and admin listeners until ctx ends. The admin
+// listener serves HTTPS when admin.tls_cert_file and admin.tls_key_file are
+// set, plain HTTP otherwise.
 func (s *Server) Serve(ctx context.Context, main, admin net.Listener) error {
 	servers := []*http.Server{s.Limits.httpServer(s.Handler())}
 	listeners := []net.Listener{newLimitListener(main, s.Limits.MaxConns, s.Limits.Headroom)}
 	if admin != nil {
-		servers = append(servers, s.Limits.httpServer(s.AdminHandler()))
+		// Loaded before anything is served, so a pair that stopped loading
+		// since Validate fails the start instead of serving clear text.
+		tlsConf, err := adminTLSConfig(s.cfg.Admin)
+		if err != nil {
+			main.Close()
+			admin.Close()
+			return err
+		}
+		srv := s.Limits.httpServer(s.AdminHandler())
+		srv.TLSConfig = tlsConf
+		servers = append(servers, srv)
 		listeners = append(listeners, newLimitListener(admin, AdminMaxConns, 0))
 	}
 	go func() {
@@ -206,7 +218,7 @@ func (s *Server) Serve(ctx context.Context, main, admin net.Listener) error {
 	}()
 	errc := make(chan error, len(servers))
 	for i := range servers {
-		go func() { errc <- servers[i].Serve(listeners[i]) }()
+		go func() { errc <- serveListener(servers[i], listeners[i]) }()
 	}
 	var err error
 	select {
