@@ -168,7 +168,9 @@ func (v *Verifier) Write(p []byte) (int, error) {
 	if v.closed {
 		return 0, errFinished
 	}
-	if uint64(len(p)) > v.fileMax-v.fileN {
+	// Uncompressed without a FileSize, the file is the NAR: its bound is
+	// NarSize, and the NAR writer below names that check (nar_size).
+	if uint64(len(p)) > v.fileMax-v.fileN && (v.dec != nil || v.fileSize > 0) {
 		if v.fileSize > 0 {
 			return 0, v.fail(&Error{Check: CheckFileSize,
 				Detail: fmt.Sprintf("more than the expected %d compressed bytes", v.fileSize)})
@@ -176,13 +178,14 @@ func (v *Verifier) Write(p []byte) (int, error) {
 		return 0, v.fail(&Error{Check: CheckFileSize,
 			Detail: fmt.Sprintf("more than %d compressed bytes for a NAR of %d bytes", v.fileMax, v.nar.limit)})
 	}
-	v.fileN += uint64(len(p))
 	if v.dec == nil {
 		if err := v.nar.write(p); err != nil {
 			return 0, v.fail(err)
 		}
+		v.fileN += uint64(len(p))
 		return len(p), nil
 	}
+	v.fileN += uint64(len(p))
 	v.fileHash.Write(p)
 	if err := v.dec.feed(p); err != nil {
 		return 0, v.fail(err)
