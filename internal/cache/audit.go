@@ -184,7 +184,7 @@ func appendAudit(tx *bolt.Tx, rec *AuditRecord) error {
 	if err != nil {
 		return err
 	}
-	cutoff := uint64(rec.Time.Add(-MaxAuditAge).UnixNano())
+	cutoff := uint64(max(rec.Time.Add(-MaxAuditAge).UnixNano(), 0))
 	c := b.Cursor()
 	for k, _ := c.First(); k != nil; k, _ = c.First() {
 		if n <= MaxAuditRecords && binary.BigEndian.Uint64(k[:8]) >= cutoff {
