@@ -5,10 +5,18 @@ package e2e
 // real nix-build runs contrib/rebuilder/post-build-hook.sh for each path
 // it builds, which signs the outputs with the rebuilder key and posts them
 // to the admin API with the rebuilder's own named token; the proxy then
-// approves the closure, and the audit trail names the rebuilder.
+// approves the closure, and the audit trail names the rebuilder. The admin
+// API speaks HTTPS with a self-signed certificate, as the README sets it up.
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -17,6 +25,35 @@ import (
 	"testing"
 	"time"
 )
+
+// selfSigned writes a self-signed certificate for localhost and its key.
+func selfSigned(t *testing.T) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "localhost"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"localhost"},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "admin.crt"), filepath.Join(dir, "admin.key")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile
+}
 
 func TestRebuilderPostBuildHook(t *testing.T) {
 	t.Parallel()
@@ -29,8 +66,12 @@ func TestRebuilderPostBuildHook(t *testing.T) {
 	if err := os.WriteFile(tokenFile, []byte("rebuilder-token-"+strconv.FormatInt(time.Now().UnixNano(), 36)+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	cert, key := selfSigned(t)
+	// Extra continues the [admin] table the harness writes last.
 	px := startProxy(t, ProxyConfig{Upstreams: []UpstreamSpec{up.Spec()}, Attesters: []*Key{rb1Key},
-		Extra: "[[admin.tokens]]\nname = \"nightly-rebuilder\"\nfile = " + tomlStr(tokenFile) + "\n"})
+		Extra: "tls_cert_file = " + tomlStr(cert) + "\ntls_key_file = " + tomlStr(key) + "\n\n" +
+			"[[admin.tokens]]\nname = \"nightly-rebuilder\"\nfile = " + tomlStr(tokenFile) + "\n"})
+	adminURL := "https://localhost:" + px.AdminAddr[strings.LastIndex(px.AdminAddr, ":")+1:]
 
 	// The fleet is refused; the operator lists what to rebuild.
 	px.ExpectRejected(t, c.App, "unattested")
@@ -53,7 +94,8 @@ func TestRebuilderPostBuildHook(t *testing.T) {
 		"--option", "substituters", "", "--option", "post-build-hook", hook)
 	cmd.Env = append(nixEnv(nixHome),
 		"CACHEPROXY_HOOK_CONFIG=/nonexistent",
-		"CACHEPROXY_ADMIN_URL="+px.AdminURL,
+		"CACHEPROXY_ADMIN_URL="+adminURL,
+		"CACHEPROXY_CA_FILE="+cert,
 		"CACHEPROXY_TOKEN_FILE="+tokenFile,
 		"CACHEPROXY_REBUILDER_KEY_FILE="+rb1Key.SecFile,
 	)

@@ -66,12 +66,30 @@ fi
 # travel within this machine (as for cacheproxy's own admin commands).
 case $url in
 https://*) ;;
-http://127.* | http://localhost:* | http://localhost | http://\[::1\]:* | http://\[::1\]) ;;
+http://*)
+	hostport=${url#http://}
+	hostport=${hostport%%/*}
+	case $hostport in
+	\[*) host=${hostport%%]*}] ;;
+	*) host=${hostport%:*} ;;
+	esac
+	if ! printf '%s\n' "$host" | grep -Eqx 'localhost|\[::1\]|127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}'; then
+		log "refusing to send the admin token to $url in clear text; use https://"
+		exit 1
+	fi
+	;;
 *)
-	log "refusing to send the admin token to $url in clear text; use https://"
+	log "CACHEPROXY_ADMIN_URL $url: want http:// (loopback only) or https://"
 	exit 1
 	;;
 esac
+
+for f in "$token_file" "$key_file"; do
+	if [ ! -r "$f" ]; then
+		log "cannot read $f"
+		exit 1
+	fi
+done
 
 nix() { command nix --extra-experimental-features nix-command "$@"; }
 
