@@ -149,7 +149,9 @@ func TestFullExample(t *testing.T) {
 		Policy: Policy{Attesters: keys(keyA, keyB), Quorum: 2, ContentAddressed: false, RequireClosure: true},
 		Cache:  Cache{MaxSize: 500_000_000, MaxNarSize: 100 << 20, MinFree: 1 << 30, ScrubPeriod: Duration{3 * 24 * time.Hour}, NegativeTTL: Duration{5 * time.Second}},
 		Admin: Admin{Listen: "127.0.0.1:5481", TokenFile: "/run/keys/cacheproxy-admin-token",
-			TLSCertFile: "/run/keys/cacheproxy-admin.crt", TLSKeyFile: "/run/keys/cacheproxy-admin.key"},
+			TLSCertFile: "/run/keys/cacheproxy-admin.crt", TLSKeyFile: "/run/keys/cacheproxy-admin.key",
+			Tokens: []AdminToken{{Name: "alice", File: "/run/keys/cacheproxy-alice.token"},
+				{Name: "rebuilder-a", File: "/run/keys/cacheproxy-rebuilder-a.token"}}},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("full example:\n got %+v\nwant %+v", cfg, want)
@@ -158,6 +160,9 @@ func TestFullExample(t *testing.T) {
 	// it validates.
 	cfg.SigningKeyFile = writeFile(t, "secret")
 	cfg.Admin.TLSCertFile, cfg.Admin.TLSKeyFile = writeCertPair(t)
+	for i := range cfg.Admin.Tokens {
+		cfg.Admin.Tokens[i].File = writeFile(t, "token-of-at-least-16-bytes")
+	}
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("full example does not validate: %v", err)
 	}
