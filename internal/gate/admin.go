@@ -48,19 +48,20 @@ type AttestResult struct {
 // that verify over the claim's own fingerprint. Whether that fingerprint
 // matches what an upstream serves is decided per request by the policy.
 func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
+	cf := g.conf()
 	now := g.now()
 	var results []AttestResult
 	var toStore []policy.Attestation
 	var storeIdx []int
 	for _, c := range claims {
-		fp, err := c.Fingerprint(g.policy.StoreDir)
+		fp, err := c.Fingerprint(cf.policy.StoreDir)
 		if err != nil {
 			return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err)
 		}
 		found := false
 		for _, sig := range c.Sigs {
 			name, _, _ := strings.Cut(sig, ":")
-			for _, key := range g.policy.Attesters {
+			for _, key := range cf.policy.Attesters {
 				if key.Name != name {
 					continue
 				}
@@ -105,7 +106,8 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 func (g *Gate) Pin(ctx context.Context, hash string) (*narinfo.NarInfo, error) {
 	var lastErr error
 	unavailable := false
-	for _, u := range g.upstreams {
+	c := g.conf()
+	for _, u := range c.upstreams {
 		raw, err := g.fetchNarInfo(ctx, u, hash)
 		if err != nil {
 			if !errors.Is(err, upstream.ErrNotFound) {
@@ -114,7 +116,7 @@ func (g *Gate) Pin(ctx context.Context, hash string) (*narinfo.NarInfo, error) {
 			}
 			continue
 		}
-		d := g.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, policy.Evidence{}, g.now())
+		d := c.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, policy.Evidence{}, g.now())
 		if d.Reason == policy.UpstreamMalformed || d.Reason == policy.UpstreamUnsigned {
 			lastErr = fmt.Errorf("%s: %s: %s", u.Name(), d.Reason, d.Detail)
 			continue
@@ -148,7 +150,7 @@ func (g *Gate) Allow(ctx context.Context, hashes []string, closure bool, reason 
 		if err != nil {
 			return nil, err
 		}
-		fp, err := ni.Fingerprint(g.policy.StoreDir)
+		fp, err := ni.Fingerprint(g.conf().policy.StoreDir)
 		if err != nil {
 			return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, ni.StorePath, err)
 		}
@@ -189,7 +191,7 @@ func (g *Gate) RemoveAllow(hashes []string) (removed, missing []string, err erro
 // Deny adds denylist entries and drops the stored decisions they match.
 func (g *Gate) Deny(entries []policy.DenyEntry) error {
 	for _, e := range entries {
-		if policy.DenyKind(e.Pattern, g.policy.StoreDir) == "" {
+		if policy.DenyKind(e.Pattern, g.conf().policy.StoreDir) == "" {
 			return fmt.Errorf("%w: %q is not a store path, hash, NarHash, <hash>-<name> or glob over <hash>-<name>%s",
 				ErrInvalid, e.Pattern, denySuggestion(e.Pattern))
 		}
@@ -234,9 +236,9 @@ func (g *Gate) RemoveDeny(patterns []string) (removed, missing []string, err err
 // denyMatch reports whether any of entries matches a stored decision.
 func (g *Gate) denyMatch(entries []policy.DenyEntry) func(base string, narHash narinfo.SHA256) bool {
 	return func(base string, narHash narinfo.SHA256) bool {
-		storePath := path.Join(g.policy.StoreDir, base)
+		storePath := path.Join(g.conf().policy.StoreDir, base)
 		for _, e := range entries {
-			if policy.DenyMatches(e.Pattern, storePath, narHash, g.policy.StoreDir) {
+			if policy.DenyMatches(e.Pattern, storePath, narHash, g.conf().policy.StoreDir) {
 				return true
 			}
 		}
@@ -295,7 +297,7 @@ type Explanation struct {
 // Explain decides the path afresh, storing nothing and starting no
 // download, and says what each kind of request would get now.
 func (g *Gate) Explain(ctx context.Context, hash string) (Explanation, error) {
-	ex := Explanation{Hash: hash, StorePath: path.Join(g.policy.StoreDir, hash)}
+	ex := Explanation{Hash: hash, StorePath: path.Join(g.conf().policy.StoreDir, hash)}
 	stored, err := g.stored(hash)
 	if err != nil {
 		return ex, err
@@ -304,7 +306,8 @@ func (g *Gate) Explain(ctx context.Context, hash string) (Explanation, error) {
 	if ex.Rejection, err = g.db.Rejection(hash); err != nil {
 		return ex, err
 	}
-	fresh, err := g.decide(ctx, hash, map[string]bool{}, false)
+	c := g.conf()
+	fresh, err := g.decide(ctx, c, hash, map[string]bool{}, false)
 	if err != nil {
 		return ex, err
 	}
@@ -317,8 +320,8 @@ func (g *Gate) Explain(ctx context.Context, hash string) (Explanation, error) {
 	out := outcome{rec: stored}
 	if stored == nil {
 		out = fresh
-		if d := fresh.decision; d != nil && fresh.unavailable == nil && g.policy.Served(*d) {
-			rec := g.record(*d, fresh.until)
+		if d := fresh.decision; d != nil && fresh.unavailable == nil && c.policy.Served(*d) {
+			rec := g.record(c, *d, fresh.until)
 			out = outcome{rec: &rec, decision: d}
 		}
 	}
