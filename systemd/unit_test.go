@@ -1,5 +1,6 @@
-// Package systemd_test checks the unit file in this directory with the real
-// systemd-analyze: it must verify, and its exposure score must stay low.
+// Package systemd_test checks the unit file and the example configuration
+// in this directory, the unit with the real systemd-analyze: it must
+// verify, and its exposure score must stay what the README records.
 package systemd_test
 
 import (
@@ -10,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/cacheproxy/cacheproxy/internal/config"
 )
 
 const unitName = "cacheproxy.service"
@@ -113,5 +116,21 @@ func TestUnitSecurityScore(t *testing.T) {
 	}
 	if score > 2.0 {
 		t.Errorf("exposure level %.1f, want at most 2.0:\n%s", score, out)
+	}
+}
+
+// The example configuration parses, and validates once the key file it
+// names (root's, on a real host) is set aside.
+func TestExampleConfig(t *testing.T) {
+	cfg, err := config.Load("cacheproxy.toml", config.Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.SigningKeyFile != "/etc/cacheproxy/signing-key" || cfg.Admin.TokenFile != "/etc/cacheproxy/admin-token" {
+		t.Errorf("the example does not name the files the unit loads as credentials: %q, %q", cfg.SigningKeyFile, cfg.Admin.TokenFile)
+	}
+	cfg.SigningKeyFile = ""
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
 	}
 }
