@@ -32,9 +32,13 @@ let
   # "host:port" and "[v6]:port": the port is after the last colon.
   listenPort = addr: lib.toInt (lib.last (lib.splitString ":" addr));
 
+  # toString: a path literal must name the file where it is, never be
+  # copied into the world-readable store.
   credentials =
-    lib.optional (cfg.signingKeyFile != null) "signing-key:${cfg.signingKeyFile}"
-    ++ lib.optional (cfg.adminTokenFile != null) "admin-token:${cfg.adminTokenFile}";
+    lib.optional (cfg.signingKeyFile != null) "signing-key:${toString cfg.signingKeyFile}"
+    ++ lib.optional (cfg.adminTokenFile != null) "admin-token:${toString cfg.adminTokenFile}";
+
+  inStore = f: f != null && lib.hasPrefix builtins.storeDir (toString f);
 in
 {
   options.services.cacheproxy = {
@@ -105,6 +109,13 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = !inStore cfg.signingKeyFile && !inStore cfg.adminTokenFile;
+        message = "services.cacheproxy: signingKeyFile and adminTokenFile must not be in the Nix store, which every user can read.";
+      }
+    ];
+
     # The source files, not the credential copies, are what an operator's
     # admin commands read; the service is pointed at the copies by flags.
     services.cacheproxy.settings = lib.mkMerge [

@@ -73,6 +73,7 @@ type evalResult struct {
 	SettingsOptions []string       `json:"settingsOptions"`
 	Enabled         nixosConfig    `json:"enabled"`
 	Disabled        map[string]any `json:"disabled"`
+	Assertions      []bool         `json:"assertions"`
 	NoKeys          struct {
 		ExecStart      string         `json:"ExecStart"`
 		LoadCredential []string       `json:"LoadCredential"`
@@ -108,6 +109,9 @@ func TestModuleEvaluates(t *testing.T) {
 	wantOptions := []string{"adminTokenFile", "enable", "openFirewall", "package", "settings", "signingKeyFile"}
 	if !slices.Equal(r.Options, wantOptions) {
 		t.Errorf("options %v, want %v", r.Options, wantOptions)
+	}
+	if !slices.Equal(r.Assertions, []bool{true, false}) {
+		t.Errorf("assertions %v, want [true false] (key files outside, then inside the store)", r.Assertions)
 	}
 	if len(r.Disabled) != 0 {
 		t.Errorf("a disabled module sets %v", r.Disabled)

@@ -16,6 +16,7 @@ let
     };
     mkIf = cond: content: if cond then content else { };
     mkDefault = v: v;
+    hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
     recursiveUpdate = a: b:
       a // builtins.mapAttrs (n: v: if builtins.isAttrs v && builtins.isAttrs (a.${n} or null) then recursiveUpdate a.${n} v else v) b;
     mkMerge = builtins.foldl' recursiveUpdate { };
@@ -65,6 +66,14 @@ let
     adminTokenFile = null;
     openFirewall = false;
   };
+  inStore = eval {
+    enable = true;
+    package = stubPkgs.cacheproxy;
+    inherit settings;
+    signingKeyFile = "/nix/store/00000000000000000000000000000000-signing-key";
+    adminTokenFile = null;
+    openFirewall = false;
+  };
   disabled = eval {
     enable = false;
     package = stubPkgs.cacheproxy;
@@ -92,4 +101,5 @@ in
     firewall = noKeys.config.networking.firewall.allowedTCPPorts;
   };
   disabled = disabled.config;
+  assertions = map (a: a.assertion) (enabled.config.assertions ++ inStore.config.assertions);
 }
