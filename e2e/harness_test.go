@@ -608,6 +608,7 @@ type ProxyConfig struct {
 	Mode             string // "" = enforce
 	SigningKeyFile   string // top-level signing_key_file, if set
 	Extra            string // raw TOML appended at the end (e.g. a [cache] table)
+	Top              string // raw TOML of top-level keys, written before the first table
 }
 
 // Proxy is a running `cacheproxy serve`.
@@ -666,6 +667,7 @@ func writeConfig(t testing.TB, dir, listen, adminListen, stateDir string, cfg Pr
 	if cfg.SigningKeyFile != "" {
 		fmt.Fprintf(&b, "signing_key_file = %s\n", tomlStr(cfg.SigningKeyFile))
 	}
+	b.WriteString(cfg.Top)
 	b.WriteString("\n")
 	for _, u := range cfg.Upstreams {
 		to := u.Timeout

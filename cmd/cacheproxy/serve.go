@@ -1,16 +1,13 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strings"
-	"syscall"
 
 	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/server"
@@ -23,6 +20,11 @@ type configFlags struct {
 	listen   string
 	stateDir string
 	mode     string
+	// signingKey and adminToken override signing_key_file and
+	// admin.token_file, for keys handed over by systemd's LoadCredential
+	// (--signing-key-file=%d/signing-key).
+	signingKey string
+	adminToken string
 }
 
 func (c *configFlags) register(fs *flag.FlagSet, serve bool) {
@@ -32,6 +34,8 @@ func (c *configFlags) register(fs *flag.FlagSet, serve bool) {
 	if serve {
 		fs.StringVar(&c.listen, "listen", "", "listen `ADDR` (overrides listen)")
 		fs.StringVar(&c.mode, "mode", "", "enforce or report (overrides mode)")
+		fs.StringVar(&c.signingKey, "signing-key-file", "", "gatekeeper secret key `FILE` (overrides signing_key_file; e.g. %d/signing-key under systemd)")
+		fs.StringVar(&c.adminToken, "admin-token-file", "", "admin token `FILE` (overrides admin.token_file; e.g. %d/admin-token under systemd)")
 	}
 }
 
@@ -68,11 +72,17 @@ func (c *configFlags) read() (config.Config, error) {
 	if c.mode != "" {
 		cfg.Mode = c.mode
 	}
+	if c.signingKey != "" {
+		cfg.SigningKeyFile = c.signingKey
+	}
+	if c.adminToken != "" {
+		cfg.Admin.TokenFile = c.adminToken
+	}
 	return cfg, nil
 }
 
 func cmdServe(args []string, io cmdIO) error {
-	fs := newFlags("serve", "serve [-c FILE] [--listen ADDR] [--state-dir DIR] [--mode enforce|report]", io)
+	fs := newFlags("serve", "serve [-c FILE] [--listen ADDR] [--state-dir DIR] [--mode enforce|report] [--signing-key-file FILE] [--admin-token-file FILE]", io)
 	var cf configFlags
 	cf.register(fs, true)
 	pos, err := parseInterspersed(fs, args)
@@ -115,9 +125,7 @@ func cmdServe(args []string, io cmdIO) error {
 		log.Info("admin API", "listen", admin.Addr().String(), "token_file", cfg.AdminTokenFile(), "tokens", strings.Join(names, ","))
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	err = srv.Serve(ctx, main, admin)
+	err = runServer(srv, main, admin, cf.load, log)
 	log.Info("cacheproxy stopped")
 	return err
 }

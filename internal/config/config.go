@@ -55,6 +55,11 @@ const (
 	stateDirectoryEnvVar = "STATE_DIRECTORY"
 )
 
+// DefaultShutdownTimeout is how long SIGTERM waits for responses in flight:
+// long enough for most NARs of a fleet's closures on a LAN, well short of
+// systemd's 90 s stop timeout.
+const DefaultShutdownTimeout = 30 * time.Second
+
 // Upstream is one binary cache cacheproxy fetches from, tried in file order.
 type Upstream struct {
 	URL        string      `toml:"url"`         // http://, https:// or file:///absolute/dir
@@ -136,6 +141,10 @@ type Config struct {
 	Policy         Policy     `toml:"policy"`
 	Cache          Cache      `toml:"cache"`
 	Admin          Admin      `toml:"admin"`
+
+	// ShutdownTimeout is how long SIGTERM lets responses in flight (NAR
+	// downloads) finish after the listeners stop accepting; default 30s.
+	ShutdownTimeout Duration `toml:"shutdown_timeout"`
 }
 
 // Env is what Load and Defaults read from the process environment, passed in
@@ -173,7 +182,8 @@ func Defaults(env Env) Config {
 		},
 		Cache: Cache{MaxSize: DefaultMaxSize, MaxNarSize: DefaultMaxNarSize, MinFree: DefaultMinFree, ScrubPeriod: Duration{DefaultScrubPeriod},
 			NegativeTTL: Duration{DefaultNegativeTTL}},
-		Admin: Admin{Listen: DefaultAdminListen},
+		Admin:           Admin{Listen: DefaultAdminListen},
+		ShutdownTimeout: Duration{DefaultShutdownTimeout},
 	}
 }
 

@@ -55,6 +55,8 @@ func TestDefaultsValidate(t *testing.T) {
 		Policy: Policy{Quorum: 1, ContentAddressed: true},
 		Cache:  Cache{MaxSize: 100 << 30, MaxNarSize: 16 << 30, MinFree: 256 << 20, ScrubPeriod: Duration{7 * 24 * time.Hour}, NegativeTTL: Duration{10 * time.Second}},
 		Admin:  Admin{Listen: "127.0.0.1:5481"},
+
+		ShutdownTimeout: Duration{30 * time.Second},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", cfg, want)
@@ -152,6 +154,8 @@ func TestFullExample(t *testing.T) {
 			TLSCertFile: "/run/keys/cacheproxy-admin.crt", TLSKeyFile: "/run/keys/cacheproxy-admin.key",
 			Tokens: []AdminToken{{Name: "alice", File: "/run/keys/cacheproxy-alice.token"},
 				{Name: "rebuilder-a", File: "/run/keys/cacheproxy-rebuilder-a.token"}}},
+
+		ShutdownTimeout: Duration{time.Minute},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("full example:\n got %+v\nwant %+v", cfg, want)
@@ -305,6 +309,7 @@ func TestValidateErrors(t *testing.T) {
 		{"zero max NAR", func(c *Config) { c.Cache.MaxNarSize = 0 }, "cache.max_nar_size"},
 		{"short scrub", func(c *Config) { c.Cache.ScrubPeriod = Duration{time.Minute} }, "cache.scrub_period"},
 		{"long negative ttl", func(c *Config) { c.Cache.NegativeTTL = Duration{2 * time.Hour} }, "cache.negative_ttl"},
+		{"negative shutdown timeout", func(c *Config) { c.ShutdownTimeout = Duration{-time.Second} }, "shutdown_timeout"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := Defaults(Env{})

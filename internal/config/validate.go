@@ -71,6 +71,9 @@ func (c Config) Validate() error {
 	if c.SigningKeyFile != "" {
 		addErr("signing_key_file", checkReadableFile(c.SigningKeyFile))
 	}
+	if d := c.ShutdownTimeout.Duration; d < 0 || d > time.Hour {
+		add("shutdown_timeout", "%s must be between 0s and 1h", c.ShutdownTimeout)
+	}
 
 	if len(c.Upstreams) == 0 {
 		add("upstreams", "at least one upstream is required")

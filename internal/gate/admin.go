@@ -50,6 +50,7 @@ type AttestResult struct {
 // that verify over the claim's own fingerprint. Whether that fingerprint
 // matches what an upstream serves is decided per request by the policy.
 func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) {
+	cf := g.conf()
 	now := g.now()
 	paths := make([]string, len(claims))
 	for i, c := range claims {
@@ -60,14 +61,14 @@ func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) 
 	var toStore []policy.Attestation
 	var storeIdx []int
 	for _, c := range claims {
-		fp, err := c.Fingerprint(g.policy.StoreDir)
+		fp, err := c.Fingerprint(cf.policy.StoreDir)
 		if err != nil {
 			return nil, g.refused(rec, fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err))
 		}
 		found := false
 		for _, sig := range c.Sigs {
 			name, _, _ := strings.Cut(sig, ":")
-			for _, key := range g.policy.Attesters {
+			for _, key := range cf.policy.Attesters {
 				if key.Name != name {
 					continue
 				}
@@ -115,7 +116,8 @@ func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) 
 func (g *Gate) Pin(ctx context.Context, hash string) (*narinfo.NarInfo, error) {
 	var lastErr error
 	unavailable := false
-	for _, u := range g.upstreams {
+	c := g.conf()
+	for _, u := range c.upstreams {
 		raw, err := g.fetchNarInfo(ctx, u, hash)
 		if err != nil {
 			if !errors.Is(err, upstream.ErrNotFound) {
@@ -124,7 +126,7 @@ func (g *Gate) Pin(ctx context.Context, hash string) (*narinfo.NarInfo, error) {
 			}
 			continue
 		}
-		d := g.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, policy.Evidence{}, g.now())
+		d := c.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, policy.Evidence{}, g.now())
 		if d.Reason == policy.UpstreamMalformed || d.Reason == policy.UpstreamUnsigned {
 			lastErr = fmt.Errorf("%s: %s: %s", u.Name(), d.Reason, d.Detail)
 			continue
@@ -159,7 +161,7 @@ func (g *Gate) Allow(ctx context.Context, by Change, hashes []string, closure bo
 		if err != nil {
 			return nil, nil, g.refused(rec, err)
 		}
-		fp, err := ni.Fingerprint(g.policy.StoreDir)
+		fp, err := ni.Fingerprint(g.conf().policy.StoreDir)
 		if err != nil {
 			return nil, nil, g.refused(rec, fmt.Errorf("%w: %s: %v", ErrInvalid, ni.StorePath, err))
 		}
@@ -210,7 +212,7 @@ func (g *Gate) Deny(by Change, patterns []string) ([]policy.DenyEntry, error) {
 	now := g.now()
 	entries := make([]policy.DenyEntry, len(patterns))
 	for i, p := range patterns {
-		if policy.DenyKind(p, g.policy.StoreDir) == "" {
+		if policy.DenyKind(p, g.conf().policy.StoreDir) == "" {
 			return nil, g.refused(rec, fmt.Errorf("%w: %q is not a store path, hash, NarHash, <hash>-<name> or glob over <hash>-<name>%s",
 				ErrInvalid, p, denySuggestion(p)))
 		}
@@ -250,9 +252,9 @@ func (g *Gate) RemoveDeny(by Change, patterns []string) (removed, missing []stri
 // denyMatch reports whether any of entries matches a stored decision.
 func (g *Gate) denyMatch(entries []policy.DenyEntry) func(base string, narHash narinfo.SHA256) bool {
 	return func(base string, narHash narinfo.SHA256) bool {
-		storePath := path.Join(g.policy.StoreDir, base)
+		storePath := path.Join(g.conf().policy.StoreDir, base)
 		for _, e := range entries {
-			if policy.DenyMatches(e.Pattern, storePath, narHash, g.policy.StoreDir) {
+			if policy.DenyMatches(e.Pattern, storePath, narHash, g.conf().policy.StoreDir) {
 				return true
 			}
 		}
@@ -312,7 +314,7 @@ type Explanation struct {
 // Explain decides the path afresh, storing nothing and starting no
 // download, and says what each kind of request would get now.
 func (g *Gate) Explain(ctx context.Context, hash string) (Explanation, error) {
-	ex := Explanation{Hash: hash, StorePath: path.Join(g.policy.StoreDir, hash)}
+	ex := Explanation{Hash: hash, StorePath: path.Join(g.conf().policy.StoreDir, hash)}
 	stored, err := g.stored(hash)
 	if err != nil {
 		return ex, err
@@ -321,7 +323,8 @@ func (g *Gate) Explain(ctx context.Context, hash string) (Explanation, error) {
 	if ex.Rejection, err = g.db.Rejection(hash); err != nil {
 		return ex, err
 	}
-	fresh, err := g.decide(ctx, hash, map[string]bool{}, false)
+	c := g.conf()
+	fresh, err := g.decide(ctx, c, hash, map[string]bool{}, false)
 	if err != nil {
 		return ex, err
 	}
@@ -334,8 +337,8 @@ func (g *Gate) Explain(ctx context.Context, hash string) (Explanation, error) {
 	out := outcome{rec: stored}
 	if stored == nil {
 		out = fresh
-		if d := fresh.decision; d != nil && fresh.unavailable == nil && g.policy.Served(*d) {
-			rec := g.record(*d, fresh.until)
+		if d := fresh.decision; d != nil && fresh.unavailable == nil && c.policy.Served(*d) {
+			rec := g.record(c, *d, fresh.until)
 			out = outcome{rec: &rec, decision: d}
 		}
 	}

@@ -137,7 +137,7 @@ func (g *Gate) Listing(ctx context.Context, hash string) (Answer, io.ReadCloser,
 // store, and nothing of them is held in memory.
 func (g *Gate) BuildLog(ctx context.Context, drv string) (io.ReadCloser, error) {
 	var lastErr error
-	for _, u := range g.upstreams {
+	for _, u := range g.conf().upstreams {
 		body, _, err := u.Client.Open(ctx, path.Join("log", drv))
 		if err == nil {
 			return body, nil

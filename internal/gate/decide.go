@@ -53,7 +53,8 @@ func (g *Gate) stored(hash string) (*cache.Record, error) {
 
 // servable reports whether a stored decision may be served now.
 func (g *Gate) servable(rec *cache.Record) bool {
-	return rec.Settings == g.settings && !rec.Expired(g.now()) && (rec.Approved || g.policy.Report)
+	c := g.conf()
+	return rec.Settings == c.settings && !rec.Expired(g.now()) && (rec.Approved || c.policy.Report)
 }
 
 // lookup is the answer for hash at this moment: the stored decision when
@@ -88,10 +89,10 @@ func (g *Gate) lookup(ctx context.Context, hash, kind string) (outcome, error) {
 	}
 	// The shared round must not die with the first client that gave up.
 	v, err, _ := g.flight.Do(hash, func() (any, error) {
-		before := g.db.Changes()
-		out, err := g.decideAndStore(context.WithoutCancel(ctx), hash, map[string]bool{})
+		before := g.changes()
+		out, err := g.decideAndStore(context.WithoutCancel(ctx), g.conf(), hash, map[string]bool{})
 		if err == nil {
-			g.neg.put(hash, out, g.now(), before, g.db.Changes)
+			g.neg.put(hash, out, g.now(), before, g.changes)
 		}
 		return out, err
 	})
@@ -103,8 +104,9 @@ func (g *Gate) lookup(ctx context.Context, hash, kind string) (outcome, error) {
 
 // decideAndStore decides and stores what is served (approved, or in report
 // mode also rejected by policy); rejections are logged, counted and
-// recorded. visiting holds the paths whose closure walk is under way.
-func (g *Gate) decideAndStore(ctx context.Context, hash string, visiting map[string]bool) (outcome, error) {
+// recorded. visiting holds the paths whose closure walk is under way; c is
+// the settings the whole round decides under.
+func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visiting map[string]bool) (outcome, error) {
 	if rec, err := g.stored(hash); err != nil || rec != nil {
 		return outcome{rec: rec}, err // decided while we waited
 	}
@@ -114,13 +116,13 @@ func (g *Gate) decideAndStore(ctx context.Context, hash string, visiting map[str
 	if err != nil {
 		return outcome{}, err
 	}
-	out, err := g.decide(ctx, hash, visiting, true)
+	out, err := g.decide(ctx, c, hash, visiting, true)
 	if err != nil || out.decision == nil {
 		return out, err
 	}
 	d := out.decision
 	g.m.Decisions.WithLabelValues(decisionLabel(d.Approved), string(d.Reason)).Inc()
-	if !g.policy.Served(*d) || out.unavailable != nil {
+	if !c.policy.Served(*d) || out.unavailable != nil {
 		g.logRejection(*d, hash)
 		return out, nil
 	}
@@ -129,7 +131,7 @@ func (g *Gate) decideAndStore(ctx context.Context, hash string, visiting map[str
 	} else {
 		g.log.Info("approved", "path", d.NarInfo.StorePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream)
 	}
-	rec := g.record(*d, out.until)
+	rec := g.record(c, *d, out.until)
 	before := g.db.Changes()
 	stored, err := g.db.PutRecord(hash, rec, epoch)
 	if err != nil {
@@ -153,11 +155,18 @@ func decisionLabel(approved bool) string {
 // upstream failed transiently (it might have approved); failing that, not
 // found or unavailable. It stores nothing of the path itself; with store
 // set, the closure walk stores what it decides about references.
-func (g *Gate) decide(ctx context.Context, hash string, visiting map[string]bool, store bool) (outcome, error) {
+func (g *Gate) decide(ctx context.Context, c *conf, hash string, visiting map[string]bool, store bool) (outcome, error) {
 	var first *policy.Decision
 	var unavailable error
-	for _, u := range g.upstreams {
-		raw, err := g.fetchNarInfo(ctx, u, hash)
+	prior, err := g.priorNarInfo(c, hash)
+	if err != nil {
+		return outcome{}, err
+	}
+	for _, u := range c.upstreams {
+		raw, err := prior[u.Name()], error(nil)
+		if raw == nil {
+			raw, err = g.fetchNarInfo(ctx, u, hash)
+		}
 		switch {
 		case errors.Is(err, upstream.ErrNotFound):
 			continue
@@ -169,13 +178,13 @@ func (g *Gate) decide(ctx context.Context, hash string, visiting map[string]bool
 		if err != nil {
 			return outcome{}, err
 		}
-		d := g.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, ev, g.now())
+		d := c.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, ev, g.now())
 		var until time.Time
 		if d.Reason == policy.Allowlisted && d.Allow != nil {
 			until = d.Allow.Expires
 		}
-		if d.Approved && g.policy.RequireClosure {
-			refs, refsUntil, err := g.referenceDecisions(ctx, hash, d, visiting, store)
+		if d.Approved && c.policy.RequireClosure {
+			refs, refsUntil, err := g.referenceDecisions(ctx, c, hash, d, visiting, store)
 			var ru *refUnavailableError
 			if errors.As(err, &ru) {
 				return outcome{unavailable: err}, nil // 503, not a 404 the client would cache
@@ -183,7 +192,7 @@ func (g *Gate) decide(ctx context.Context, hash string, visiting map[string]bool
 			if err != nil {
 				return outcome{}, err
 			}
-			d = g.policy.Closure(d, refs)
+			d = c.policy.Closure(d, refs)
 			until = earliest(until, refsUntil)
 		}
 		if d.Approved {
@@ -191,7 +200,7 @@ func (g *Gate) decide(ctx context.Context, hash string, visiting map[string]bool
 		}
 		// The first rejection is the answer, unless a later upstream's
 		// would be served (report mode) and the first's would not.
-		if first == nil || (!g.policy.Served(*first) && g.policy.Served(d)) {
+		if first == nil || (!c.policy.Served(*first) && c.policy.Served(d)) {
 			first = &d
 		}
 	}
@@ -236,7 +245,7 @@ func earliest(a, b time.Time) time.Time {
 // referenceDecisions decides every reference of an approved path (through
 // the stored decisions where they exist) for require_closure, and returns
 // the earliest expiry among their approvals.
-func (g *Gate) referenceDecisions(ctx context.Context, hash string, d policy.Decision, visiting map[string]bool, store bool) (map[string]policy.Decision, time.Time, error) {
+func (g *Gate) referenceDecisions(ctx context.Context, c *conf, hash string, d policy.Decision, visiting map[string]bool, store bool) (map[string]policy.Decision, time.Time, error) {
 	// visiting is the current walk only: a reference shared by two branches
 	// (a diamond) must be decided, not skipped, on the second branch.
 	visiting[hash] = true
@@ -260,9 +269,9 @@ func (g *Gate) referenceDecisions(ctx context.Context, hash string, d policy.Dec
 		case rec != nil:
 			out = outcome{rec: rec}
 		case store:
-			out, err = g.decideAndStore(ctx, rh, visiting)
+			out, err = g.decideAndStore(ctx, c, rh, visiting)
 		default:
-			out, err = g.decide(ctx, rh, visiting, false)
+			out, err = g.decide(ctx, c, rh, visiting, false)
 		}
 		if err != nil {
 			return nil, until, err
@@ -291,15 +300,15 @@ func narFile(hash string, ni *narinfo.NarInfo) string {
 // record turns a served decision into the stored record served from now
 // on: the upstream narinfo with its URL pointing here and the gatekeeper's
 // signature added. It is signed once, here, and served as stored.
-func (g *Gate) record(d policy.Decision, until time.Time) cache.Record {
+func (g *Gate) record(c *conf, d policy.Decision, until time.Time) cache.Record {
 	ni := *d.NarInfo
 	hash := path.Base(ni.StorePath)[:narinfo.HashLen]
 	rec := cache.Record{
 		StorePath: ni.StorePath, Reason: d.Reason, Approved: d.Approved,
 		Upstream: d.Upstream, NarURL: ni.URL, NarFile: narFile(hash, &ni), NAR: d.NAR(),
-		Settings: g.settings, Decided: g.now(), ValidUntil: until,
+		Settings: c.settings, Decided: g.now(), ValidUntil: until,
 	}
-	if g.policy.RequireClosure {
+	if c.policy.RequireClosure {
 		for _, ref := range ni.References {
 			if rh, _, err := narinfo.ParseBaseName(ref); err == nil && rh != hash {
 				rec.References = append(rec.References, rh)
@@ -330,17 +339,41 @@ func (g *Gate) logRejection(d policy.Decision, hash string) {
 // logRefusal writes the log line of one refusal.
 func (g *Gate) logRefusal(d policy.Decision, hash string) {
 	storePath, _ := g.names(d, hash)
-	g.log.Warn("rejected", "path", storePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream, "served", g.policy.Served(d))
+	g.log.Warn("rejected", "path", storePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream, "served", g.conf().policy.Served(d))
 }
 
 // names are the store path and deriver a decision is about.
 func (g *Gate) names(d policy.Decision, hash string) (storePath, deriver string) {
-	storePath = path.Join(g.policy.StoreDir, hash)
+	storeDir := g.conf().policy.StoreDir
+	storePath = path.Join(storeDir, hash)
 	if d.NarInfo != nil {
 		storePath = d.NarInfo.StorePath
 		if d.NarInfo.Deriver != "" {
-			deriver = path.Join(g.policy.StoreDir, d.NarInfo.Deriver)
+			deriver = path.Join(storeDir, d.NarInfo.Deriver)
 		}
 	}
 	return storePath, deriver
+}
+
+// priorNarInfo returns, by upstream name, the upstream narinfo behind a
+// stored decision made under other decision settings (before a reload or
+// a restart with another policy), so that deciding again asks the policy,
+// not the network. Only such a decision: one made under the current
+// settings that is not servable (expired, or a rejection after report mode
+// ended) is decided from a fresh upstream answer, as before.
+func (g *Gate) priorNarInfo(c *conf, hash string) (map[string][]byte, error) {
+	rec, err := g.db.Record(hash)
+	if err != nil || rec == nil || rec.Settings == c.settings {
+		return nil, err
+	}
+	ni, err := narinfo.Parse(rec.NarInfo, c.policy.StoreDir)
+	if err != nil || len(ni.Sigs) == 0 || rec.NarURL == "" {
+		return nil, nil // not what record() writes: ask the upstream
+	}
+	// record() changed exactly two things: the URL, and the gatekeeper's
+	// signature appended last. Neither is covered by the upstream's
+	// signature, which the policy checks again with the current keys.
+	ni.URL = rec.NarURL
+	ni.Sigs = ni.Sigs[:len(ni.Sigs)-1]
+	return map[string][]byte{rec.Upstream: ni.Marshal()}, nil
 }

@@ -24,6 +24,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/singleflight"
@@ -63,18 +64,37 @@ type Options struct {
 	DiskReserve int64
 }
 
-// Gate decides. It is safe for concurrent use.
-type Gate struct {
+// Settings are the parts of a Gate that Reconfigure may change while it
+// serves (a configuration reload).
+type Settings struct {
+	Policy      policy.Policy // StoreDir must stay what it was
+	Upstreams   []Upstream
+	NegativeTTL time.Duration
+	DiskReserve int64
+}
+
+// conf is one consistent set of settings. A decision round reads it once
+// and decides, signs and stores under that one set: a reload in between
+// must not produce a record that claims settings it was not decided under.
+type conf struct {
 	policy    policy.Policy
 	upstreams []Upstream
-	key       verify.SecretKey
 	settings  string // digest of everything a stored decision depends on besides the evidence
 	reserve   int64
-	db        *cache.DB
-	blobs     *cache.Blobs
-	m         *metrics.Metrics
-	log       *slog.Logger
-	now       func() time.Time
+}
+
+// Gate decides. It is safe for concurrent use.
+type Gate struct {
+	cur   atomic.Pointer[conf]
+	key   verify.SecretKey
+	db    *cache.DB
+	blobs *cache.Blobs
+	m     *metrics.Metrics
+	log   *slog.Logger
+	now   func() time.Time
+	// reconfigs counts Reconfigure calls, so that a negative answer
+	// decided under the settings before one is not remembered after it.
+	reconfigs atomic.Uint64
 
 	flight singleflight.Group // one decision per hash at a time
 	hot    *hotRecords
@@ -89,15 +109,16 @@ type Gate struct {
 // settings (another policy, other upstream keys, another gatekeeper key)
 // are not served: each is decided again when next requested.
 func New(o Options) (*Gate, error) {
-	g := &Gate{policy: o.Policy, upstreams: o.Upstreams, key: o.Key, db: o.DB, blobs: o.Blobs,
-		m: o.Metrics, log: o.Log, now: o.Now, reserve: o.DiskReserve, hot: newHotRecords(), neg: newNegCache(o.NegativeTTL), nars: narstream.NewGroup(),
+	g := &Gate{key: o.Key, db: o.DB, blobs: o.Blobs,
+		m: o.Metrics, log: o.Log, now: o.Now, hot: newHotRecords(), neg: newNegCache(o.NegativeTTL), nars: narstream.NewGroup(),
 		shortRuns: map[string]int{}}
 	if g.now == nil {
 		g.now = time.Now
 	}
-	g.settings = settingsDigest(o)
+	c := g.newConf(Settings{Policy: o.Policy, Upstreams: o.Upstreams, NegativeTTL: o.NegativeTTL, DiskReserve: o.DiskReserve})
+	g.cur.Store(c)
 	g.db.OnForget(g.evidenceChanged)
-	changed, err := g.db.SyncSettings(g.settings)
+	changed, err := g.db.SyncSettings(c.settings)
 	if err != nil {
 		return nil, err
 	}
@@ -106,6 +127,44 @@ func New(o Options) (*Gate, error) {
 	}
 	g.refreshGauges()
 	return g, nil
+}
+
+func (g *Gate) newConf(s Settings) *conf {
+	return &conf{policy: s.Policy, upstreams: s.Upstreams, reserve: s.DiskReserve,
+		settings: settingsDigest(s.Policy, s.Upstreams, g.key)}
+}
+
+// conf is the current settings; read it once per operation.
+func (g *Gate) conf() *conf { return g.cur.Load() }
+
+// changes moves whenever the evidence or the settings change: what was
+// read or decided before it moved may be out of date.
+func (g *Gate) changes() uint64 { return g.db.Changes() + g.reconfigs.Load() }
+
+// Reconfigure switches to new settings while serving. Stored decisions made
+// under other decision settings are not served from now on: each is decided
+// again when next requested, from its stored narinfo when its upstream is
+// still configured (see decide), so a reload costs no upstream round trip
+// for what was decided before. Settings that do not enter decisions
+// (negative TTL, disk reserve, upstream timeouts) drop nothing. It reports
+// whether the decision settings changed.
+func (g *Gate) Reconfigure(s Settings) (bool, error) {
+	old := g.conf()
+	if s.Policy.StoreDir != old.policy.StoreDir {
+		return false, fmt.Errorf("store_dir %s cannot change from %s while serving", s.Policy.StoreDir, old.policy.StoreDir)
+	}
+	c := g.newConf(s)
+	if _, err := g.db.SyncSettings(c.settings); err != nil {
+		return false, fmt.Errorf("record decision settings: %w", err)
+	}
+	g.cur.Store(c)
+	g.reconfigs.Add(1)
+	g.neg.reset(s.NegativeTTL)
+	changed := c.settings != old.settings
+	if changed {
+		g.log.Info("decision settings changed: stored decisions are decided again as they are requested")
+	}
+	return changed, nil
 }
 
 // evidenceChanged is told of every committed change of evidence and the
@@ -125,12 +184,11 @@ func (g *Gate) PublicKey() verify.PublicKey { return g.key.Public() }
 // evidence in the DB: if any of it changes between starts (a revoked
 // upstream key, a higher quorum, report mode turned off, a new gatekeeper
 // key), stored decisions must not be served as they are.
-func settingsDigest(o Options) string {
+func settingsDigest(p policy.Policy, upstreams []Upstream, key verify.SecretKey) string {
 	type up struct {
 		URL  string
 		Keys []string
 	}
-	p := o.Policy
 	v := struct {
 		Report, ContentAddressed, RequireClosure bool
 		StoreDir, Gatekeeper                     string
@@ -138,12 +196,12 @@ func settingsDigest(o Options) string {
 		MaxNarSize                               uint64
 		Attesters                                []string
 		Upstreams                                []up
-	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, o.Key.Public().String(), p.Quorum, p.MaxNarSize, nil, nil}
+	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, key.Public().String(), p.Quorum, p.MaxNarSize, nil, nil}
 	for _, a := range p.Attesters {
 		v.Attesters = append(v.Attesters, a.String())
 	}
 	sort.Strings(v.Attesters)
-	for _, u := range o.Upstreams {
+	for _, u := range upstreams {
 		e := up{URL: u.Name()}
 		for _, k := range u.Keys {
 			e.Keys = append(e.Keys, k.String())
@@ -157,7 +215,7 @@ func settingsDigest(o Options) string {
 }
 
 func (g *Gate) upstreamNamed(name string) (Upstream, bool) {
-	for _, u := range g.upstreams {
+	for _, u := range g.conf().upstreams {
 		if u.Name() == name {
 			return u, true
 		}
@@ -174,8 +232,8 @@ func (g *Gate) DiskRoom() error {
 	if err != nil {
 		return err
 	}
-	if free < g.reserve {
-		return fmt.Errorf("%w: %d bytes free, reserve %d", ErrDiskFull, free, g.reserve)
+	if reserve := g.conf().reserve; free < reserve {
+		return fmt.Errorf("%w: %d bytes free, reserve %d", ErrDiskFull, free, reserve)
 	}
 	return nil
 }
@@ -185,7 +243,7 @@ func (g *Gate) DiskRoom() error {
 // at the first client's request. It returns the failures by upstream name.
 func (g *Gate) CheckUpstreams(ctx context.Context) map[string]error {
 	failed := map[string]error{}
-	for _, u := range g.upstreams {
+	for _, u := range g.conf().upstreams {
 		if _, err := u.Client.Get(ctx, "nix-cache-info", 64<<10); err != nil {
 			failed[u.Name()] = err
 		}
@@ -196,7 +254,7 @@ func (g *Gate) CheckUpstreams(ctx context.Context) map[string]error {
 // UpstreamsDown says why no upstream can answer, or "" when one can.
 func (g *Gate) UpstreamsDown() string {
 	var names []string
-	for _, u := range g.upstreams {
+	for _, u := range g.conf().upstreams {
 		if u.Client.Up() {
 			return ""
 		}

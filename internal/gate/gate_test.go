@@ -342,8 +342,8 @@ func storeDecisions(t testing.TB, f *fixture, n int, odd map[int]bool) []*obj {
 		objs[i] = o
 		fp, _ := o.ni.Fingerprint(storeDir)
 		ni := o.ni
-		batch[o.hash] = f.g.record(policy.Decision{Approved: true, Reason: policy.Attested, NarInfo: &ni, Fingerprint: fp,
-			Upstream: f.g.upstreams[0].Name()}, time.Time{})
+		batch[o.hash] = f.g.record(f.g.conf(), policy.Decision{Approved: true, Reason: policy.Attested, NarInfo: &ni, Fingerprint: fp,
+			Upstream: f.g.conf().upstreams[0].Name()}, time.Time{})
 		if len(batch) == 10000 || i == n-1 {
 			if ok, err := f.db.PutRecords(batch, epoch); err != nil || !ok {
 				t.Fatal(ok, err)
@@ -413,7 +413,8 @@ func checkGlobDeny(t testing.TB, n int) {
 }
 
 // After a restart with other decision settings, a stored decision is
-// decided again once, when first requested, and then served from the store.
+// decided again once, when first requested, from its stored upstream
+// narinfo (no upstream request), and then served from the store.
 func TestSettingsChangeRedecidesOnce(t *testing.T) {
 	f := newFixture(t, false)
 	app := newObj("app-1.0")
@@ -425,7 +426,7 @@ func TestSettingsChangeRedecidesOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := Options{Policy: f.g.policy, Upstreams: f.g.upstreams, Key: f.g.key, DB: f.db, Blobs: f.blobs,
+	o := Options{Policy: f.g.conf().policy, Upstreams: f.g.conf().upstreams, Key: f.g.key, DB: f.db, Blobs: f.blobs,
 		Metrics: metrics.New(), Log: f.g.log}
 	o.Policy.Attesters = append(o.Policy.Attesters, other.Public())
 	g2, err := New(o)
@@ -437,15 +438,81 @@ func TestSettingsChangeRedecidesOnce(t *testing.T) {
 	before := f.up.requests()
 	a := f.nar(narFileOf(app))
 	wantAnswer(t, "NAR after the settings change", a, Serve, "approved; reason=attested")
-	if a.Record.Settings != g2.settings {
+	if a.Record.Settings != g2.conf().settings {
 		t.Fatal("the decision was not made again under the new settings")
 	}
 	for range 3 {
 		wantAnswer(t, "narinfo", f.narinfo(app), Serve, "approved; reason=attested")
 	}
-	if n := f.up.requests() - before; n != 1 {
-		t.Fatalf("%d upstream requests after the settings change, want exactly 1", n)
+	if n := f.up.requests() - before; n != 0 {
+		t.Fatalf("%d upstream requests after the settings change, want none (decided from the stored narinfo)", n)
 	}
+}
+
+// Reconfigure switches the settings while serving: remembered rejections
+// are forgotten, stored decisions are decided again from their stored
+// narinfo under the new policy and upstream keys, and settings that enter
+// no decision drop nothing.
+func TestReconfigure(t *testing.T) {
+	f := newFixtureTTL(t, false, time.Hour)
+	app, other := newObj("app-1.0"), newObj("other-2.0")
+	f.up.publish(app, other)
+	f.attest(app)
+	wantAnswer(t, "attested", f.narinfo(app), Serve, "approved; reason=attested")
+	wantAnswer(t, "unattested", f.narinfo(other), Reject, "rejected; reason=unattested")
+	base := Settings{Policy: f.g.conf().policy, Upstreams: f.g.conf().upstreams, NegativeTTL: time.Hour}
+	before := f.up.requests()
+
+	// No decision setting changed: nothing is dropped.
+	same := base
+	same.DiskReserve = 1
+	if changed, err := f.g.Reconfigure(same); err != nil || changed {
+		t.Fatalf("Reconfigure with the same decision settings: changed=%v err=%v", changed, err)
+	}
+	stored := f.narinfo(app).Record.Settings
+
+	// Report mode: the remembered rejection is forgotten and served now.
+	report := base
+	report.Policy.Report = true
+	if changed, err := f.g.Reconfigure(report); err != nil || !changed {
+		t.Fatalf("Reconfigure to report mode: changed=%v err=%v", changed, err)
+	}
+	wantAnswer(t, "unattested in report mode", f.narinfo(other), Serve, "rejected; reason=unattested")
+	a := f.narinfo(app)
+	wantAnswer(t, "attested in report mode", a, Serve, "approved; reason=attested")
+	if a.Record.Settings == stored {
+		t.Fatal("the stored decision was served under settings it was not made under")
+	}
+	if n := f.up.requests() - before; n != 1 {
+		t.Fatalf("%d upstream requests, want 1 (the path never stored; the approved one is decided from its stored narinfo)", n)
+	}
+
+	// The upstream's key revoked: the stored decision is decided again
+	// and refused, without asking the upstream.
+	revoked := base
+	wrong, err := verify.GenerateKey("upstream-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	revoked.Upstreams = []Upstream{{Client: base.Upstreams[0].Client, Keys: []verify.PublicKey{wrong.Public()}}}
+	if _, err := f.g.Reconfigure(revoked); err != nil {
+		t.Fatal(err)
+	}
+	before = f.up.requests()
+	wantAnswer(t, "after the key revocation", f.narinfo(app), Reject, "rejected; reason=upstream_unsigned")
+	if n := f.up.requests() - before; n != 0 {
+		t.Fatalf("%d upstream requests, want none", n)
+	}
+
+	moved := base
+	moved.Policy.StoreDir = "/other/store"
+	if _, err := f.g.Reconfigure(moved); err == nil {
+		t.Fatal("store_dir changed while serving")
+	}
+	if _, err := f.g.Reconfigure(base); err != nil {
+		t.Fatal(err)
+	}
+	wantAnswer(t, "back to the first settings", f.narinfo(app), Serve, "approved; reason=attested")
 }
 
 // A flood of requests for a missing or rejected path is one upstream

@@ -31,11 +31,11 @@ func newNegCache(ttl time.Duration) *negCache {
 }
 
 func (c *negCache) get(hash string, now time.Time) (outcome, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.ttl <= 0 {
 		return outcome{}, false
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	e, ok := c.m[hash]
 	if !ok || !now.Before(e.expires) {
 		return outcome{}, false
@@ -45,12 +45,12 @@ func (c *negCache) get(hash string, now time.Time) (outcome, bool) {
 
 // put keeps out unless the evidence changed since before (see hotRecords.put).
 func (c *negCache) put(hash string, out outcome, now time.Time, before uint64, current func() uint64) {
-	if c.ttl <= 0 || out.rec != nil || out.unavailable != nil || (out.decision != nil && out.decision.Approved) {
+	if out.rec != nil || out.unavailable != nil || (out.decision != nil && out.decision.Approved) {
 		return
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if current() != before {
+	if c.ttl <= 0 || current() != before {
 		return
 	}
 	if len(c.m) >= maxNegEntries {
@@ -61,6 +61,14 @@ func (c *negCache) put(hash string, out outcome, now time.Time, before uint64, c
 		}
 	}
 	c.m[hash] = negEntry{out: out, expires: now.Add(c.ttl)}
+}
+
+// reset forgets everything and remembers for ttl from now on.
+func (c *negCache) reset(ttl time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.ttl = ttl
+	clear(c.m)
 }
 
 func (c *negCache) clear() {

@@ -28,8 +28,6 @@ import (
 	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/gate"
 	"github.com/cacheproxy/cacheproxy/internal/metrics"
-	"github.com/cacheproxy/cacheproxy/internal/policy"
-	"github.com/cacheproxy/cacheproxy/internal/upstream"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
@@ -55,6 +53,9 @@ type Server struct {
 	// admin API off.
 	tokens []adminToken
 	lock   *stateLock
+	// running are the upstream clients in use, with the entries they were
+	// built from; only Reload changes them.
+	running []reused
 	// Limits apply to the listeners Serve runs; set before Serve.
 	Limits Limits
 	stop   context.CancelFunc
@@ -94,18 +95,12 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 			log.Warn(w)
 		}
 	}
-	var ups []gate.Upstream
-	for i, u := range cfg.Upstreams {
-		var name string
-		c, err := upstream.New(upstream.Options{URL: u.URL, Timeout: u.Timeout.Duration, NetrcFile: u.NetrcFile,
-			UserAgent: "cacheproxy", MaxConnections: u.MaxConnections,
-			OnStateChange: func(up bool) { s.upstreamState(name, up) }})
-		if err != nil {
-			return nil, fmt.Errorf("upstreams[%d]: %w", i, err)
-		}
-		name = c.Name()
-		s.m.UpstreamUp.WithLabelValues(name).Set(1)
-		ups = append(ups, gate.Upstream{Client: c, Keys: config.Keys(u.PublicKeys)})
+	ups, err := s.upstreams(cfg.Upstreams, nil)
+	if err != nil {
+		return nil, err
+	}
+	for i, u := range ups {
+		s.running = append(s.running, reused{cfg: cfg.Upstreams[i], client: u.Client})
 	}
 	if s.db, err = cache.OpenDB(filepath.Join(cfg.StateDir, "state.db")); err != nil {
 		return nil, err
@@ -115,19 +110,9 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 		return nil, err
 	}
 	s.blobs.OnEvict(func(n int, _ int64) { s.m.Evictions.Add(float64(n)) })
-	s.gate, err = gate.New(gate.Options{
-		Policy: policy.Policy{
-			StoreDir:         cfg.StoreDir,
-			Attesters:        config.Keys(cfg.Policy.Attesters),
-			Quorum:           cfg.Policy.Quorum,
-			ContentAddressed: cfg.Policy.ContentAddressed,
-			RequireClosure:   cfg.Policy.RequireClosure,
-			Report:           cfg.Mode == config.ModeReport,
-			MaxNarSize:       cfg.EffectiveMaxNarSize(),
-		},
-		Upstreams: ups, Key: key, DB: s.db, Blobs: s.blobs, Metrics: s.m, Log: log,
-		DiskReserve: int64(cfg.Cache.MinFree), NegativeTTL: cfg.Cache.NegativeTTL.Duration,
-	})
+	gs := gateSettings(cfg, ups)
+	s.gate, err = gate.New(gate.Options{Policy: gs.Policy, Upstreams: gs.Upstreams, Key: key, DB: s.db, Blobs: s.blobs,
+		Metrics: s.m, Log: log, DiskReserve: gs.DiskReserve, NegativeTTL: gs.NegativeTTL})
 	if err != nil {
 		s.blobs.Close()
 		s.db.Close()
@@ -227,15 +212,35 @@ func (s *Server) Serve(ctx context.Context, main, admin net.Listener) error {
 	case <-ctx.Done():
 	case err = <-errc:
 	}
-	shutdown, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for _, srv := range servers {
-		srv.Shutdown(shutdown)
-	}
+	s.drain(servers)
 	if errors.Is(err, http.ErrServerClosed) {
 		err = nil
 	}
 	return err
+}
+
+// drain stops accepting and lets the responses in flight (NAR downloads
+// above all: a client cut off mid-NAR starts over) finish for up to
+// shutdown_timeout, then cuts off what is left.
+func (s *Server) drain(servers []*http.Server) {
+	timeout := s.cfg.ShutdownTimeout.Duration
+	s.log.Info("draining: listeners closed, waiting for responses in flight", "shutdown_timeout", timeout.String())
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, srv := range servers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.Shutdown(ctx); err != nil {
+				srv.Close()
+			}
+		}()
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		s.log.Warn("shutdown_timeout reached: responses still in flight were cut off", "shutdown_timeout", timeout.String())
+	}
 }
 
 // Handler is the binary-cache protocol. Routing is by hand rather than by

@@ -1,0 +1,52 @@
+# cacheproxy, built with nixpkgs' buildGoModule.
+#
+#   pkgs.callPackage ./nix/package.nix { }
+#
+# go.mod asks for Go 1.26: on a nixpkgs whose default Go is older, pass a
+# newer builder, e.g. `callPackage ./nix/package.nix { buildGoModule = pkgs.buildGo126Module; }`.
+{
+  lib,
+  buildGoModule,
+}:
+
+buildGoModule {
+  pname = "cacheproxy";
+  version = "0-unstable";
+
+  # Only what the binary is built from: editing the README, the tests or
+  # this directory does not rebuild it, and vendorHash covers exactly the
+  # dependencies of these packages.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../go.mod
+      ../go.sum
+      ../cmd
+      ../internal
+    ];
+  };
+
+  # The NAR hash of `go mod vendor` run on the source above (computed with
+  # Go 1.26 from go.sum: `go mod vendor && nix hash path vendor`). When
+  # go.mod or go.sum change, set it to lib.fakeHash, build, and copy the
+  # hash from the "got:" line of the error.
+  vendorHash = "sha256-UmNyExk/wReyLA4mB21WVTgreyO4K7yMYnrCxKG09p0=";
+
+  subPackages = [ "cmd/cacheproxy" ];
+
+  env.CGO_ENABLED = 0;
+  ldflags = [
+    "-s"
+    "-w"
+  ];
+
+  # The unit tests need loopback networking and the e2e tests a Nix daemon;
+  # run them from the source tree (./scripts/test), not in the sandbox.
+  doCheck = false;
+
+  meta = {
+    description = "Verifying Nix binary-cache proxy: serves only paths approved by upstream signatures and independent rebuilder attestations";
+    mainProgram = "cacheproxy";
+    platforms = lib.platforms.linux;
+  };
+}
