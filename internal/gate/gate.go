@@ -83,6 +83,8 @@ type Gate struct {
 
 	mu        sync.Mutex
 	shortRuns map[string]int // NAR file -> transfers in a row that ended short with no declared length
+
+	overviewCache overviewCache // for Overview
 }
 
 // New returns a Gate over an open state store. Decisions stored under other
@@ -213,6 +215,9 @@ func (g *Gate) refreshGauges() {
 		g.m.AllowEntries.Set(float64(len(l)))
 	}
 	g.m.CacheSize.Set(float64(g.blobs.Size()))
+	g.m.CacheMaxSize.Set(float64(g.blobs.MaxSize()))
+	g.m.DiskReserve.Set(float64(g.reserve))
+	g.m.SetDiskFree(g.blobs.Free)
 }
 
 // maxHotBytes bounds the memory held by in-memory copies of stored

@@ -102,7 +102,7 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 			return nil, fmt.Errorf("upstreams[%d]: %w", i, err)
 		}
 		name = c.Name()
-		s.m.UpstreamUp.WithLabelValues(name).Set(1)
+		s.m.Upstream(name)
 		ups = append(ups, gate.Upstream{Client: c, Keys: config.Keys(u.PublicKeys)})
 	}
 	if s.db, err = cache.OpenDB(filepath.Join(cfg.StateDir, "state.db")); err != nil {
@@ -259,6 +259,8 @@ func (s *Server) route(r *http.Request) (string, http.HandlerFunc) {
 		return "other", badRequest("malformed path")
 	}
 	switch {
+	case p == "/":
+		return "status", s.handleStatus
 	case p == "/nix-cache-info":
 		return "nix-cache-info", s.handleCacheInfo
 	case p == "/healthz":
