@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/config"
@@ -242,7 +243,24 @@ func TestStatusPageEmpty(t *testing.T) {
 	if cells := rowCells(page, `data-reason="unattested"`); strings.Join(cells, " ") != "unattested rejected 0 0" {
 		t.Errorf("unattested row on a fresh proxy: %q", cells)
 	}
+	if !strings.Contains(page, "started, less than a minute ago, so a column covers at most that.") {
+		t.Error("the page does not say that its counts began with the process")
+	}
 	if resp, _ := f.mustGet("/index.html"); resp.StatusCode != 404 {
 		t.Errorf("/index.html: %d, want 404", resp.StatusCode)
+	}
+}
+
+func TestStatusFormats(t *testing.T) {
+	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1536: "1.5 KiB", 100 << 30: "100.0 GiB", 3 << 40: "3.0 TiB"} {
+		if got := formatBytes(n); got != want {
+			t.Errorf("formatBytes(%d) = %q, want %q", n, got, want)
+		}
+	}
+	for d, want := range map[time.Duration]string{30 * time.Second: "less than a minute", 12 * time.Minute: "12m",
+		time.Hour: "1h", 200 * time.Minute: "3h 20m", 26 * time.Hour: "1d 2h"} {
+		if got := formatDuration(d); got != want {
+			t.Errorf("formatDuration(%v) = %q, want %q", d, got, want)
+		}
 	}
 }
