@@ -106,6 +106,7 @@ func New(o Options) (*Gate, error) {
 	if changed {
 		g.log.Info("decision settings changed since the last start: stored decisions are decided again as they are requested")
 	}
+	g.initMetrics(o)
 	g.refreshGauges()
 	return g, nil
 }
@@ -215,9 +216,6 @@ func (g *Gate) refreshGauges() {
 		g.m.AllowEntries.Set(float64(len(l)))
 	}
 	g.m.CacheSize.Set(float64(g.blobs.Size()))
-	g.m.CacheMaxSize.Set(float64(g.blobs.MaxSize()))
-	g.m.DiskReserve.Set(float64(g.reserve))
-	g.m.SetDiskFree(g.blobs.Free)
 }
 
 // maxHotBytes bounds the memory held by in-memory copies of stored

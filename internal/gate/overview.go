@@ -120,12 +120,27 @@ func (g *Gate) attestationCounts() (map[string]int, error) {
 	return counts, nil
 }
 
+// initMetrics sets the gauges of the settings and creates the series that
+// alerts and dashboards need before the first event.
+func (g *Gate) initMetrics(o Options) {
+	g.m.CacheMaxSize.Set(float64(g.blobs.MaxSize()))
+	g.m.DiskReserve.Set(float64(o.DiskReserve))
+	g.m.SetDiskFree(g.blobs.Free)
+	for _, u := range o.Upstreams {
+		g.m.UpstreamSeries(u.Name())
+	}
+}
+
+// overviewSettings is all that Overview reads of the gate's settings.
+func (g *Gate) overviewSettings() (policy.Policy, []Upstream) { return g.policy, g.upstreams }
+
 // Overview gathers what the status page shows.
 func (g *Gate) Overview() (Overview, error) {
 	now := g.now()
+	pol, ups := g.overviewSettings()
 	st := Overview{Time: now, Mode: "enforce", PublicKey: g.key.Public().String(),
 		CacheSize: g.blobs.Size(), CacheMaxSize: g.blobs.MaxSize(), Uptime: max(now.Sub(g.m.Decisions.Window.Start()), 0)}
-	if g.policy.Report {
+	if pol.Report {
 		st.Mode = "report"
 	}
 	for _, r := range policy.Reasons {
@@ -157,17 +172,17 @@ func (g *Gate) Overview() (Overview, error) {
 	}
 	for _, r := range rejs {
 		st.Rejections = append(st.Rejections, OverviewRejection{StorePath: r.StorePath, Reason: r.Reason,
-			Deriver: r.Deriver, Upstream: g.publicUpstreamName(r.Upstream), Count: r.Count, Last: r.Last})
+			Deriver: r.Deriver, Upstream: publicUpstreamName(ups, r.Upstream), Count: r.Count, Last: r.Last})
 	}
-	for _, u := range g.upstreams {
-		st.Upstreams = append(st.Upstreams, OverviewUpstream{Name: g.publicUpstreamName(u.Name()), Up: u.Client.Up()})
+	for _, u := range ups {
+		st.Upstreams = append(st.Upstreams, OverviewUpstream{Name: publicUpstreamName(ups, u.Name()), Up: u.Client.Up()})
 	}
 	counts, err := g.attestationCounts()
 	if err != nil {
 		return Overview{}, err
 	}
 	seen := map[string]bool{}
-	for _, k := range g.policy.Attesters {
+	for _, k := range pol.Attesters {
 		s := k.String()
 		seen[s] = true
 		st.Attesters = append(st.Attesters, OverviewAttester{Name: k.Name, PublicKey: s, Count: counts[s], Configured: true})
@@ -188,13 +203,13 @@ func (g *Gate) Overview() (Overview, error) {
 // scheme, host and path of an HTTP upstream (never user information or a
 // query), and no more than "local directory" with its position for a
 // file:// upstream, whose path says something about the proxy's host.
-func (g *Gate) publicUpstreamName(name string) string {
+func publicUpstreamName(ups []Upstream, name string) string {
 	if name == "" {
 		return ""
 	}
 	u, err := url.Parse(name)
 	if err != nil || u.Scheme == "file" || u.Host == "" {
-		for i, up := range g.upstreams {
+		for i, up := range ups {
 			if up.Name() == name {
 				return fmt.Sprintf("upstreams[%d] (local directory)", i)
 			}

@@ -135,16 +135,15 @@ func New() *Metrics {
 }
 
 // upstreamKinds and upstreamResults are the label values of the upstream
-// request series, created at zero for each upstream (see Upstream).
+// request series, created at zero for each upstream (see UpstreamSeries).
 var (
 	upstreamKinds   = []string{"narinfo", "nar"}
 	upstreamResults = []string{"found", "not_found", "unavailable", "mismatch", "truncated"}
 )
 
-// Upstream creates the series of one upstream, marked up, so that
-// dashboards and alerts see it before its first request.
-func (m *Metrics) Upstream(name string) {
-	m.UpstreamUp.WithLabelValues(name).Set(1)
+// UpstreamSeries creates the request series of one upstream at zero, so
+// that dashboards and alerts see them before its first request.
+func (m *Metrics) UpstreamSeries(name string) {
 	for _, k := range upstreamKinds {
 		m.UpstreamDuration.WithLabelValues(name, k)
 		for _, r := range upstreamResults {

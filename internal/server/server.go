@@ -102,7 +102,7 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 			return nil, fmt.Errorf("upstreams[%d]: %w", i, err)
 		}
 		name = c.Name()
-		s.m.Upstream(name)
+		s.m.UpstreamUp.WithLabelValues(name).Set(1)
 		ups = append(ups, gate.Upstream{Client: c, Keys: config.Keys(u.PublicKeys)})
 	}
 	if s.db, err = cache.OpenDB(filepath.Join(cfg.StateDir, "state.db")); err != nil {
