@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -124,9 +125,15 @@ func cmdAttest(args []string, cio cmdIO) error {
 		}
 		return usageErr("the only attest command is: attest import FILE...|-")
 	}
-	c, files, err := adminCommand("attest import", "attest import [-c FILE] FILE...|-  (nix path-info --json --sigs output or narinfo text)", args[1:], cio, nil)
+	var reason string
+	c, files, err := adminCommand("attest import", "attest import [-c FILE] [--reason TEXT] FILE...|-  (nix path-info --json --sigs output or narinfo text)", args[1:], cio,
+		func(fs *flag.FlagSet) { fs.StringVar(&reason, "reason", "", "why (kept in the audit trail)") })
 	if err != nil {
 		return err
+	}
+	route := adminapi.PathAttestations
+	if reason != "" {
+		route += "?" + url.Values{"reason": {reason}}.Encode()
 	}
 	if len(files) == 0 {
 		return usageErr("name at least one FILE, or - for standard input")
@@ -143,7 +150,7 @@ func cmdAttest(args []string, cio cmdIO) error {
 			return fmt.Errorf("read %s: %w", f, err)
 		}
 		var resp adminapi.AttestResponse
-		if err := c.Do(context.Background(), http.MethodPost, adminapi.PathAttestations, raw, &resp); err != nil {
+		if err := c.Do(context.Background(), http.MethodPost, route, raw, &resp); err != nil {
 			return fmt.Errorf("%s: %w", f, err)
 		}
 		for _, r := range resp.Results {
@@ -173,12 +180,15 @@ func cmdAllow(args []string, io cmdIO) error {
 	var closure bool
 	var reason, expires string
 	var asJSON bool
-	c, paths, err := adminCommand("allow "+sub, "allow add [--closure] [--reason TEXT] [--expires DURATION] PATH... | allow list | allow remove PATH...", rest, io,
+	c, paths, err := adminCommand("allow "+sub, "allow add [--closure] [--reason TEXT] [--expires DURATION] PATH... | allow list | allow remove [--reason TEXT] PATH...", rest, io,
 		func(fs *flag.FlagSet) {
 			if sub == "add" {
 				fs.BoolVar(&closure, "closure", false, "also allow every path the paths reference, transitively")
-				fs.StringVar(&reason, "reason", "", "why (shown by list and explain)")
+				fs.StringVar(&reason, "reason", "", "why (shown by list and explain, kept in the audit trail)")
 				fs.StringVar(&expires, "expires", "", "lifetime such as 30d or 12h (default: never)")
+			}
+			if sub == "remove" {
+				fs.StringVar(&reason, "reason", "", "why (kept in the audit trail)")
 			}
 			if sub == "list" {
 				fs.BoolVar(&asJSON, "json", false, "print JSON")
@@ -197,8 +207,18 @@ func cmdAllow(args []string, io cmdIO) error {
 		if err := c.Do(ctx, http.MethodPost, adminapi.PathAllowlist, adminapi.AllowRequest{Paths: paths, Closure: closure, Reason: reason, Expires: expires}, &resp); err != nil {
 			return err
 		}
+		replaced := map[string]adminapi.AllowEntry{}
+		for _, e := range resp.Replaced {
+			replaced[e.StorePath] = e
+		}
 		for _, e := range resp.Entries {
 			fmt.Fprintf(io.stdout, "allowed %s (NarHash %s)\n", e.StorePath, e.NarHash)
+			if old, ok := replaced[e.StorePath]; ok {
+				// Replacing is allowed (a new review, a new expiry), but
+				// never silent: the old entry is in the audit trail.
+				fmt.Fprintf(io.stdout, "  replaced the existing entry: reason %q, expires %s, NarHash %s, added %s\n",
+					old.Reason, expiry(old.Expires), old.NarHash, old.Added.Format(time.RFC3339))
+			}
 		}
 	case "list":
 		var resp adminapi.AllowList
@@ -218,7 +238,7 @@ func cmdAllow(args []string, io cmdIO) error {
 		if len(paths) == 0 {
 			return usageErr("name at least one store path or hash")
 		}
-		return removeCall(ctx, c, adminapi.PathAllowlist, adminapi.PathsRequest{Paths: paths}, io)
+		return removeCall(ctx, c, adminapi.PathAllowlist, adminapi.PathsRequest{Paths: paths, Reason: reason}, io)
 	}
 	return nil
 }
@@ -230,10 +250,13 @@ func cmdDeny(args []string, io cmdIO) error {
 	}
 	var reason string
 	var asJSON bool
-	c, pats, err := adminCommand("deny "+sub, "deny add [--reason TEXT] PATTERN... | deny list | deny remove PATTERN...\n\nA PATTERN is a store path, a hash, a NarHash (sha256:...) or a name glob such as '*-openssl-3.0.7*'.", rest, io,
+	c, pats, err := adminCommand("deny "+sub, "deny add [--reason TEXT] PATTERN... | deny list | deny remove [--reason TEXT] PATTERN...\n\nA PATTERN is a store path, a hash, a NarHash (sha256:...) or a name glob such as '*-openssl-3.0.7*'.", rest, io,
 		func(fs *flag.FlagSet) {
 			if sub == "add" {
-				fs.StringVar(&reason, "reason", "", "why (shown by list and explain)")
+				fs.StringVar(&reason, "reason", "", "why (shown by list and explain, kept in the audit trail)")
+			}
+			if sub == "remove" {
+				fs.StringVar(&reason, "reason", "", "why (kept in the audit trail)")
 			}
 			if sub == "list" {
 				fs.BoolVar(&asJSON, "json", false, "print JSON")
@@ -273,7 +296,7 @@ func cmdDeny(args []string, io cmdIO) error {
 		if len(pats) == 0 {
 			return usageErr("name at least one pattern")
 		}
-		return removeCall(ctx, c, adminapi.PathDenylist, adminapi.PatternsRequest{Patterns: pats}, io)
+		return removeCall(ctx, c, adminapi.PathDenylist, adminapi.PatternsRequest{Patterns: pats, Reason: reason}, io)
 	}
 	return nil
 }
@@ -434,7 +457,10 @@ func cmdRejections(args []string, io cmdIO) error {
 }
 
 func cmdRetry(args []string, io cmdIO) error {
-	c, paths, err := adminCommand("retry", "retry PATH...", args, io, nil)
+	var reason string
+	c, paths, err := adminCommand("retry", "retry [--reason TEXT] PATH...", args, io, func(fs *flag.FlagSet) {
+		fs.StringVar(&reason, "reason", "", "why (kept in the audit trail)")
+	})
 	if err != nil {
 		return err
 	}
@@ -442,7 +468,7 @@ func cmdRetry(args []string, io cmdIO) error {
 		return usageErr("name at least one store path or hash")
 	}
 	var resp adminapi.Retry
-	if err := c.Do(context.Background(), http.MethodPost, adminapi.PathRetry, adminapi.PathsRequest{Paths: paths}, &resp); err != nil {
+	if err := c.Do(context.Background(), http.MethodPost, adminapi.PathRetry, adminapi.PathsRequest{Paths: paths, Reason: reason}, &resp); err != nil {
 		return err
 	}
 	for _, h := range resp.Lifted {

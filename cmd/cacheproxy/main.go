@@ -21,19 +21,21 @@ Usage:
   cacheproxy keygen NAME [--dir DIR]
   cacheproxy pubkey [-c FILE]
   cacheproxy check-config [-c FILE]
-  cacheproxy attest import [-c FILE] FILE...|-
+  cacheproxy attest import [-c FILE] [--reason TEXT] FILE...|-
   cacheproxy allow add [--closure] [--reason TEXT] [--expires DURATION] PATH...
-  cacheproxy allow list | allow remove PATH...
-  cacheproxy deny add [--reason TEXT] PATTERN... | deny list | deny remove PATTERN...
+  cacheproxy allow list | allow remove [--reason TEXT] PATH...
+  cacheproxy deny add [--reason TEXT] PATTERN... | deny list | deny remove [--reason TEXT] PATTERN...
   cacheproxy explain PATH|HASH [--json]
   cacheproxy rejections [--json] [--derivers]
-  cacheproxy retry PATH...
+  cacheproxy retry [--reason TEXT] PATH...
+  cacheproxy audit [--since DURATION] [--json]
   cacheproxy verify-cache [-c FILE]
   cacheproxy --version
 
-Admin commands (attest, allow, deny, explain, rejections, retry, verify-cache)
-find the running server from the config file (admin.listen, admin.token_file)
-or from --server URL --token-file FILE.
+Admin commands (attest, allow, deny, explain, rejections, retry, audit,
+verify-cache) find the running server from the config file (admin.listen,
+admin.token_file) or from --server URL --token-file FILE. Every change is
+kept in the audit trail under the token's name; --reason says why.
 
 Run "cacheproxy COMMAND --help" for the flags of one command.
 `
@@ -64,6 +66,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		"explain":      cmdExplain,
 		"rejections":   cmdRejections,
 		"retry":        cmdRetry,
+		"audit":        cmdAudit,
 		"verify-cache": cmdVerifyCache,
 	}
 	name := args[0]

@@ -30,10 +30,18 @@ func cli(t *testing.T, stdin string, args ...string) (code int, stdout, stderr s
 // upstream and one attester, and returns its config file.
 func startServer(t *testing.T, attester verify.PublicKey) string {
 	t.Helper()
+	cfg, _, _ := startServerWith(t, attester, "")
+	return cfg
+}
+
+// startServerWith is startServer with extra TOML at the end of the config
+// (after [admin]); it also returns the upstream's folder and key.
+func startServerWith(t *testing.T, attester verify.PublicKey, extra string) (cfgFile, upDir string, upKey verify.SecretKey) {
+	t.Helper()
 	dir := t.TempDir()
 	up := filepath.Join(dir, "upstream")
 	os.MkdirAll(up, 0o755)
-	upKey, _ := verify.GenerateKey("upstream-1")
+	upKey, _ = verify.GenerateKey("upstream-1")
 	mainL, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -42,7 +50,7 @@ func startServer(t *testing.T, attester verify.PublicKey) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfgFile := filepath.Join(dir, "cacheproxy.toml")
+	cfgFile = filepath.Join(dir, "cacheproxy.toml")
 	toml := fmt.Sprintf(`listen = %q
 state_dir = %q
 [[upstreams]]
@@ -52,7 +60,7 @@ public_keys = [%q]
 attesters = [%q]
 [admin]
 listen = %q
-`, mainL.Addr(), filepath.Join(dir, "state"), up, upKey.Public(), attester, adminL.Addr())
+`, mainL.Addr(), filepath.Join(dir, "state"), up, upKey.Public(), attester, adminL.Addr()) + extra
 	if err := os.WriteFile(cfgFile, []byte(toml), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -71,7 +79,7 @@ listen = %q
 	done := make(chan struct{})
 	go func() { s.Serve(ctx, mainL, adminL); close(done) }()
 	t.Cleanup(func() { cancel(); <-done; s.Close() })
-	return cfgFile
+	return cfgFile, up, upKey
 }
 
 // pubkey prints a key only when there is one: it never makes one that the

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/cacheproxy/cacheproxy/internal/config"
@@ -107,7 +108,11 @@ func cmdServe(args []string, io cmdIO) error {
 		"mode", cfg.Mode, "upstreams", len(cfg.Upstreams))
 	log.Info("gatekeeper public key (put it in trusted-public-keys)", "pubkey", srv.PublicKey().String())
 	if cfg.Admin.Listen != "" {
-		log.Info("admin API", "listen", admin.Addr().String(), "token_file", cfg.AdminTokenFile())
+		names := []string{config.DefaultTokenName}
+		for _, t := range cfg.Admin.Tokens {
+			names = append(names, t.Name)
+		}
+		log.Info("admin API", "listen", admin.Addr().String(), "token_file", cfg.AdminTokenFile(), "tokens", strings.Join(names, ","))
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -36,6 +36,7 @@ const (
 	PathRejections   = "/admin/v1/rejections"
 	PathRetry        = "/admin/v1/retry"
 	PathVerifyCache  = "/admin/v1/verify-cache"
+	PathAudit        = "/admin/v1/audit" // ?since=RFC3339
 )
 
 // Error is the body of every non-2xx answer.
@@ -74,7 +75,8 @@ type AllowRequest struct {
 
 // PathsRequest names store paths or hashes (DELETE allowlist, retry).
 type PathsRequest struct {
-	Paths []string `json:"paths"`
+	Paths  []string `json:"paths"`
+	Reason string   `json:"reason,omitempty"` // why, for the audit trail
 }
 
 // DenyRequest adds denylist entries (POST /admin/v1/denylist).
@@ -86,6 +88,7 @@ type DenyRequest struct {
 // PatternsRequest removes denylist entries (DELETE /admin/v1/denylist).
 type PatternsRequest struct {
 	Patterns []string `json:"patterns"`
+	Reason   string   `json:"reason,omitempty"` // why, for the audit trail
 }
 
 // AllowEntry is one allowlist entry on the wire.
@@ -105,9 +108,11 @@ type DenyEntry struct {
 	Added   time.Time `json:"added"`
 }
 
-// AllowList answers GET and POST /admin/v1/allowlist.
+// AllowList answers GET and POST /admin/v1/allowlist. For POST, Replaced
+// are the entries the new ones replaced, as they were.
 type AllowList struct {
-	Entries []AllowEntry `json:"entries"`
+	Entries  []AllowEntry `json:"entries"`
+	Replaced []AllowEntry `json:"replaced,omitempty"`
 }
 
 // DenyList answers GET and POST /admin/v1/denylist.
@@ -229,6 +234,26 @@ func NewVerifyCache(checked int, failed []cache.BlobFailure) VerifyCache {
 		out.Dropped = append(out.Dropped, BlobFailure{Blob: f.Blob, StorePath: f.StorePath, Error: f.Error})
 	}
 	return out
+}
+
+// AuditRecord is one admin change in the audit trail.
+type AuditRecord struct {
+	Time          time.Time      `json:"time"`
+	Who           string         `json:"who"`    // the admin token's name
+	Action        string         `json:"action"` // attest_import, allow_add, allow_remove, deny_add, deny_remove, retry
+	Reason        string         `json:"reason,omitempty"`
+	What          []string       `json:"what,omitempty"`      // store paths, hashes or patterns (at most 100)
+	WhatMore      int            `json:"what_more,omitempty"` // how many more there were
+	Outcome       string         `json:"outcome"`             // ok, replaced, partial, unchanged, failed
+	Error         string         `json:"error,omitempty"`
+	Counts        map[string]int `json:"counts,omitempty"`
+	PreviousAllow []AllowEntry   `json:"previous_allow,omitempty"` // entries replaced or removed, as they were
+	PreviousDeny  []DenyEntry    `json:"previous_deny,omitempty"`
+}
+
+// Audit answers GET /admin/v1/audit, oldest first.
+type Audit struct {
+	Records []AuditRecord `json:"records"`
 }
 
 // Client calls a running server's admin API.

@@ -40,14 +40,16 @@ var (
 	bucketQuarantine   = []byte("quarantine")         // hash -> policy.Quarantine
 	bucketRejections   = []byte("rejections")         // hash -> Rejection (latest per path)
 	bucketRejectOrder  = []byte("rejections_by_time") // 8-byte big-endian Last (unix ns) + hash -> nothing; oldest first
+	bucketAudit        = []byte("audit")              // 8-byte big-endian time (unix ns) + 8-byte sequence -> AuditRecord; oldest first
 	bucketMeta         = []byte("meta")               // counters
 	keyRejectionCount  = []byte("rejections")
+	keyAuditCount      = []byte("audit")
 	keyEpoch           = []byte("epoch")    // moves on with every change of evidence
 	keySettings        = []byte("settings") // digest of the decision settings of the last start
 	keyHealth          = []byte("healthz")  // written by the health probe
 	bucketBlobs        = []byte("blobs")    // blob name -> BlobMeta
 	allBuckets         = [][]byte{bucketRecords, bucketRecordNames, bucketRecordRefs, bucketAttestations, bucketAllow,
-		bucketDeny, bucketQuarantine, bucketRejections, bucketRejectOrder, bucketMeta, bucketBlobs}
+		bucketDeny, bucketQuarantine, bucketRejections, bucketRejectOrder, bucketAudit, bucketMeta, bucketBlobs}
 )
 
 // MaxRejections bounds the rejection log; the oldest entries are dropped first.
@@ -428,8 +430,9 @@ func (d *DB) Evidence(hash string) (ev policy.Evidence, epoch int64, err error) 
 // PutAttestations stores verified attestations in one transaction and drops
 // the stored decisions of their paths. An attestation by the same key for the
 // same path replaces the older one (the attester rebuilt again). stored[i]
-// is false when as[i] was already known.
-func (d *DB) PutAttestations(as []policy.Attestation) (stored []bool, err error) {
+// is false when as[i] was already known. audit, when not nil, gains the
+// stored and already_known counts and is recorded in the same transaction.
+func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (stored []bool, err error) {
 	stored = make([]bool, len(as))
 	err = d.update(func(tx *bolt.Tx) error {
 		var changed []string
@@ -441,6 +444,7 @@ func (d *DB) PutAttestations(as []policy.Attestation) (stored []bool, err error)
 				return err
 			}
 			if old != nil && old.Sig == a.Sig {
+				audit.count(CountKnown, 1)
 				continue
 			}
 			if err := put(tx, bucketAttestations, key, a); err != nil {
@@ -448,12 +452,14 @@ func (d *DB) PutAttestations(as []policy.Attestation) (stored []bool, err error)
 			}
 			changed = append(changed, hash)
 			stored[i] = true
+			audit.count(CountStored, 1)
 		}
-		if len(changed) == 0 {
-			return nil
+		if len(changed) > 0 {
+			if _, err := d.forget(tx, changed); err != nil {
+				return err
+			}
 		}
-		_, err := d.forget(tx, changed)
-		return err
+		return appendAudit(tx, audit)
 	})
 	return stored, err
 }
@@ -467,38 +473,70 @@ func (d *DB) CountAttestations() (n int, err error) {
 	return n, err
 }
 
-// PutAllow stores allowlist entries and forgets the decisions of their paths.
-func (d *DB) PutAllow(entries []policy.AllowEntry) error {
-	return d.update(func(tx *bolt.Tx) error {
+// PutAllow stores allowlist entries and forgets the decisions of their
+// paths. It returns the entries it replaced, as they were; audit, when not
+// nil, gains them and the added and replaced counts, and is recorded in the
+// same transaction.
+func (d *DB) PutAllow(entries []policy.AllowEntry, audit *AuditRecord) (replaced []policy.AllowEntry, err error) {
+	err = d.update(func(tx *bolt.Tx) error {
+		replaced = nil
 		hashes := make([]string, 0, len(entries))
 		for _, e := range entries {
 			h := hashOf(e.StorePath)
+			old, err := get[policy.AllowEntry](tx, bucketAllow, h)
+			if err != nil {
+				return err
+			}
+			if old != nil {
+				replaced = append(replaced, *old)
+				audit.previousAllowEntry(*old)
+				audit.count(CountReplaced, 1)
+			} else {
+				audit.count(CountAdded, 1)
+			}
 			if err := put(tx, bucketAllow, h, e); err != nil {
 				return err
 			}
 			hashes = append(hashes, h)
 		}
-		_, err := d.forget(tx, hashes)
-		return err
+		if _, err := d.forget(tx, hashes); err != nil {
+			return err
+		}
+		return appendAudit(tx, audit)
 	})
+	return replaced, err
 }
 
 // RemoveAllow deletes allowlist entries by hash and forgets the decisions of
-// their paths; it returns the hashes that had no entry.
-func (d *DB) RemoveAllow(hashes []string) (missing []string, err error) {
+// their paths; it returns the hashes that had no entry. audit, when not nil,
+// gains the removed entries and the removed and missing counts, and is
+// recorded in the same transaction.
+func (d *DB) RemoveAllow(hashes []string, audit *AuditRecord) (missing []string, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
-		missing, err = deleteKeys(tx, bucketAllow, hashes)
+		for _, h := range hashes {
+			old, err := get[policy.AllowEntry](tx, bucketAllow, h)
+			if err != nil {
+				return err
+			}
+			if old != nil {
+				audit.previousAllowEntry(*old)
+			}
+		}
+		missing, err = deleteKeys(tx, bucketAllow, hashes, audit, CountRemoved, CountMissing)
 		if err != nil {
 			return err
 		}
-		_, err = d.forget(tx, hashes)
-		return err
+		if _, err = d.forget(tx, hashes); err != nil {
+			return err
+		}
+		return appendAudit(tx, audit)
 	})
 	return missing, err
 }
 
-// deleteKeys deletes keys from a bucket and returns those it did not hold.
-func deleteKeys(tx *bolt.Tx, bucket []byte, keys []string) (missing []string, err error) {
+// deleteKeys deletes keys from a bucket and returns those it did not hold,
+// counting both in audit (as done and missing).
+func deleteKeys(tx *bolt.Tx, bucket []byte, keys []string, audit *AuditRecord, done, missed string) (missing []string, err error) {
 	b := tx.Bucket(bucket)
 	for _, k := range keys {
 		if b.Get([]byte(k)) == nil {
@@ -509,6 +547,8 @@ func deleteKeys(tx *bolt.Tx, bucket []byte, keys []string) (missing []string, er
 			return nil, err
 		}
 	}
+	audit.count(done, len(keys)-len(missing))
+	audit.count(missed, len(missing))
 	return missing, nil
 }
 
@@ -523,30 +563,57 @@ func (d *DB) AllowList() (out []policy.AllowEntry, err error) {
 
 // PutDeny stores denylist entries and forgets the stored decisions they
 // match (and their dependents), in one transaction, so that no decision
-// made before the entry can be served after it.
-func (d *DB) PutDeny(entries []policy.DenyEntry, match func(base string, narHash narinfo.SHA256) bool) (dropped int, err error) {
+// made before the entry can be served after it. audit, when not nil, gains
+// the entries replaced and the added, replaced and decisions_dropped
+// counts, and is recorded in the same transaction.
+func (d *DB) PutDeny(entries []policy.DenyEntry, match func(base string, narHash narinfo.SHA256) bool, audit *AuditRecord) (dropped int, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
 		for _, e := range entries {
+			old, err := get[policy.DenyEntry](tx, bucketDeny, e.Pattern)
+			if err != nil {
+				return err
+			}
+			if old != nil {
+				audit.previousDenyEntry(*old)
+				audit.count(CountReplaced, 1)
+			} else {
+				audit.count(CountAdded, 1)
+			}
 			if err := put(tx, bucketDeny, e.Pattern, e); err != nil {
 				return err
 			}
 		}
-		dropped, err = d.forget(tx, matching(tx, match))
-		return err
+		if dropped, err = d.forget(tx, matching(tx, match)); err != nil {
+			return err
+		}
+		audit.count(CountDropped, dropped)
+		return appendAudit(tx, audit)
 	})
 	return dropped, err
 }
 
 // RemoveDeny deletes denylist entries and forgets the stored decisions they
 // matched (report mode stores served rejections); it returns the patterns
-// that had no entry.
-func (d *DB) RemoveDeny(patterns []string, match func(base string, narHash narinfo.SHA256) bool) (missing []string, err error) {
+// that had no entry. audit, when not nil, gains the removed entries and the
+// removed and missing counts, and is recorded in the same transaction.
+func (d *DB) RemoveDeny(patterns []string, match func(base string, narHash narinfo.SHA256) bool, audit *AuditRecord) (missing []string, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
-		if missing, err = deleteKeys(tx, bucketDeny, patterns); err != nil {
+		for _, p := range patterns {
+			old, err := get[policy.DenyEntry](tx, bucketDeny, p)
+			if err != nil {
+				return err
+			}
+			if old != nil {
+				audit.previousDenyEntry(*old)
+			}
+		}
+		if missing, err = deleteKeys(tx, bucketDeny, patterns, audit, CountRemoved, CountMissing); err != nil {
 			return err
 		}
-		_, err = d.forget(tx, matching(tx, match))
-		return err
+		if _, err = d.forget(tx, matching(tx, match)); err != nil {
+			return err
+		}
+		return appendAudit(tx, audit)
 	})
 	return missing, err
 }
@@ -582,13 +649,17 @@ func (d *DB) Quarantine(hash string) (q *policy.Quarantine, err error) {
 
 // Retry lifts quarantines and forgets the paths' decisions, so the next
 // request fetches again; it returns the hashes that were not quarantined.
-func (d *DB) Retry(hashes []string) (notQuarantined []string, err error) {
+// audit, when not nil, gains the lifted and not_quarantined counts and is
+// recorded in the same transaction.
+func (d *DB) Retry(hashes []string, audit *AuditRecord) (notQuarantined []string, err error) {
 	err = d.update(func(tx *bolt.Tx) error {
-		if notQuarantined, err = deleteKeys(tx, bucketQuarantine, hashes); err != nil {
+		if notQuarantined, err = deleteKeys(tx, bucketQuarantine, hashes, audit, CountLifted, CountNotQuarantined); err != nil {
 			return err
 		}
-		_, err = d.forget(tx, hashes)
-		return err
+		if _, err = d.forget(tx, hashes); err != nil {
+			return err
+		}
+		return appendAudit(tx, audit)
 	})
 	return notQuarantined, err
 }

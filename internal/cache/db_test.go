@@ -48,6 +48,13 @@ func must(t *testing.T, err error) {
 	}
 }
 
+func mustAllow(t *testing.T) func([]policy.AllowEntry, error) {
+	return func(_ []policy.AllowEntry, err error) {
+		t.Helper()
+		must(t, err)
+	}
+}
+
 // mustSHA256 parses a hash literal of the tests.
 func mustSHA256(s string) narinfo.SHA256 {
 	h, err := narinfo.ParseSHA256(s)
@@ -187,7 +194,7 @@ func TestAttestations(t *testing.T) {
 		attestation(hashA, "r1", "sig1"),
 		attestation(hashA, "r2", "sig2"),
 		attestation(hashA, "r1", "sig1"), // the same again in one batch
-	})
+	}, nil)
 	must(t, err)
 	if !slices.Equal(res, []bool{true, true, false}) {
 		t.Errorf("results = %v", res)
@@ -197,7 +204,7 @@ func TestAttestations(t *testing.T) {
 
 	// Re-importing what is known changes nothing, and forgets nothing.
 	putRecords(t, db, hashA)
-	res, err = db.PutAttestations([]policy.Attestation{attestation(hashA, "r2", "sig2")})
+	res, err = db.PutAttestations([]policy.Attestation{attestation(hashA, "r2", "sig2")}, nil)
 	must(t, err)
 	if !slices.Equal(res, []bool{false}) {
 		t.Errorf("results = %v", res)
@@ -205,14 +212,14 @@ func TestAttestations(t *testing.T) {
 	haveRecords(t, db, map[string]bool{hashA: true})
 
 	// A new signature by the same key replaces the old attestation.
-	res, err = db.PutAttestations([]policy.Attestation{attestation(hashA, "r1", "sig1-rebuilt")})
+	res, err = db.PutAttestations([]policy.Attestation{attestation(hashA, "r1", "sig1-rebuilt")}, nil)
 	must(t, err)
 	if !slices.Equal(res, []bool{true}) {
 		t.Errorf("results = %v", res)
 	}
 	haveRecords(t, db, map[string]bool{hashA: false})
 
-	_, err = db.PutAttestations([]policy.Attestation{attestation(hashB, "r1", "sigB")})
+	_, err = db.PutAttestations([]policy.Attestation{attestation(hashB, "r1", "sigB")}, nil)
 	must(t, err)
 
 	ev, _, err := db.Evidence(hashA)
@@ -239,7 +246,7 @@ func TestAttestations(t *testing.T) {
 		t.Errorf("evidence of an unknown path: %+v", ev)
 	}
 
-	res, err = db.PutAttestations(nil)
+	res, err = db.PutAttestations(nil, nil)
 	if err != nil || len(res) != 0 {
 		t.Errorf("empty import: %v, %v", res, err)
 	}
@@ -252,7 +259,7 @@ func TestAllowList(t *testing.T) {
 		{StorePath: sp(hashA, "hello"), NarHash: mustSHA256("sha256:1d5wv32xxc3zz9rv66d13ajla2r8zl68wqdlfhy92njh782rw78v"), Reason: "reviewed", Added: t0},
 		{StorePath: sp(hashB, "world"), Reason: "unpinned", Added: t0, Expires: t0.Add(time.Hour)},
 	}
-	must(t, db.PutAllow(entries))
+	mustAllow(t)(db.PutAllow(entries, nil))
 	haveRecords(t, db, map[string]bool{hashA: false, hashB: false, hashC: true})
 
 	list, err := db.AllowList()
@@ -269,14 +276,14 @@ func TestAllowList(t *testing.T) {
 
 	// Replacing an entry keeps one per path.
 	entries[1].Reason = "re-reviewed"
-	must(t, db.PutAllow(entries[1:]))
+	mustAllow(t)(db.PutAllow(entries[1:], nil))
 	list, _ = db.AllowList()
 	if len(list) != 2 || list[1].Reason != "re-reviewed" {
 		t.Errorf("AllowList after replace = %+v", list)
 	}
 
 	putRecords(t, db, hashA, hashB)
-	missing, err := db.RemoveAllow([]string{hashA, hashC})
+	missing, err := db.RemoveAllow([]string{hashA, hashC}, nil)
 	must(t, err)
 	if !slices.Equal(missing, []string{hashC}) {
 		t.Errorf("missing = %v, want [%s]", missing, hashC)
@@ -322,7 +329,7 @@ func TestDenyList(t *testing.T) {
 		{Pattern: "*-openssl-3.0.7*", Reason: "CVE", Added: t0},
 		{Pattern: sp(hashE, "evil"), Added: t0},
 	}
-	dropped, err := db.PutDeny(entries, denyMatch("*-openssl-3.0.7*", sp(hashE, "evil")))
+	dropped, err := db.PutDeny(entries, denyMatch("*-openssl-3.0.7*", sp(hashE, "evil")), nil)
 	must(t, err)
 	// Exactly the matching decision and the one resting on it are forgotten.
 	if dropped != 2 {
@@ -347,7 +354,7 @@ func TestDenyList(t *testing.T) {
 
 	// A NarHash pattern matches by the stored NarHash, whatever the name.
 	recB, _ := db.Record(hashB)
-	dropped, err = db.PutDeny([]policy.DenyEntry{{Pattern: recB.NAR.NarHash.String(), Added: t0}}, denyMatch(recB.NAR.NarHash.String()))
+	dropped, err = db.PutDeny([]policy.DenyEntry{{Pattern: recB.NAR.NarHash.String(), Added: t0}}, denyMatch(recB.NAR.NarHash.String()), nil)
 	must(t, err)
 	if dropped != 1 {
 		t.Errorf("PutDeny by NarHash dropped %d, want 1", dropped)
@@ -358,7 +365,7 @@ func TestDenyList(t *testing.T) {
 	// decisions it matched, and only those.
 	putAt(t, db, sp(hashA, "openssl-3.0.7"))
 	putAt(t, db, sp(hashB, "hello"))
-	missing, err := db.RemoveDeny([]string{"*-openssl-3.0.7*", "nope"}, denyMatch("*-openssl-3.0.7*", "nope"))
+	missing, err := db.RemoveDeny([]string{"*-openssl-3.0.7*", "nope"}, denyMatch("*-openssl-3.0.7*", "nope"), nil)
 	must(t, err)
 	if !slices.Equal(missing, []string{"nope"}) {
 		t.Errorf("missing = %v", missing)
@@ -392,7 +399,7 @@ func TestQuarantineRetry(t *testing.T) {
 	}
 
 	putRecords(t, db, hashA) // e.g. decided in report mode meanwhile
-	notQ, err := db.Retry([]string{hashA, hashB})
+	notQ, err := db.Retry([]string{hashA, hashB}, nil)
 	must(t, err)
 	if !slices.Equal(notQ, []string{hashB}) {
 		t.Errorf("not quarantined = %v", notQ)
@@ -406,7 +413,7 @@ func TestQuarantineRetry(t *testing.T) {
 	if got, _ := db.Quarantine(hashA); got != nil {
 		t.Errorf("Quarantine(A) after retry = %+v", got)
 	}
-	notQ, _ = db.Retry([]string{hashA})
+	notQ, _ = db.Retry([]string{hashA}, nil)
 	if !slices.Equal(notQ, []string{hashA}) {
 		t.Errorf("second retry: not quarantined = %v", notQ)
 	}
@@ -521,11 +528,11 @@ func TestRejectionsPruned(t *testing.T) {
 func TestReopenPersists(t *testing.T) {
 	db, file := openTestDB(t)
 	putRecords(t, db, hashA)
-	_, err := db.PutAttestations([]policy.Attestation{attestation(hashA, "r1", "sig1")})
+	_, err := db.PutAttestations([]policy.Attestation{attestation(hashA, "r1", "sig1")}, nil)
 	must(t, err)
 	putRecords(t, db, hashA)
-	must(t, db.PutAllow([]policy.AllowEntry{{StorePath: sp(hashB, "x"), Added: t0, Expires: t0.Add(time.Hour)}}))
-	dropped, err := db.PutDeny([]policy.DenyEntry{{Pattern: "*-evil-*", Added: t0}}, denyMatch("*-evil-*"))
+	mustAllow(t)(db.PutAllow([]policy.AllowEntry{{StorePath: sp(hashB, "x"), Added: t0, Expires: t0.Add(time.Hour)}}, nil))
+	dropped, err := db.PutDeny([]policy.DenyEntry{{Pattern: "*-evil-*", Added: t0}}, denyMatch("*-evil-*"), nil)
 	must(t, err)
 	if dropped != 0 {
 		t.Errorf("a deny entry matching no decision dropped %d", dropped)
@@ -625,7 +632,7 @@ func TestPutRecordStaleEpoch(t *testing.T) {
 	db, _ := openTestDB(t)
 	_, epoch, err := db.Evidence(hashA)
 	must(t, err)
-	_, err = db.PutDeny([]policy.DenyEntry{{Pattern: hashA}}, denyMatch(hashA))
+	_, err = db.PutDeny([]policy.DenyEntry{{Pattern: hashA}}, denyMatch(hashA), nil)
 	must(t, err)
 	stored, err := db.PutRecord(hashA, record(hashA), epoch)
 	must(t, err)
@@ -684,24 +691,24 @@ func TestEvidenceChangeDropsDependents(t *testing.T) {
 
 	putAt(t, db, sp(hashB, "b"))
 	putAt(t, db, sp(hashC, "c"), hashB)
-	_, err := db.PutAttestations([]policy.Attestation{attestation(hashB, "r1", "sig1")})
+	_, err := db.PutAttestations([]policy.Attestation{attestation(hashB, "r1", "sig1")}, nil)
 	must(t, err)
 	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: false})
 
 	putAt(t, db, sp(hashB, "b"))
 	putAt(t, db, sp(hashC, "c"), hashB)
-	must(t, db.PutAllow([]policy.AllowEntry{{StorePath: sp(hashB, "b"), Added: t0}}))
+	mustAllow(t)(db.PutAllow([]policy.AllowEntry{{StorePath: sp(hashB, "b"), Added: t0}}, nil))
 	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: false})
 
 	putAt(t, db, sp(hashB, "b"))
 	putAt(t, db, sp(hashC, "c"), hashB)
-	_, err = db.RemoveAllow([]string{hashB})
+	_, err = db.RemoveAllow([]string{hashB}, nil)
 	must(t, err)
 	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: false})
 
 	putAt(t, db, sp(hashB, "b"))
 	putAt(t, db, sp(hashC, "c"), hashB)
-	_, err = db.Retry([]string{hashB})
+	_, err = db.Retry([]string{hashB}, nil)
 	must(t, err)
 	haveRecords(t, db, map[string]bool{hashA: true, hashB: false, hashC: false})
 }

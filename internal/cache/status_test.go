@@ -39,7 +39,7 @@ func TestAttestationsByKey(t *testing.T) {
 	db, _ := openTestDB(t)
 	_, err := db.PutAttestations([]policy.Attestation{
 		attestation(hashA, "r1", "s1"), attestation(hashB, "r1", "s2"), attestation(hashA, "r2", "s3"),
-	})
+	}, nil)
 	must(t, err)
 	got, err := db.AttestationsByKey()
 	must(t, err)

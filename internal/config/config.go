@@ -101,7 +101,22 @@ type Admin struct {
 	// address: the bearer token must not cross a network in clear text.
 	TLSCertFile string `toml:"tls_cert_file"`
 	TLSKeyFile  string `toml:"tls_key_file"`
+	// Tokens are named admin tokens, one per person or machine (a
+	// rebuilder), so that the audit trail says who made each change. The
+	// token in TokenFile is always valid too, under the name "admin".
+	Tokens []AdminToken `toml:"tokens"`
 }
+
+// AdminToken is one named admin token: [[admin.tokens]] name = "alice",
+// file = "/run/keys/alice.token". The file holds the token (at least 16
+// bytes; surrounding white space is ignored) and is never generated.
+type AdminToken struct {
+	Name string `toml:"name"`
+	File string `toml:"file"`
+}
+
+// DefaultTokenName is the name of the token in admin.token_file.
+const DefaultTokenName = "admin"
 
 // TLS reports whether the admin API is meant to serve HTTPS: either TLS key
 // is set. Either one, not both, so that a config naming only one of them

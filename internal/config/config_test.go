@@ -149,7 +149,9 @@ func TestFullExample(t *testing.T) {
 		Policy: Policy{Attesters: keys(keyA, keyB), Quorum: 2, ContentAddressed: false, RequireClosure: true},
 		Cache:  Cache{MaxSize: 500_000_000, MaxNarSize: 100 << 20, MinFree: 1 << 30, ScrubPeriod: Duration{3 * 24 * time.Hour}, NegativeTTL: Duration{5 * time.Second}},
 		Admin: Admin{Listen: "127.0.0.1:5481", TokenFile: "/run/keys/cacheproxy-admin-token",
-			TLSCertFile: "/run/keys/cacheproxy-admin.crt", TLSKeyFile: "/run/keys/cacheproxy-admin.key"},
+			TLSCertFile: "/run/keys/cacheproxy-admin.crt", TLSKeyFile: "/run/keys/cacheproxy-admin.key",
+			Tokens: []AdminToken{{Name: "alice", File: "/run/keys/cacheproxy-alice.token"},
+				{Name: "rebuilder-a", File: "/run/keys/cacheproxy-rebuilder-a.token"}}},
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("full example:\n got %+v\nwant %+v", cfg, want)
@@ -158,6 +160,9 @@ func TestFullExample(t *testing.T) {
 	// it validates.
 	cfg.SigningKeyFile = writeFile(t, "secret")
 	cfg.Admin.TLSCertFile, cfg.Admin.TLSKeyFile = writeCertPair(t)
+	for i := range cfg.Admin.Tokens {
+		cfg.Admin.Tokens[i].File = writeFile(t, "token-of-at-least-16-bytes")
+	}
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("full example does not validate: %v", err)
 	}
@@ -615,5 +620,64 @@ func TestValidateReportsAdminTLSWithOthers(t *testing.T) {
 				t.Errorf("error %q misses %q", err, w)
 			}
 		}
+	}
+}
+
+// [[admin.tokens]] parse from TOML and are validated: names unique, fit
+// for logs and not the default token's, files readable.
+func TestAdminTokens(t *testing.T) {
+	dir := t.TempDir()
+	alice := filepath.Join(dir, "alice.token")
+	if err := os.WriteFile(alice, []byte(strings.Repeat("a", 32)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Load(writeFile(t, `
+[admin]
+token_file = "/run/keys/cacheproxy-admin-token"
+
+[[admin.tokens]]
+name = "alice"
+file = "`+alice+`"
+
+[[admin.tokens]]
+name = "rebuilder-1"
+file = "`+alice+`"
+`), Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []AdminToken{{Name: "alice", File: alice}, {Name: "rebuilder-1", File: alice}}
+	if !reflect.DeepEqual(cfg.Admin.Tokens, want) {
+		t.Errorf("tokens = %+v, want %+v", cfg.Admin.Tokens, want)
+	}
+	cfg.Admin.TokenFile = ""
+	if err := cfg.Validate(); err != nil {
+		t.Errorf("valid tokens refused: %v", err)
+	}
+	if _, err := Load(writeFile(t, "[[admin.tokens]]\nname = \"x\"\nfiel = \"/tmp/x\"\n"), Env{}); err == nil || !strings.Contains(err.Error(), "admin.tokens.fiel") {
+		t.Errorf("unknown key in [[admin.tokens]]: %v", err)
+	}
+
+	for _, tc := range []struct {
+		name   string
+		tokens []AdminToken
+		want   string
+	}{
+		{"duplicate name", []AdminToken{{"alice", alice}, {"alice", alice}}, `admin.tokens[1].name: "alice" is already the name of admin.tokens[0]`},
+		{"default name", []AdminToken{{"admin", alice}}, `admin.tokens[0].name: "admin" is the name of admin.token_file's token`},
+		{"empty name", []AdminToken{{"", alice}}, `admin.tokens[0].name: "" must be`},
+		{"name with a space", []AdminToken{{"alice smith", alice}}, `admin.tokens[0].name: "alice smith" must be`},
+		{"no file", []AdminToken{{"alice", ""}}, "admin.tokens[0].file: must be set"},
+		{"missing file", []AdminToken{{"alice", filepath.Join(dir, "nope")}}, "admin.tokens[0].file: not readable"},
+		{"directory", []AdminToken{{"alice", dir}}, "admin.tokens[0].file: " + dir + " is a directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Defaults(Env{})
+			cfg.Admin.Tokens = tc.tokens
+			err := cfg.Validate()
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("Validate = %v, want %q", err, tc.want)
+			}
+		})
 	}
 }

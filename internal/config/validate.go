@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"path"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -52,6 +53,7 @@ func (c Config) Validate() error {
 		}
 	}
 	errs = append(errs, c.Admin.validateTLS()...)
+	errs = append(errs, c.Admin.validateTokens()...)
 	if strings.TrimSpace(c.StateDir) == "" {
 		add("state_dir", "must not be empty")
 	}
@@ -171,6 +173,36 @@ func (a Admin) validateTLS() []error {
 	}
 	return errs
 }
+
+// validateTokens checks [[admin.tokens]]: a name fit for logs and the
+// audit trail, unique and not the default token's, and a readable file.
+// How long the token is, and who else may read it, the server checks as it
+// loads it (as for admin.token_file).
+func (a Admin) validateTokens() []error {
+	var errs []error
+	names := map[string]int{}
+	for i, t := range a.Tokens {
+		key := fmt.Sprintf("admin.tokens[%d]", i)
+		switch j, dup := names[t.Name]; {
+		case !tokenNameRe.MatchString(t.Name):
+			errs = append(errs, &FieldError{Key: key + ".name", Err: fmt.Errorf("%q must be 1 to 64 letters, digits, '.', '_', '@' or '-'", t.Name)})
+		case t.Name == DefaultTokenName:
+			errs = append(errs, &FieldError{Key: key + ".name", Err: fmt.Errorf("%q is the name of admin.token_file's token; choose another", t.Name)})
+		case dup:
+			errs = append(errs, &FieldError{Key: key + ".name", Err: fmt.Errorf("%q is already the name of admin.tokens[%d]", t.Name, j)})
+		default:
+			names[t.Name] = i
+		}
+		if t.File == "" {
+			errs = append(errs, &FieldError{Key: key + ".file", Err: errors.New("must be set (the file holding the token)")})
+		} else if err := checkPEMFile(t.File); err != nil {
+			errs = append(errs, &FieldError{Key: key + ".file", Err: err})
+		}
+	}
+	return errs
+}
+
+var tokenNameRe = regexp.MustCompile(`^[A-Za-z0-9._@-]{1,64}$`)
 
 // IsLoopbackHost reports whether a listen address's host only accepts
 // connections from this machine: an IP in 127.0.0.0/8, ::1, or "localhost".

@@ -22,9 +22,11 @@ var (
 	ErrUnavailable = errors.New("upstream unavailable")
 )
 
-// Every admin change below writes its evidence and drops the stored
-// decisions it affects in one transaction, and nothing else: a fleet
-// machine holding a narinfo for any other path keeps getting its NAR.
+// Every admin change below writes its evidence, drops the stored decisions
+// it affects and appends its audit record in one transaction, and nothing
+// else: a fleet machine holding a narinfo for any other path keeps getting
+// its NAR, and no change is stored without its record. A refused change
+// is recorded too, alone.
 
 // AttestOutcome is what import did with one path's signature by one key.
 type AttestOutcome int
@@ -47,15 +49,20 @@ type AttestResult struct {
 // Attest stores the signatures in claims made by configured attester keys
 // that verify over the claim's own fingerprint. Whether that fingerprint
 // matches what an upstream serves is decided per request by the policy.
-func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
+func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) {
 	now := g.now()
+	paths := make([]string, len(claims))
+	for i, c := range claims {
+		paths[i] = c.StorePath
+	}
+	rec := g.auditRecord(by, cache.ActionAttest, paths)
 	var results []AttestResult
 	var toStore []policy.Attestation
 	var storeIdx []int
 	for _, c := range claims {
 		fp, err := c.Fingerprint(g.policy.StoreDir)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err)
+			return nil, g.refused(rec, fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err))
 		}
 		found := false
 		for _, sig := range c.Sigs {
@@ -67,6 +74,7 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 				found = true
 				if !key.Verify(fp, sig) {
 					results = append(results, AttestResult{Path: c.StorePath, Key: key.Name, Outcome: AttestBadSignature})
+					rec.Count(cache.CountBadSignature, 1)
 					continue
 				}
 				storeIdx = append(storeIdx, len(results))
@@ -84,12 +92,14 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 				names = append(names, name)
 			}
 			results = append(results, AttestResult{Path: c.StorePath, Key: strings.Join(names, ","), Outcome: AttestNoAttester})
+			rec.Count(cache.CountNoAttester, 1)
 		}
 	}
-	stored, err := g.db.PutAttestations(toStore)
+	stored, err := g.db.PutAttestations(toStore, rec)
 	if err != nil {
-		return nil, fmt.Errorf("store attestations: %w", err)
+		return nil, g.refused(rec, fmt.Errorf("store attestations: %w", err))
 	}
+	g.logChange(rec)
 	for i, ok := range stored {
 		results[storeIdx[i]].Outcome = AttestKnown
 		if ok {
@@ -131,11 +141,12 @@ func (g *Gate) Pin(ctx context.Context, hash string) (*narinfo.NarInfo, error) {
 }
 
 // Allow pins each path (with closure, also everything it references,
-// transitively) to the NarHash its upstream serves now. Every path is
-// resolved before anything is written.
-func (g *Gate) Allow(ctx context.Context, hashes []string, closure bool, reason string, expires time.Time) ([]policy.AllowEntry, error) {
+// transitively) to the NarHash its upstream serves now, with by.Reason.
+// Every path is resolved before anything is written. It returns the
+// entries added and, as they were, those they replaced.
+func (g *Gate) Allow(ctx context.Context, by Change, hashes []string, closure bool, expires time.Time) (entries, replaced []policy.AllowEntry, err error) {
 	now := g.now()
-	var entries []policy.AllowEntry
+	rec := g.auditRecord(by, cache.ActionAllowAdd, hashes)
 	seen := map[string]bool{}
 	for len(hashes) > 0 {
 		h := hashes[0]
@@ -146,14 +157,14 @@ func (g *Gate) Allow(ctx context.Context, hashes []string, closure bool, reason 
 		seen[h] = true
 		ni, err := g.Pin(ctx, h)
 		if err != nil {
-			return nil, err
+			return nil, nil, g.refused(rec, err)
 		}
 		fp, err := ni.Fingerprint(g.policy.StoreDir)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, ni.StorePath, err)
+			return nil, nil, g.refused(rec, fmt.Errorf("%w: %s: %v", ErrInvalid, ni.StorePath, err))
 		}
 		entries = append(entries, policy.AllowEntry{StorePath: ni.StorePath, NarHash: ni.NarHash, Fingerprint: fp,
-			Reason: reason, Added: now, Expires: expires})
+			Reason: by.Reason, Added: now, Expires: expires})
 		if closure {
 			for _, ref := range ni.References {
 				if rh, _, err := narinfo.ParseBaseName(ref); err == nil {
@@ -162,47 +173,54 @@ func (g *Gate) Allow(ctx context.Context, hashes []string, closure bool, reason 
 			}
 		}
 	}
-	if err := g.db.PutAllow(entries); err != nil {
-		return nil, fmt.Errorf("store allowlist: %w", err)
+	// The record names what was pinned (the closure included), not only
+	// what was asked for.
+	paths := make([]string, len(entries))
+	for i, e := range entries {
+		paths[i] = e.StorePath
+	}
+	rec.SetWhat(paths)
+	if replaced, err = g.db.PutAllow(entries, rec); err != nil {
+		return nil, nil, g.refused(rec, fmt.Errorf("store allowlist: %w", err))
 	}
 	g.refreshGauges()
-	for _, e := range entries {
-		g.log.Info("allowlisted", "path", e.StorePath, "nar_hash", e.NarHash.String(), "reason", e.Reason, "expires", e.Expires)
-	}
-	return entries, nil
+	g.logChange(rec)
+	return entries, replaced, nil
 }
 
 // RemoveAllow removes allowlist entries; it returns the hashes that had one
 // and those that had none.
-func (g *Gate) RemoveAllow(hashes []string) (removed, missing []string, err error) {
-	if missing, err = g.db.RemoveAllow(hashes); err != nil {
-		return nil, nil, err
+func (g *Gate) RemoveAllow(by Change, hashes []string) (removed, missing []string, err error) {
+	rec := g.auditRecord(by, cache.ActionAllowRemove, hashes)
+	if missing, err = g.db.RemoveAllow(hashes, rec); err != nil {
+		return nil, nil, g.refused(rec, err)
 	}
 	g.refreshGauges()
-	removed = minus(hashes, missing)
-	for _, h := range removed {
-		g.log.Info("allowlist entry removed", "hash", h)
-	}
-	return removed, missing, nil
+	g.logChange(rec)
+	return minus(hashes, missing), missing, nil
 }
 
-// Deny adds denylist entries and drops the stored decisions they match.
-func (g *Gate) Deny(entries []policy.DenyEntry) error {
-	for _, e := range entries {
-		if policy.DenyKind(e.Pattern, g.policy.StoreDir) == "" {
-			return fmt.Errorf("%w: %q is not a store path, hash, NarHash, <hash>-<name> or glob over <hash>-<name>%s",
-				ErrInvalid, e.Pattern, denySuggestion(e.Pattern))
+// Deny adds a denylist entry for each pattern, with by.Reason, and drops
+// the stored decisions they match. It returns the entries added.
+func (g *Gate) Deny(by Change, patterns []string) ([]policy.DenyEntry, error) {
+	rec := g.auditRecord(by, cache.ActionDenyAdd, patterns)
+	if len(patterns) == 0 {
+		return nil, g.refused(rec, fmt.Errorf("%w: no patterns given", ErrInvalid))
+	}
+	now := g.now()
+	entries := make([]policy.DenyEntry, len(patterns))
+	for i, p := range patterns {
+		if policy.DenyKind(p, g.policy.StoreDir) == "" {
+			return nil, g.refused(rec, fmt.Errorf("%w: %q is not a store path, hash, NarHash, <hash>-<name> or glob over <hash>-<name>%s",
+				ErrInvalid, p, denySuggestion(p)))
 		}
+		entries[i] = policy.DenyEntry{Pattern: p, Reason: by.Reason, Added: now}
 	}
-	dropped, err := g.db.PutDeny(entries, g.denyMatch(entries))
-	if err != nil {
-		return fmt.Errorf("store denylist: %w", err)
+	if _, err := g.db.PutDeny(entries, g.denyMatch(entries), rec); err != nil {
+		return nil, g.refused(rec, fmt.Errorf("store denylist: %w", err))
 	}
-	for _, e := range entries {
-		g.log.Info("denied", "pattern", e.Pattern, "reason", e.Reason)
-	}
-	g.log.Info("decisions dropped by deny", "count", dropped)
-	return nil
+	g.logChange(rec)
+	return entries, nil
 }
 
 // denySuggestion proposes the glob an operator most likely meant by a bare
@@ -216,19 +234,17 @@ func denySuggestion(pattern string) string {
 
 // RemoveDeny removes denylist entries; it returns the patterns that had one
 // and those that had none.
-func (g *Gate) RemoveDeny(patterns []string) (removed, missing []string, err error) {
+func (g *Gate) RemoveDeny(by Change, patterns []string) (removed, missing []string, err error) {
+	rec := g.auditRecord(by, cache.ActionDenyRemove, patterns)
 	entries := make([]policy.DenyEntry, len(patterns))
 	for i, p := range patterns {
 		entries[i].Pattern = p
 	}
-	if missing, err = g.db.RemoveDeny(patterns, g.denyMatch(entries)); err != nil {
-		return nil, nil, err
+	if missing, err = g.db.RemoveDeny(patterns, g.denyMatch(entries), rec); err != nil {
+		return nil, nil, g.refused(rec, err)
 	}
-	removed = minus(patterns, missing)
-	for _, p := range removed {
-		g.log.Info("denylist entry removed", "pattern", p)
-	}
-	return removed, missing, nil
+	g.logChange(rec)
+	return minus(patterns, missing), missing, nil
 }
 
 // denyMatch reports whether any of entries matches a stored decision.
@@ -247,15 +263,16 @@ func (g *Gate) denyMatch(entries []policy.DenyEntry) func(base string, narHash n
 // Retry lifts nar_mismatch quarantines: the next request fetches and
 // verifies the NAR again. It returns the hashes that were quarantined and
 // those that were not.
-func (g *Gate) Retry(hashes []string) (lifted, notQuarantined []string, err error) {
-	if notQuarantined, err = g.db.Retry(hashes); err != nil {
-		return nil, nil, err
+func (g *Gate) Retry(by Change, hashes []string) (lifted, notQuarantined []string, err error) {
+	rec := g.auditRecord(by, cache.ActionRetry, hashes)
+	if notQuarantined, err = g.db.Retry(hashes, rec); err != nil {
+		return nil, nil, g.refused(rec, err)
 	}
 	lifted = minus(hashes, notQuarantined)
 	for _, h := range lifted {
 		g.db.ClearRejection(h)
-		g.log.Info("quarantine lifted", "hash", h)
 	}
+	g.logChange(rec)
 	return lifted, notQuarantined, nil
 }
 

@@ -1,10 +1,10 @@
 package gate
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/rand"
 	"net/http"
@@ -127,6 +127,25 @@ type fixture struct {
 	rebuilder verify.SecretKey
 	db        *cache.DB
 	blobs     *cache.Blobs
+	logs      *lockedBuffer
+}
+
+// lockedBuffer collects the gate's log lines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func newFixture(t testing.TB, requireClosure bool) *fixture {
@@ -157,25 +176,26 @@ func newFixtureTTL(t testing.TB, requireClosure bool, negativeTTL time.Duration)
 	if err != nil {
 		t.Fatal(err)
 	}
+	logs := &lockedBuffer{}
 	g, err := New(Options{
 		Policy: policy.Policy{StoreDir: storeDir, Attesters: []verify.PublicKey{rb.Public()}, Quorum: 1,
 			ContentAddressed: true, RequireClosure: requireClosure},
 		Upstreams: []Upstream{{Client: c, Keys: []verify.PublicKey{up.key.Public()}}},
 		Key:       gk, DB: db, Blobs: blobs, Metrics: metrics.New(), NegativeTTL: negativeTTL,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Log: slog.New(slog.NewTextHandler(logs, nil)),
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { g.Close(); blobs.Close(); db.Close() })
-	return &fixture{t: t, g: g, up: up, rebuilder: rb, db: db, blobs: blobs}
+	return &fixture{t: t, g: g, up: up, rebuilder: rb, db: db, blobs: blobs, logs: logs}
 }
 
 // attest stores a rebuilder attestation for each object.
 func (f *fixture) attest(os ...*obj) {
 	f.t.Helper()
 	for _, o := range os {
-		res, err := f.g.Attest(attestClaims(f.t, o.signed(f.rebuilder)))
+		res, err := f.g.Attest(Change{Who: "test"}, attestClaims(f.t, o.signed(f.rebuilder)))
 		if err != nil || len(res) != 1 || res[0].Outcome != AttestStored {
 			f.t.Fatalf("attest %s: %v %+v", o.base(), err, res)
 		}
@@ -245,7 +265,7 @@ func TestNARDecidesAgain(t *testing.T) {
 	wantAnswer(t, "stale NAR file", f.nar(stale), Reject, "rejected; reason=stale_narinfo")
 
 	// Lost approval: the NAR is refused with the reason, decided again.
-	if err := f.g.Deny([]policy.DenyEntry{{Pattern: "*-app-1.0"}}); err != nil {
+	if _, err := f.g.Deny(Change{Who: "test"}, []string{"*-app-1.0"}); err != nil {
 		t.Fatal(err)
 	}
 	wantAnswer(t, "NAR of a denied path", f.nar(narFileOf(app)), Reject, "rejected; reason=denied")
@@ -265,7 +285,7 @@ func TestClosureInvalidation(t *testing.T) {
 	wantAnswer(t, "lone", f.narinfo(lone), Serve, "approved; reason=attested")
 	before := f.up.requests()
 
-	if err := f.g.Deny([]policy.DenyEntry{{Pattern: leaf.ni.StorePath}}); err != nil {
+	if _, err := f.g.Deny(Change{Who: "test"}, []string{leaf.ni.StorePath}); err != nil {
 		t.Fatal(err)
 	}
 	if n, _ := f.db.CountRecords(); n != 1 {
@@ -364,7 +384,7 @@ func checkGlobDeny(t testing.TB, n int) {
 		b.StartTimer()
 	}
 	start := time.Now()
-	dropped, err := f.db.PutDeny([]policy.DenyEntry{{Pattern: "*-openssl-3.0.7*"}}, f.g.denyMatch([]policy.DenyEntry{{Pattern: "*-openssl-3.0.7*"}}))
+	dropped, err := f.db.PutDeny([]policy.DenyEntry{{Pattern: "*-openssl-3.0.7*"}}, f.g.denyMatch([]policy.DenyEntry{{Pattern: "*-openssl-3.0.7*"}}), nil)
 	took := time.Since(start)
 	if err != nil || dropped != 10 {
 		t.Fatalf("glob deny over %d decisions dropped %d, want 10 (%v)", n, dropped, err)

@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -43,20 +44,52 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("GET "+adminapi.PathRejections, s.handleRejections)
 	mux.HandleFunc("POST "+adminapi.PathRetry, s.handleRetry)
 	mux.HandleFunc("POST "+adminapi.PathVerifyCache, s.handleVerifyCache)
+	mux.HandleFunc("GET "+adminapi.PathAudit, s.handleAudit)
 	return s.instrument("admin", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !s.authorized(r) {
+		who, ok := s.caller(r)
+		if !ok {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="cacheproxy"`)
 			writeError(w, http.StatusUnauthorized, "missing or wrong bearer token")
 			return
 		}
-		mux.ServeHTTP(w, r)
+		mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callerKey{}, who)))
 	}))
 }
 
-// authorized compares the bearer token in constant time.
-func (s *Server) authorized(r *http.Request) bool {
+// caller returns the name of the admin token the request carries. Every
+// token is compared, in constant time, whichever matches, so the time
+// taken says nothing about which token (or how much of one) was right.
+func (s *Server) caller(r *http.Request) (string, bool) {
 	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	return ok && len(s.token) > 0 && subtle.ConstantTimeCompare([]byte(tok), s.token) == 1
+	if !ok {
+		return "", false
+	}
+	match := -1
+	for i, t := range s.tokens {
+		if subtle.ConstantTimeCompare([]byte(tok), t.token) == 1 {
+			match = i
+		}
+	}
+	if match < 0 {
+		return "", false
+	}
+	return s.tokens[match].name, true
+}
+
+type callerKey struct{}
+
+// change is who makes the request's change, and why.
+func change(r *http.Request, reason string) gate.Change {
+	who, _ := r.Context().Value(callerKey{}).(string)
+	return gate.Change{Who: who, Reason: reason}
+}
+
+// refuse answers a mutating request that never reached the gate with a
+// 400, and records the attempt in the audit trail. what and reason must be
+// within their bounds: for a body that did not decode, pass none.
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, action string, what []string, reason string, err error) {
+	s.gate.Refused(change(r, reason), action, what, err)
+	writeError(w, http.StatusBadRequest, "%v", err)
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
@@ -86,27 +119,17 @@ func writeGateError(w http.ResponseWriter, prefix string, err error) {
 	writeError(w, code, "%s%v", prefix, err)
 }
 
-// readBody reads a request body of at most limit bytes.
-func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, bool) {
-	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
-	if err != nil {
-		writeError(w, http.StatusBadRequest, "read request body: %v", err)
-		return nil, false
-	}
-	return raw, true
-}
-
 // decodeJSON reads a JSON request body strictly: unknown fields, trailing
 // data after the object and oversized fields are mistakes, and a mistake
 // must not half-apply.
-func decodeJSON(w http.ResponseWriter, r *http.Request, v interface{ check() error }) bool {
-	raw, ok := readBody(w, r, maxJSONBody)
-	if !ok {
-		return false
+func decodeJSON(w http.ResponseWriter, r *http.Request, v interface{ check() error }) error {
+	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxJSONBody))
+	if err != nil {
+		return fmt.Errorf("read request body: %v", err)
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
-	err := dec.Decode(v)
+	err = dec.Decode(v)
 	if err == nil {
 		if _, terr := dec.Token(); terr != io.EOF {
 			err = errors.New("trailing data after the JSON object")
@@ -116,10 +139,9 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, v interface{ check() err
 		err = v.check()
 	}
 	if err != nil {
-		writeError(w, http.StatusBadRequest, "malformed JSON request: %v", err)
-		return false
+		return fmt.Errorf("malformed JSON request: %v", err)
 	}
-	return true
+	return nil
 }
 
 // checkFields bounds a list of paths or patterns and a reason.
@@ -146,8 +168,8 @@ type (
 	denyRequest     struct{ adminapi.DenyRequest }
 )
 
-func (r *pathsRequest) check() error    { return checkFields("paths", r.Paths, "") }
-func (r *patternsRequest) check() error { return checkFields("patterns", r.Patterns, "") }
+func (r *pathsRequest) check() error    { return checkFields("paths", r.Paths, r.Reason) }
+func (r *patternsRequest) check() error { return checkFields("patterns", r.Patterns, r.Reason) }
 func (r *allowRequest) check() error {
 	if len(r.Expires) > maxFieldLen {
 		return fmt.Errorf("an expiry of %d bytes", len(r.Expires))
@@ -194,16 +216,18 @@ func (s *Server) pathHashes(args []string) ([]string, error) {
 	return out, nil
 }
 
-// pathsRequest decodes a PathsRequest into hashes, answering 400 itself.
-func (s *Server) pathsRequest(w http.ResponseWriter, r *http.Request) ([]string, bool) {
+// pathsRequest decodes a PathsRequest into hashes and its reason,
+// answering 400 itself (and recording the refusal as action).
+func (s *Server) pathsRequest(w http.ResponseWriter, r *http.Request, action string) ([]string, string, bool) {
 	var req pathsRequest
-	if !decodeJSON(w, r, &req) {
-		return nil, false
+	if err := decodeJSON(w, r, &req); err != nil {
+		s.refuse(w, r, action, nil, "", err)
+		return nil, "", false
 	}
 	hashes, err := s.pathHashes(req.Paths)
 	if err != nil {
-		writeError(w, http.StatusBadRequest, "%v", err)
-		return nil, false
+		s.refuse(w, r, action, req.Paths, req.Reason, err)
+		return nil, "", false
 	}
-	return hashes, true
+	return hashes, req.Reason, true
 }

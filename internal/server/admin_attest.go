@@ -1,11 +1,13 @@
 package server
 
 import (
-	"log/slog"
+	"fmt"
+	"io"
 	"net/http"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/attest"
+	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/gate"
 )
 
@@ -20,17 +22,26 @@ var attestStatus = [...]string{
 // handleAttest imports rebuild attestations: `nix path-info --json --sigs`
 // output in any of its shapes, or narinfo text. A body that does not parse
 // changes nothing.
+//
+// Why is the reason query parameter (the body is Nix's own output, with no
+// room for one).
 func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request) {
-	raw, ok := readBody(w, r, maxAdminBody)
-	if !ok {
+	reason := r.URL.Query().Get("reason")
+	if len(reason) > maxReasonLen {
+		s.refuse(w, r, cache.ActionAttest, nil, "", fmt.Errorf("a reason of %d bytes; at most %d", len(reason), maxReasonLen))
+		return
+	}
+	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxAdminBody))
+	if err != nil {
+		s.refuse(w, r, cache.ActionAttest, nil, reason, fmt.Errorf("read request body: %v", err))
 		return
 	}
 	claims, err := attest.Parse(raw, s.cfg.StoreDir)
 	if err != nil {
-		writeError(w, http.StatusBadRequest, "attestations not imported: %v", err)
+		s.refuse(w, r, cache.ActionAttest, nil, reason, fmt.Errorf("attestations not imported: %v", err))
 		return
 	}
-	res, err := s.gate.Attest(claims)
+	res, err := s.gate.Attest(change(r, reason), claims)
 	if err != nil {
 		writeGateError(w, "attestations not imported: ", err)
 		return
@@ -40,10 +51,5 @@ func (s *Server) handleAttest(w http.ResponseWriter, r *http.Request) {
 		out.Results[i] = adminapi.AttestResult{Path: x.Path, Key: x.Key, Status: attestStatus[x.Outcome]}
 		out.Counts[out.Results[i].Status]++
 	}
-	attrs := []any{"paths", len(claims)}
-	for _, st := range attestStatus {
-		attrs = append(attrs, slog.Int(st, out.Counts[st]))
-	}
-	s.log.Info("attestations imported", attrs...)
 	writeJSON(w, http.StatusOK, out)
 }

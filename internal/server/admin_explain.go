@@ -2,6 +2,7 @@ package server
 
 import (
 	"net/http"
+	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/cache"
@@ -97,11 +98,11 @@ func (s *Server) handleRejections(w http.ResponseWriter, r *http.Request) {
 // handleRetry lifts nar_mismatch quarantines: the next request fetches and
 // verifies the NAR again.
 func (s *Server) handleRetry(w http.ResponseWriter, r *http.Request) {
-	hashes, ok := s.pathsRequest(w, r)
+	hashes, reason, ok := s.pathsRequest(w, r, cache.ActionRetry)
 	if !ok {
 		return
 	}
-	lifted, notQ, err := s.gate.Retry(hashes)
+	lifted, notQ, err := s.gate.Retry(change(r, reason), hashes)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, "%v", err)
 		return
@@ -116,4 +117,34 @@ func (s *Server) handleVerifyCache(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, adminapi.NewVerifyCache(n, failed))
+}
+
+// handleAudit returns the audit trail, oldest first; ?since=RFC3339 leaves
+// out older records.
+func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request) {
+	var since time.Time
+	if v := r.URL.Query().Get("since"); v != "" {
+		var err error
+		if since, err = time.Parse(time.RFC3339, v); err != nil {
+			writeError(w, http.StatusBadRequest, "since %q: want an RFC 3339 time such as 2025-06-01T12:00:00Z", v)
+			return
+		}
+	}
+	recs, err := s.gate.Audit(since)
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, "%v", err)
+		return
+	}
+	out := adminapi.Audit{Records: make([]adminapi.AuditRecord, len(recs))}
+	for i, rec := range recs {
+		out.Records[i] = adminapi.AuditRecord{Time: rec.Time, Who: rec.Who, Action: rec.Action, Reason: rec.Reason,
+			What: rec.What, WhatMore: rec.WhatMore, Outcome: rec.Outcome, Error: rec.Error, Counts: rec.Counts}
+		if len(rec.PreviousAllow) > 0 {
+			out.Records[i].PreviousAllow = allowWire(rec.PreviousAllow)
+		}
+		if len(rec.PreviousDeny) > 0 {
+			out.Records[i].PreviousDeny = denyWire(rec.PreviousDeny)
+		}
+	}
+	writeJSON(w, http.StatusOK, out)
 }

@@ -1,10 +1,13 @@
 package server
 
 import (
+	"errors"
+	"fmt"
 	"net/http"
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
+	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
 )
@@ -40,37 +43,39 @@ func (s *Server) handleAllowList(w http.ResponseWriter, r *http.Request) {
 // resolved fails the whole request.
 func (s *Server) handleAllowAdd(w http.ResponseWriter, r *http.Request) {
 	var req allowRequest
-	if !decodeJSON(w, r, &req) {
+	if err := decodeJSON(w, r, &req); err != nil {
+		s.refuse(w, r, cache.ActionAllowAdd, nil, "", err)
 		return
 	}
 	hashes, err := s.pathHashes(req.Paths)
 	if err != nil {
-		writeError(w, http.StatusBadRequest, "%v", err)
+		s.refuse(w, r, cache.ActionAllowAdd, req.Paths, req.Reason, err)
 		return
 	}
 	var expires time.Time
 	if req.Expires != "" {
 		d, err := config.ParseDuration(req.Expires)
 		if err != nil || d <= 0 {
-			writeError(w, http.StatusBadRequest, "expires %q: want a positive duration such as 30d or 12h", req.Expires)
+			s.refuse(w, r, cache.ActionAllowAdd, req.Paths, req.Reason,
+				fmt.Errorf("expires %q: want a positive duration such as 30d or 12h", req.Expires))
 			return
 		}
 		expires = time.Now().Add(d)
 	}
-	entries, err := s.gate.Allow(r.Context(), hashes, req.Closure, req.Reason, expires)
+	entries, replaced, err := s.gate.Allow(r.Context(), change(r, req.Reason), hashes, req.Closure, expires)
 	if err != nil {
 		writeGateError(w, "nothing added: ", err)
 		return
 	}
-	writeJSON(w, http.StatusOK, adminapi.AllowList{Entries: allowWire(entries)})
+	writeJSON(w, http.StatusOK, adminapi.AllowList{Entries: allowWire(entries), Replaced: allowWire(replaced)})
 }
 
 func (s *Server) handleAllowRemove(w http.ResponseWriter, r *http.Request) {
-	hashes, ok := s.pathsRequest(w, r)
+	hashes, reason, ok := s.pathsRequest(w, r, cache.ActionAllowRemove)
 	if !ok {
 		return
 	}
-	removed, missing, err := s.gate.RemoveAllow(hashes)
+	removed, missing, err := s.gate.RemoveAllow(change(r, reason), hashes)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, "%v", err)
 		return
@@ -89,19 +94,12 @@ func (s *Server) handleDenyList(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) handleDenyAdd(w http.ResponseWriter, r *http.Request) {
 	var req denyRequest
-	if !decodeJSON(w, r, &req) {
+	if err := decodeJSON(w, r, &req); err != nil {
+		s.refuse(w, r, cache.ActionDenyAdd, nil, "", err)
 		return
 	}
-	if len(req.Patterns) == 0 {
-		writeError(w, http.StatusBadRequest, "no patterns given")
-		return
-	}
-	now := time.Now()
-	entries := make([]policy.DenyEntry, 0, len(req.Patterns))
-	for _, p := range req.Patterns {
-		entries = append(entries, policy.DenyEntry{Pattern: p, Reason: req.Reason, Added: now})
-	}
-	if err := s.gate.Deny(entries); err != nil {
+	entries, err := s.gate.Deny(change(r, req.Reason), req.Patterns)
+	if err != nil {
 		writeGateError(w, "nothing denied: ", err)
 		return
 	}
@@ -110,14 +108,15 @@ func (s *Server) handleDenyAdd(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) handleDenyRemove(w http.ResponseWriter, r *http.Request) {
 	var req patternsRequest
-	if !decodeJSON(w, r, &req) {
+	if err := decodeJSON(w, r, &req); err != nil {
+		s.refuse(w, r, cache.ActionDenyRemove, nil, "", err)
 		return
 	}
 	if len(req.Patterns) == 0 {
-		writeError(w, http.StatusBadRequest, "no patterns given")
+		s.refuse(w, r, cache.ActionDenyRemove, nil, req.Reason, errors.New("no patterns given"))
 		return
 	}
-	removed, missing, err := s.gate.RemoveDeny(req.Patterns)
+	removed, missing, err := s.gate.RemoveDeny(change(r, req.Reason), req.Patterns)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, "%v", err)
 		return

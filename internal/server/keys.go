@@ -2,6 +2,7 @@ package server
 
 import (
 	"crypto/rand"
+	"crypto/subtle"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -83,15 +84,56 @@ func createKey(path string) ([]byte, error) {
 // what the fleet gets, so its token must not be guessable.
 const minTokenLen = 16
 
-// loadOrCreateToken reads the admin token, generating it on first start.
-// warning is set when the file is readable by other users.
-func loadOrCreateToken(path string) (tok []byte, warning string, err error) {
-	tok, err = readOrCreateToken(path)
+// adminToken is one admin token and the name the audit trail knows its
+// holder by.
+type adminToken struct {
+	name  string
+	token []byte
+}
+
+// loadTokens reads every admin token: admin.token_file's (generated on
+// first start) as "admin", then each of [[admin.tokens]] (never
+// generated). warnings name token files readable by other users. Two names
+// with the same token are refused: the audit trail could not tell their
+// holders apart.
+func loadTokens(cfg config.Config) (toks []adminToken, warnings []string, err error) {
+	load := func(name, key, path string, create bool) error {
+		tok, warning, err := loadToken(key, path, create)
+		if err != nil {
+			return err
+		}
+		for _, t := range toks {
+			if subtle.ConstantTimeCompare(t.token, tok) == 1 {
+				return fmt.Errorf("%s: the token in %s is also the token of %q; each name needs its own token", key, path, t.name)
+			}
+		}
+		if warning != "" {
+			warnings = append(warnings, warning)
+		}
+		toks = append(toks, adminToken{name: name, token: tok})
+		return nil
+	}
+	if err := load(config.DefaultTokenName, "admin.token_file", cfg.AdminTokenFile(), true); err != nil {
+		return nil, nil, err
+	}
+	for i, t := range cfg.Admin.Tokens {
+		if err := load(t.Name, fmt.Sprintf("admin.tokens[%d] (%s)", i, t.Name), t.File, false); err != nil {
+			return nil, nil, err
+		}
+	}
+	return toks, warnings, nil
+}
+
+// loadToken reads one admin token, generating it when create is set and
+// the file does not exist. warning is set when the file is readable by
+// other users.
+func loadToken(key, path string, create bool) (tok []byte, warning string, err error) {
+	tok, err = readToken(key, path, create)
 	if err != nil {
 		return nil, "", err
 	}
 	if len(tok) < minTokenLen {
-		return nil, "", fmt.Errorf("admin token in %s is %d bytes long; use at least %d random bytes (e.g. openssl rand -hex 32 > %s)", path, len(tok), minTokenLen, path)
+		return nil, "", fmt.Errorf("%s: admin token in %s is %d bytes long; use at least %d random bytes (e.g. openssl rand -hex 32 > %s)", key, path, len(tok), minTokenLen, path)
 	}
 	if st, err := os.Stat(path); err == nil && st.Mode().Perm()&0o077 != 0 {
 		warning = fmt.Sprintf("admin token file %s is readable by other users (mode %04o); chmod 600 it", path, st.Mode().Perm())
@@ -99,9 +141,9 @@ func loadOrCreateToken(path string) (tok []byte, warning string, err error) {
 	return tok, warning, nil
 }
 
-func readOrCreateToken(path string) ([]byte, error) {
+func readToken(key, path string, create bool) ([]byte, error) {
 	raw, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
+	if errors.Is(err, fs.ErrNotExist) && create {
 		b := make([]byte, 32)
 		if _, err := rand.Read(b); err != nil {
 			return nil, err
@@ -111,11 +153,11 @@ func readOrCreateToken(path string) ([]byte, error) {
 			return nil, fmt.Errorf("write admin token: %w", err)
 		}
 	} else if err != nil {
-		return nil, fmt.Errorf("admin.token_file: %w", err)
+		return nil, fmt.Errorf("%s: %w", key, err)
 	}
 	tok := []byte(strings.TrimSpace(string(raw)))
 	if len(tok) == 0 {
-		return nil, fmt.Errorf("admin.token_file %s is empty", path)
+		return nil, fmt.Errorf("%s: %s is empty", key, path)
 	}
 	return tok, nil
 }

@@ -51,8 +51,10 @@ type Server struct {
 	blobs *cache.Blobs
 	gate  *gate.Gate
 	proto Protocol // the gate, as the cache protocol handlers see it
-	token []byte
-	lock  *stateLock
+	// tokens are the admin tokens with their holders' names; nil with the
+	// admin API off.
+	tokens []adminToken
+	lock   *stateLock
 	// Limits apply to the listeners Serve runs; set before Serve.
 	Limits Limits
 	stop   context.CancelFunc
@@ -84,12 +86,12 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 	}
 	s := &Server{cfg: cfg, log: log, m: metrics.New(), done: make(chan struct{}), Limits: DefaultLimits(), lock: lock}
 	if cfg.Admin.Listen != "" {
-		var warning string
-		if s.token, warning, err = loadOrCreateToken(cfg.AdminTokenFile()); err != nil {
+		var warnings []string
+		if s.tokens, warnings, err = loadTokens(cfg); err != nil {
 			return nil, err
 		}
-		if warning != "" {
-			log.Warn(warning)
+		for _, w := range warnings {
+			log.Warn(w)
 		}
 	}
 	var ups []gate.Upstream
