@@ -13,9 +13,9 @@ import (
 
 // Overview is what the status page on the main listener shows. The main
 // listener is unauthenticated, so Overview holds only what any fleet machine
-// may see: counts, reason codes, store paths and derivers (which any client
-// can learn by asking for a narinfo), upstream hosts (as in /metrics) and
-// attester public keys. It never holds a decision's detail text (it can
+// may see: counts, reason codes, store paths and derivers (names of builds,
+// which the fleet asks for by name), upstream URLs without user information
+// and attester public keys. It never holds a decision's detail text (it can
 // quote operators' allowlist and denylist reasons, or upstream error text),
 // allowlist or denylist entries, quarantine details, tokens, or file system
 // paths (a file:// upstream is shown by its position only).
