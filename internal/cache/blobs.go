@@ -306,6 +306,9 @@ func (b *Blobs) Size() int64 {
 	return b.size
 }
 
+// MaxSize is cache.max_size (0: no limit).
+func (b *Blobs) MaxSize() int64 { return b.maxSize }
+
 // TempSize returns the bytes written by downloads in progress.
 func (b *Blobs) TempSize() int64 {
 	b.mu.Lock()

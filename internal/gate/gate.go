@@ -103,6 +103,8 @@ type Gate struct {
 
 	mu        sync.Mutex
 	shortRuns map[string]int // NAR file -> transfers in a row that ended short with no declared length
+
+	overviewCache overviewCache // for Overview
 }
 
 // New returns a Gate over an open state store. Decisions stored under other
@@ -115,7 +117,8 @@ func New(o Options) (*Gate, error) {
 	if g.now == nil {
 		g.now = time.Now
 	}
-	c := g.newConf(Settings{Policy: o.Policy, Upstreams: o.Upstreams, NegativeTTL: o.NegativeTTL, DiskReserve: o.DiskReserve})
+	s := Settings{Policy: o.Policy, Upstreams: o.Upstreams, NegativeTTL: o.NegativeTTL, DiskReserve: o.DiskReserve}
+	c := g.newConf(s)
 	g.cur.Store(c)
 	g.db.OnForget(g.evidenceChanged)
 	changed, err := g.db.SyncSettings(c.settings)
@@ -125,6 +128,7 @@ func New(o Options) (*Gate, error) {
 	if changed {
 		g.log.Info("decision settings changed since the last start: stored decisions are decided again as they are requested")
 	}
+	g.settingsMetrics(s)
 	g.refreshGauges()
 	return g, nil
 }
@@ -160,6 +164,7 @@ func (g *Gate) Reconfigure(s Settings) (bool, error) {
 	g.cur.Store(c)
 	g.reconfigs.Add(1)
 	g.neg.reset(s.NegativeTTL)
+	g.settingsMetrics(s)
 	changed := c.settings != old.settings
 	if changed {
 		g.log.Info("decision settings changed: stored decisions are decided again as they are requested")

@@ -5,7 +5,10 @@
 package metrics
 
 import (
+	"math"
 	"net/http"
+	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -19,30 +22,36 @@ import (
 type Metrics struct {
 	reg *prometheus.Registry
 
-	Decisions        *prometheus.CounterVec
+	// Decisions, CacheHits and CacheMisses also count in per-minute
+	// windows (by reason, by kind) for the status page.
+	Decisions        *RollingCounterVec
 	VerifyFailures   *prometheus.CounterVec
 	HTTPRequests     *prometheus.CounterVec
 	HTTPDuration     *prometheus.HistogramVec
 	UpstreamRequests *prometheus.CounterVec
 	UpstreamDuration *prometheus.HistogramVec
-	CacheHits        *prometheus.CounterVec
-	CacheMisses      *prometheus.CounterVec
+	CacheHits        *RollingCounterVec
+	CacheMisses      *RollingCounterVec
 	CacheSize        prometheus.Gauge
+	CacheMaxSize     prometheus.Gauge
+	DiskReserve      prometheus.Gauge
 	Evictions        prometheus.Counter
 	ScrubFailures    prometheus.Counter
 	UpstreamUp       *prometheus.GaugeVec
 	ServedBytes      *prometheus.CounterVec
 	Attestations     prometheus.Gauge
 	AllowEntries     prometheus.Gauge
+
+	diskFree atomic.Pointer[func() (int64, error)] // read at each scrape; see SetDiskFree
 }
 
 // New creates the collectors, every alerting series present at zero.
 func New() *Metrics {
 	m := &Metrics{
 		reg: prometheus.NewRegistry(),
-		Decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Decisions: newRollingCounterVec(prometheus.CounterOpts{
 			Name: "cacheproxy_decisions_total", Help: "Decisions made about store paths, by outcome and reason.",
-		}, []string{"decision", "reason"}),
+		}, []string{"decision", "reason"}, "reason", time.Now),
 		VerifyFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cacheproxy_nar_verification_failures_total", Help: "NAR transfers that failed verification, by failed check.",
 		}, []string{"check"}),
@@ -60,14 +69,20 @@ func New() *Metrics {
 			Name: "cacheproxy_upstream_request_duration_seconds", Help: "Upstream request latency (narinfo: whole; nar: whole transfer).",
 			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
 		}, []string{"upstream", "kind"}),
-		CacheHits: prometheus.NewCounterVec(prometheus.CounterOpts{
+		CacheHits: newRollingCounterVec(prometheus.CounterOpts{
 			Name: "cacheproxy_cache_hits_total", Help: "Requests answered from the local cache, by kind.",
-		}, []string{"kind"}),
-		CacheMisses: prometheus.NewCounterVec(prometheus.CounterOpts{
+		}, []string{"kind"}, "kind", time.Now),
+		CacheMisses: newRollingCounterVec(prometheus.CounterOpts{
 			Name: "cacheproxy_cache_misses_total", Help: "Requests that had to go upstream, by kind.",
-		}, []string{"kind"}),
+		}, []string{"kind"}, "kind", time.Now),
 		CacheSize: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "cacheproxy_cache_size_bytes", Help: "Bytes of verified NAR blobs on disk.",
+		}),
+		CacheMaxSize: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cacheproxy_cache_max_size_bytes", Help: "cache.max_size: blobs are evicted least-recently-used past it (0: no limit).",
+		}),
+		DiskReserve: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cacheproxy_disk_reserve_bytes", Help: "cache.min_free: below this much free disk no download starts.",
 		}),
 		UpstreamUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "cacheproxy_upstream_up", Help: "1 while an upstream answers, 0 while it is marked down after repeated failures.",
@@ -88,16 +103,19 @@ func New() *Metrics {
 			Name: "cacheproxy_allowlist_entries", Help: "Allowlist entries.",
 		}),
 	}
+	diskFree := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cacheproxy_disk_free_bytes", Help: "Free bytes on the state dir's file system, as downloads see it (NaN when unknown).",
+	}, m.readDiskFree)
 	m.reg.MustRegister(m.Decisions, m.VerifyFailures, m.HTTPRequests, m.HTTPDuration,
 		m.UpstreamRequests, m.UpstreamDuration, m.CacheHits, m.CacheMisses, m.CacheSize,
-		m.Evictions, m.ScrubFailures, m.UpstreamUp, m.ServedBytes, m.Attestations, m.AllowEntries,
+		m.CacheMaxSize, m.DiskReserve, diskFree, m.Evictions, m.ScrubFailures, m.UpstreamUp, m.ServedBytes, m.Attestations, m.AllowEntries,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	// Expose every series an operator alerts on from the start, at zero,
 	// so that rate() works before the first rejection.
 	for _, r := range policy.Reasons {
 		d := "rejected"
-		if r == policy.Attested || r == policy.Allowlisted || r == policy.ContentAddressed {
+		if r.Approves() {
 			d = "approved"
 		}
 		m.Decisions.WithLabelValues(d, string(r))
@@ -114,6 +132,41 @@ func New() *Metrics {
 		m.ServedBytes.WithLabelValues(s)
 	}
 	return m
+}
+
+// upstreamKinds and upstreamResults are the label values of the upstream
+// request series, created at zero for each upstream (see UpstreamSeries).
+var (
+	upstreamKinds   = []string{"narinfo", "nar"}
+	upstreamResults = []string{"found", "not_found", "unavailable", "mismatch", "truncated"}
+)
+
+// UpstreamSeries creates the request series of one upstream at zero, so
+// that dashboards and alerts see them before its first request.
+func (m *Metrics) UpstreamSeries(name string) {
+	for _, k := range upstreamKinds {
+		m.UpstreamDuration.WithLabelValues(name, k)
+		for _, r := range upstreamResults {
+			m.UpstreamRequests.WithLabelValues(name, k, r)
+		}
+	}
+}
+
+// SetDiskFree sets how cacheproxy_disk_free_bytes is read at each scrape
+// (the blob store's free space). It may be called again, e.g. when the
+// store is reopened.
+func (m *Metrics) SetDiskFree(free func() (int64, error)) { m.diskFree.Store(&free) }
+
+func (m *Metrics) readDiskFree() float64 {
+	fn := m.diskFree.Load()
+	if fn == nil {
+		return math.NaN()
+	}
+	n, err := (*fn)()
+	if err != nil {
+		return math.NaN()
+	}
+	return float64(n)
 }
 
 // Handler serves the registry in the Prometheus text format.

@@ -49,6 +49,9 @@ const (
 	TooLarge Reason = "too_large"
 )
 
+// Approves says whether decisions with this reason approve the path.
+func (r Reason) Approves() bool { return r == Attested || r == Allowlisted || r == ContentAddressed }
+
 // Reasons lists every reason, for documentation and metric initialisation.
 var Reasons = []Reason{UpstreamMalformed, UpstreamUnsigned, Denied, AttestationMismatch,
 	Attested, Allowlisted, ContentAddressed, Unattested, NarMismatch, ClosureIncomplete, StaleNarInfo, TooLarge}

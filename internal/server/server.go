@@ -266,6 +266,8 @@ func (s *Server) route(r *http.Request) (string, http.HandlerFunc) {
 		return "other", badRequest("malformed path")
 	}
 	switch {
+	case p == "/":
+		return "status", s.handleStatus
 	case p == "/nix-cache-info":
 		return "nix-cache-info", s.handleCacheInfo
 	case p == "/healthz":
