@@ -30,6 +30,7 @@ import (
 
 	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/metrics"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/narstream"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
 	"github.com/cacheproxy/cacheproxy/internal/upstream"
@@ -61,6 +62,9 @@ type Options struct {
 	// DiskReserve is the free space kept on the blob store's file system:
 	// below it no download starts (cached NARs are still served).
 	DiskReserve int64
+	// ServeCompression is "" (serve each NAR as its upstream compressed
+	// it) or zstd (recode every other compression; see recode.go).
+	ServeCompression narinfo.Compression
 }
 
 // Gate decides. It is safe for concurrent use.
@@ -70,16 +74,18 @@ type Gate struct {
 	key       verify.SecretKey
 	settings  string // digest of everything a stored decision depends on besides the evidence
 	reserve   int64
+	recode    bool // serve every NAR as zstd
 	db        *cache.DB
 	blobs     *cache.Blobs
 	m         *metrics.Metrics
 	log       *slog.Logger
 	now       func() time.Time
 
-	flight singleflight.Group // one decision per hash at a time
-	hot    *hotRecords
-	neg    *negCache
-	nars   *narstream.Group
+	flight   singleflight.Group // one decision per hash at a time
+	hot      *hotRecords
+	neg      *negCache
+	nars     *narstream.Group
+	encoders *encoders
 
 	mu        sync.Mutex
 	shortRuns map[string]int // NAR file -> transfers in a row that ended short with no declared length
@@ -91,7 +97,7 @@ type Gate struct {
 func New(o Options) (*Gate, error) {
 	g := &Gate{policy: o.Policy, upstreams: o.Upstreams, key: o.Key, db: o.DB, blobs: o.Blobs,
 		m: o.Metrics, log: o.Log, now: o.Now, reserve: o.DiskReserve, hot: newHotRecords(), neg: newNegCache(o.NegativeTTL), nars: narstream.NewGroup(),
-		shortRuns: map[string]int{}}
+		shortRuns: map[string]int{}, recode: o.ServeCompression == narinfo.CompressionZstd, encoders: newEncoders()}
 	if g.now == nil {
 		g.now = time.Now
 	}
@@ -133,12 +139,12 @@ func settingsDigest(o Options) string {
 	p := o.Policy
 	v := struct {
 		Report, ContentAddressed, RequireClosure bool
-		StoreDir, Gatekeeper                     string
+		StoreDir, Gatekeeper, ServeCompression   string
 		Quorum                                   int
 		MaxNarSize                               uint64
 		Attesters                                []string
 		Upstreams                                []up
-	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, o.Key.Public().String(), p.Quorum, p.MaxNarSize, nil, nil}
+	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, o.Key.Public().String(), string(o.ServeCompression), p.Quorum, p.MaxNarSize, nil, nil}
 	for _, a := range p.Attesters {
 		v.Attesters = append(v.Attesters, a.String())
 	}
@@ -235,7 +241,7 @@ func newHotRecords() *hotRecords { return &hotRecords{m: map[string]*cache.Recor
 
 // recordSize approximates the memory a record holds.
 func recordSize(r *cache.Record) int {
-	n := 256 + len(r.NarInfo) + len(r.StorePath) + len(r.NarURL) + len(r.NarFile) + len(r.Upstream) + len(r.Settings)
+	n := 256 + len(r.NarInfo) + len(r.StorePath) + len(r.NarURL) + len(r.NarFile) + len(r.UpstreamFile) + len(r.Upstream) + len(r.Settings)
 	for _, ref := range r.References {
 		n += 16 + len(ref)
 	}

@@ -28,6 +28,7 @@ import (
 	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/gate"
 	"github.com/cacheproxy/cacheproxy/internal/metrics"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
 	"github.com/cacheproxy/cacheproxy/internal/upstream"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
@@ -125,6 +126,7 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 		},
 		Upstreams: ups, Key: key, DB: s.db, Blobs: s.blobs, Metrics: s.m, Log: log,
 		DiskReserve: int64(cfg.Cache.MinFree), NegativeTTL: cfg.Cache.NegativeTTL.Duration,
+		ServeCompression: narinfo.Compression(cfg.ServeCompression),
 	})
 	if err != nil {
 		s.blobs.Close()
