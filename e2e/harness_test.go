@@ -607,6 +607,7 @@ type ProxyConfig struct {
 	RequireClosure   bool
 	Mode             string // "" = enforce
 	SigningKeyFile   string // top-level signing_key_file, if set
+	ServeCompression string // top-level serve_compression, if set
 	Extra            string // raw TOML appended at the end (e.g. a [cache] table)
 }
 
@@ -665,6 +666,9 @@ func writeConfig(t testing.TB, dir, listen, adminListen, stateDir string, cfg Pr
 	fmt.Fprintf(&b, "mode = %s\n", tomlStr(mode))
 	if cfg.SigningKeyFile != "" {
 		fmt.Fprintf(&b, "signing_key_file = %s\n", tomlStr(cfg.SigningKeyFile))
+	}
+	if cfg.ServeCompression != "" {
+		fmt.Fprintf(&b, "serve_compression = %s\n", tomlStr(cfg.ServeCompression))
 	}
 	b.WriteString("\n")
 	for _, u := range cfg.Upstreams {
