@@ -139,12 +139,16 @@ func settingsDigest(o Options) string {
 	p := o.Policy
 	v := struct {
 		Report, ContentAddressed, RequireClosure bool
-		StoreDir, Gatekeeper, ServeCompression   string
+		StoreDir, Gatekeeper                     string
 		Quorum                                   int
 		MaxNarSize                               uint64
 		Attesters                                []string
 		Upstreams                                []up
-	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, o.Key.Public().String(), string(o.ServeCompression), p.Quorum, p.MaxNarSize, nil, nil}
+		// Only when set, so that decisions stored before the key existed
+		// stay current.
+		ServeCompression string `json:",omitempty"`
+	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, o.Key.Public().String(), p.Quorum, p.MaxNarSize, nil, nil,
+		string(o.ServeCompression)}
 	for _, a := range p.Attesters {
 		v.Attesters = append(v.Attesters, a.String())
 	}

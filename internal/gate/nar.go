@@ -76,7 +76,7 @@ func (g *Gate) OpenNAR(ctx context.Context, rec *cache.Record, download bool) (B
 		}
 		job = g.upstreamJob(rec, u, upFile, upNAR)
 	}
-	if rec.Recode && (recoded || !g.blobs.Has(recodedName(rec))) {
+	if rec.Recode && (recoded || !g.promoteRecoded(rec)) {
 		g.recodeJob(&job, rec)
 	}
 	admit := func() error {

@@ -162,17 +162,27 @@ func (g *Gate) recodeJob(job *narstream.Job, rec *cache.Record) {
 }
 
 // commitRecoded makes a verified recoded file a blob and has the stored
-// decision name it, if that decision still recodes the same upstream file.
+// decision name it.
 func (g *Gate) commitRecoded(rec *cache.Record, f *os.File, name string, sum narinfo.SHA256, size uint64) error {
-	upFile, upNAR := rec.UpstreamVariant()
+	_, upNAR := rec.UpstreamVariant()
 	e := recodedExpect(upNAR, sum, size)
 	if err := g.blobs.Commit(f, name, cache.BlobMeta{StorePath: rec.StorePath, NAR: e}); err != nil {
 		return err
 	}
+	g.nameRecoded(rec, name, e)
+	return nil
+}
+
+// nameRecoded has the stored decision of rec name its recoded file, if
+// that decision still recodes the same upstream file. A failure is logged:
+// the narinfo then keeps naming the upstream's file, which is served as
+// before.
+func (g *Gate) nameRecoded(rec *cache.Record, name string, e verify.Expect) {
+	upFile, upNAR := rec.UpstreamVariant()
 	hash := pathHash(rec)
 	updated, err := g.db.UpdateRecord(hash, func(r *cache.Record) bool {
-		if f, n := r.UpstreamVariant(); !r.Recode || f != upFile || n != upNAR {
-			return false // decided again meanwhile: it found the blob, or does not recode
+		if f, n := r.UpstreamVariant(); !r.Recode || f != upFile || n != upNAR || (r.NarFile == name && r.NAR == e) {
+			return false // decided again meanwhile (and found the blob, or does not recode), or done
 		}
 		ni, err := narinfo.Parse(r.NarInfo, g.policy.StoreDir)
 		if err != nil {
@@ -186,16 +196,28 @@ func (g *Gate) commitRecoded(rec *cache.Record, f *os.File, name string, sum nar
 		return true
 	})
 	if err != nil {
-		// The blob is verified and kept; the narinfo keeps naming the
-		// upstream's file, which is served as before.
 		g.log.Error("recoded NAR cached, narinfo not updated", "path", rec.StorePath, "err", err)
-		return nil
+		return
 	}
 	if updated {
 		g.hot.drop([]string{hash})
-		g.log.Info("NAR recoded to zstd", "path", rec.StorePath, "from", upNAR.Compression, "file_size", size, "nar_size", upNAR.NarSize)
+		g.log.Info("NAR recoded to zstd", "path", rec.StorePath, "from", upNAR.Compression, "file_size", e.FileSize, "nar_size", upNAR.NarSize)
 	}
-	return nil
+}
+
+// promoteRecoded has a decision that still names the upstream's file name
+// the recoded one, if it is cached (a decision stored while the recoded
+// file was being committed). It reports whether the recoded file is cached.
+func (g *Gate) promoteRecoded(rec *cache.Record) bool {
+	name := recodedName(rec)
+	meta, err := g.blobs.Meta(name)
+	if err != nil || meta == nil {
+		return false
+	}
+	if meta.NAR.Compression == narinfo.CompressionZstd && sameNAR(meta.NAR, rec.NAR) && !meta.NAR.FileHash.IsZero() {
+		g.nameRecoded(rec, name, meta.NAR)
+	}
+	return true
 }
 
 // recodeCached recodes rec's upstream file from its cached blob, in the
@@ -204,7 +226,7 @@ func (g *Gate) commitRecoded(rec *cache.Record, f *os.File, name string, sum nar
 func (g *Gate) recodeCached(rec *cache.Record) {
 	upFile, upNAR := rec.UpstreamVariant()
 	name := recodedName(rec)
-	if g.blobs.Has(name) || g.nars.Running(upFile) {
+	if g.promoteRecoded(rec) || g.nars.Running(upFile) {
 		return
 	}
 	job := g.localJob(rec, upFile, upNAR)

@@ -7,8 +7,10 @@ import (
 	"io"
 	"math/rand"
 	"os/exec"
+	"path"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -237,5 +239,52 @@ func TestServeZstdTamperedQuarantines(t *testing.T) {
 			wantAnswer(t, "narinfo", f.narinfo(app), Reject, "rejected; reason=nar_mismatch")
 			wantAnswer(t, "zstd file", f.nar(zfile), Reject, "rejected; reason=nar_mismatch")
 		})
+	}
+}
+
+// NARs cached before serve_compression was set are recoded from the cache
+// when next served, without asking the upstream.
+func TestServeZstdRecodesCachedBlobs(t *testing.T) {
+	f := newFixture(t, false)
+	app := compressedObj(t, "app-1.0", narinfo.CompressionXZ)
+	f.up.publish(app)
+	f.attest(app)
+	if got, _, err := f.fetch(narFileOf(app)); err != nil || !bytes.Equal(got, app.file) {
+		t.Fatalf("fetch before the switch: %v", err)
+	}
+	f.g.Close()
+	g, err := New(Options{Policy: f.g.policy, Upstreams: f.g.upstreams, Key: f.g.key, DB: f.db, Blobs: f.blobs,
+		Metrics: metrics.New(), Log: f.g.log, ServeCompression: narinfo.CompressionZstd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	f.g = g
+	reqs := f.up.requests()
+	if ni := parseNarInfo(t, f.narinfo(app)); ni.Compression != narinfo.CompressionXZ {
+		t.Fatalf("before anything was recoded the narinfo says %s", ni.Compression)
+	}
+	got, body, err := f.fetch(narFileOf(app))
+	if err != nil || body.Blob == nil || !bytes.Equal(got, app.file) {
+		t.Fatalf("cached xz file after the switch: %v, from blob %v", err, body.Blob != nil)
+	}
+	// The recode runs in the background; wait for the narinfo to change.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ni := parseNarInfo(t, f.narinfo(app))
+		if ni.Compression == narinfo.CompressionZstd {
+			zst, body, err := f.fetch(path.Base(ni.URL))
+			if err != nil || body.Blob == nil || narinfo.SumSHA256(zst) != ni.FileHash || !bytes.Equal(unzstd(t, zst), app.nar) {
+				t.Fatalf("recoded file: %v, from blob %v", err, body.Blob != nil)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the cached NAR was not recoded")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := f.up.requests() - reqs; n != 1 { // the narinfo, decided again under the new settings
+		t.Fatalf("%d upstream requests after the switch, want 1", n)
 	}
 }
