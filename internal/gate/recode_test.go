@@ -288,3 +288,22 @@ func TestServeZstdRecodesCachedBlobs(t *testing.T) {
 		t.Fatalf("%d upstream requests after the switch, want 1", n)
 	}
 }
+
+// A pooled encoder, reused, writes a complete zstd stream each time.
+func TestEncoderPoolReuse(t *testing.T) {
+	encs := newEncoders()
+	for i := range 3 {
+		data := bytes.Repeat([]byte{byte(i), 'x', 'y'}, 100<<10)
+		var out bytes.Buffer
+		enc := encs.get(&out)
+		if _, err := enc.Write(data); err != nil {
+			t.Fatal(err)
+		}
+		if err := enc.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(unzstd(t, out.Bytes()), data) {
+			t.Fatalf("round %d: the stream does not decode to its input", i)
+		}
+	}
+}
