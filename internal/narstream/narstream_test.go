@@ -461,3 +461,47 @@ func TestRecodeFailureIsNoMismatch(t *testing.T) {
 		t.Fatalf("done %v, committed %d", err, h.committed.Load())
 	}
 }
+
+type identityEncoder struct{ w io.Writer }
+
+func (e identityEncoder) Write(p []byte) (int, error) { return e.w.Write(p) }
+func (identityEncoder) Close() error                  { return nil }
+
+// Readers of the recoded file are held back like those of the upstream's
+// bytes: nobody gets its last Holdback bytes before the NAR verified.
+func TestRecodedHoldBack(t *testing.T) {
+	data, e := payload(1 << 20)
+	src := newSource(data, len(data)-1) // withhold the last byte
+	h := newHarness(t)
+	g := NewGroup()
+	defer g.Close()
+	job := h.recodeJob(h.job("nar-h", e, src, int64(len(data))), make(chan recodedFile, 1))
+	job.Recode.Encoder = func(w io.Writer) io.WriteCloser { return identityEncoder{w} }
+	ctx, cancel := context.WithCancel(context.Background())
+	r, err := g.JoinRecoded(ctx, job, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	rest, err := g.JoinRecoded(context.Background(), job, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rest.Close()
+	want := int64(len(data) - 1 - Holdback)
+	p := make([]byte, 4096)
+	for r.Offset() < want {
+		if _, err := r.Read(p); err != nil {
+			t.Fatalf("after %d bytes: %v", r.Offset(), err)
+		}
+	}
+	// Nothing more comes while the upstream withholds its last byte.
+	time.AfterFunc(20*time.Millisecond, cancel)
+	if n, err := r.Read(p); n != 0 || !errors.Is(err, context.Canceled) || r.Offset() != want {
+		t.Fatalf("read %d more bytes (%v) after %d of %d, want exactly %d before the end", n, err, r.Offset(), len(data), want)
+	}
+	src.release(len(data))
+	if n, err := io.Copy(io.Discard, rest); err != nil || n != int64(len(data)) {
+		t.Fatalf("reader got %d bytes, %v; want %d", n, err, len(data))
+	}
+}
