@@ -607,6 +607,7 @@ type ProxyConfig struct {
 	RequireClosure   bool
 	Mode             string // "" = enforce
 	SigningKeyFile   string // top-level signing_key_file, if set
+	ServeCompression string // top-level serve_compression, if set
 	Extra            string // raw TOML appended at the end (e.g. a [cache] table)
 	Top              string // raw TOML of top-level keys, written before the first table
 }
@@ -668,6 +669,9 @@ func writeConfig(t testing.TB, dir, listen, adminListen, stateDir string, cfg Pr
 		fmt.Fprintf(&b, "signing_key_file = %s\n", tomlStr(cfg.SigningKeyFile))
 	}
 	b.WriteString(cfg.Top)
+	if cfg.ServeCompression != "" {
+		fmt.Fprintf(&b, "serve_compression = %s\n", tomlStr(cfg.ServeCompression))
+	}
 	b.WriteString("\n")
 	for _, u := range cfg.Upstreams {
 		to := u.Timeout

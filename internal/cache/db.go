@@ -76,6 +76,24 @@ type Record struct {
 	// ValidUntil ends a decision that rests on evidence with an expiry (an
 	// allowlist entry with --expires); zero means until an admin change.
 	ValidUntil time.Time `json:"valid_until,omitzero"`
+	// Recode is set when the NAR is served as zstd whatever the upstream
+	// used (serve_compression): its first download re-encodes it. Until
+	// the recoded file exists, NarFile and NAR are the upstream's.
+	Recode bool `json:"recode,omitempty"`
+	// UpstreamFile and UpstreamNAR are the upstream's file and what it must
+	// be once NarFile and NAR name the recoded file: a client holding an
+	// older narinfo still asks for it.
+	UpstreamFile string        `json:"upstream_file,omitempty"`
+	UpstreamNAR  verify.Expect `json:"upstream_nar,omitzero"`
+}
+
+// UpstreamVariant returns the name of the upstream's file and what it must
+// be.
+func (r *Record) UpstreamVariant() (string, verify.Expect) {
+	if r.UpstreamFile != "" {
+		return r.UpstreamFile, r.UpstreamNAR
+	}
+	return r.NarFile, r.NAR
 }
 
 // Expired reports whether the record must be decided again at now.
@@ -286,6 +304,23 @@ func unindex(tx *bolt.Tx, hash string, rec *Record) error {
 		}
 	}
 	return nil
+}
+
+// UpdateRecord changes the stored decision of hash in place when there is
+// one and change reports that it changed it (the file it names, say, once
+// a recoded file exists). The decision and its indexes stay as they are;
+// in-memory copies read before the update are stale (Changes moves on).
+func (d *DB) UpdateRecord(hash string, change func(rec *Record) bool) (updated bool, err error) {
+	err = d.update(func(tx *bolt.Tx) error {
+		rec, err := get[Record](tx, bucketRecords, hash)
+		if err != nil || rec == nil || !change(rec) {
+			return err
+		}
+		updated = true
+		tx.OnCommit(func() { d.changes.Add(1) })
+		return put(tx, bucketRecords, hash, rec)
+	})
+	return updated, err
 }
 
 // Epoch returns the current evidence epoch (see PutRecord).

@@ -46,12 +46,16 @@ const (
 	// DefaultMaxNarSize is far above the largest NARs cache.nixos.org
 	// serves (a few GiB: CUDA, TeX Live), and far below what a lying
 	// upstream could claim.
-	DefaultMaxNarSize    = Size(16 << 30)
-	DefaultQuorum        = 1
-	SigningKeyName       = "gatekeeper.sec"
-	AdminTokenName       = "admin-token"
-	ModeEnforce          = "enforce"
-	ModeReport           = "report"
+	DefaultMaxNarSize = Size(16 << 30)
+	DefaultQuorum     = 1
+	SigningKeyName    = "gatekeeper.sec"
+	AdminTokenName    = "admin-token"
+	ModeEnforce       = "enforce"
+	ModeReport        = "report"
+	// ServeAsUpstream and ServeZstd are the values of serve_compression:
+	// serve each NAR as its upstream compressed it, or always as zstd.
+	ServeAsUpstream      = ""
+	ServeZstd            = "zstd"
 	stateDirectoryEnvVar = "STATE_DIRECTORY"
 )
 
@@ -131,16 +135,19 @@ func (a Admin) TLS() bool { return a.TLSCertFile != "" || a.TLSKeyFile != "" }
 
 // Config is the whole effective configuration.
 type Config struct {
-	Listen         string     `toml:"listen"`
-	StateDir       string     `toml:"state_dir"`
-	StoreDir       string     `toml:"store_dir"`
-	Priority       int        `toml:"priority"`
-	Mode           string     `toml:"mode"`
-	SigningKeyFile string     `toml:"signing_key_file"` // "" means <state_dir>/gatekeeper.sec, generated; see SigningKeyPath
-	Upstreams      []Upstream `toml:"upstreams"`
-	Policy         Policy     `toml:"policy"`
-	Cache          Cache      `toml:"cache"`
-	Admin          Admin      `toml:"admin"`
+	Listen         string `toml:"listen"`
+	StateDir       string `toml:"state_dir"`
+	StoreDir       string `toml:"store_dir"`
+	Priority       int    `toml:"priority"`
+	Mode           string `toml:"mode"`
+	SigningKeyFile string `toml:"signing_key_file"` // "" means <state_dir>/gatekeeper.sec, generated; see SigningKeyPath
+	// ServeCompression is "" (serve each NAR as the upstream compressed it)
+	// or "zstd" (re-encode every NAR to zstd on its first download).
+	ServeCompression string     `toml:"serve_compression"`
+	Upstreams        []Upstream `toml:"upstreams"`
+	Policy           Policy     `toml:"policy"`
+	Cache            Cache      `toml:"cache"`
+	Admin            Admin      `toml:"admin"`
 
 	// ShutdownTimeout is how long SIGTERM lets responses in flight (NAR
 	// downloads) finish after the listeners stop accepting; default 30s.

@@ -128,12 +128,13 @@ func TestFullExample(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Config{
-		Listen:         "127.0.0.1:5480",
-		StateDir:       "/var/lib/cacheproxy",
-		StoreDir:       "/nix/store",
-		Priority:       40,
-		Mode:           "enforce",
-		SigningKeyFile: "/run/keys/cacheproxy.sec",
+		Listen:           "127.0.0.1:5480",
+		StateDir:         "/var/lib/cacheproxy",
+		StoreDir:         "/nix/store",
+		Priority:         40,
+		Mode:             "enforce",
+		ServeCompression: "zstd",
+		SigningKeyFile:   "/run/keys/cacheproxy.sec",
 		Upstreams: []Upstream{
 			{
 				URL:            "https://cache.nixos.org",
@@ -295,6 +296,7 @@ func TestValidateErrors(t *testing.T) {
 			c.Policy.Attesters = keys(keyA, "rebuilder-a-1"+keyB[strings.Index(keyB, ":"):])
 		}, "policy.attesters[1]: key name"},
 		{"bad mode", func(c *Config) { c.Mode = "permissive" }, "mode"},
+		{"bad serve compression", func(c *Config) { c.ServeCompression = "xz" }, `serve_compression: "xz" must be "" (serve what the upstream has) or "zstd"`},
 		{"unreadable signing key", func(c *Config) { c.SigningKeyFile = missing }, "signing_key_file"},
 		{"negative priority", func(c *Config) { c.Priority = -1 }, "priority"},
 		{"relative store dir", func(c *Config) { c.StoreDir = "nix/store" }, "store_dir"},

@@ -68,6 +68,9 @@ func (c Config) Validate() error {
 	if c.Mode != ModeEnforce && c.Mode != ModeReport {
 		add("mode", "%q must be %q or %q", c.Mode, ModeEnforce, ModeReport)
 	}
+	if c.ServeCompression != ServeAsUpstream && c.ServeCompression != ServeZstd {
+		add("serve_compression", "%q must be %q (serve what the upstream has) or %q", c.ServeCompression, ServeAsUpstream, ServeZstd)
+	}
 	if c.SigningKeyFile != "" {
 		addErr("signing_key_file", checkReadableFile(c.SigningKeyFile))
 	}

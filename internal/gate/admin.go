@@ -347,7 +347,7 @@ func (g *Gate) Explain(ctx context.Context, hash string) (Explanation, error) {
 	if ex.NarInfo.Status == Serve {
 		rec := ex.NarInfo.Record
 		ex.StorePath, ex.NarFile = rec.StorePath, rec.NarFile
-		if f := g.openBlob(rec); f != nil {
+		if f, _ := g.openBlob(rec); f != nil {
 			f.Close()
 			ex.NarCached = true
 		}

@@ -96,6 +96,19 @@ func (g *Gate) NAR(ctx context.Context, file string) (Answer, error) {
 	if a.Status != Serve || a.Record.NarFile == file {
 		return a, nil
 	}
+	// A client holding a narinfo from before the recoded file existed asks
+	// for the upstream's file; one holding a narinfo that named the recoded
+	// file asks for it after a decision made again names the upstream's
+	// (the recoded blob was evicted, or serve_compression was turned off).
+	// Both are the same NAR, verified the same way.
+	if upFile, _ := a.Record.UpstreamVariant(); upFile == file {
+		a.Record = upstreamView(a.Record)
+		return a, nil
+	}
+	if recodedName(a.Record) == file {
+		a.Record = recodedView(a.Record)
+		return a, nil
+	}
 	d := policy.Decision{Reason: policy.StaleNarInfo, Upstream: a.Record.Upstream,
 		Detail: fmt.Sprintf("the current decision for %s names nar/%s, not nar/%s", a.Record.StorePath, a.Record.NarFile, file)}
 	g.m.Decisions.WithLabelValues("rejected", string(policy.StaleNarInfo)).Inc()

@@ -316,6 +316,10 @@ func (g *Gate) record(c *conf, d policy.Decision, until time.Time) cache.Record 
 		}
 	}
 	ni.URL = "nar/" + rec.NarFile
+	if g.recode && ni.Compression != narinfo.CompressionZstd {
+		rec.Recode = true
+		g.withRecoded(&rec, &ni)
+	}
 	// Unknown fields are covered by no signature and mean nothing to Nix,
 	// which drops them when it re-serves a narinfo; so do we, rather than
 	// store and serve whatever an upstream puts there.

@@ -31,6 +31,7 @@ import (
 
 	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/metrics"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/narstream"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
 	"github.com/cacheproxy/cacheproxy/internal/upstream"
@@ -62,6 +63,9 @@ type Options struct {
 	// DiskReserve is the free space kept on the blob store's file system:
 	// below it no download starts (cached NARs are still served).
 	DiskReserve int64
+	// ServeCompression is "" (serve each NAR as its upstream compressed
+	// it) or zstd (recode every other compression; see recode.go).
+	ServeCompression narinfo.Compression
 }
 
 // Settings are the parts of a Gate that Reconfigure may change while it
@@ -92,14 +96,18 @@ type Gate struct {
 	m     *metrics.Metrics
 	log   *slog.Logger
 	now   func() time.Time
+	// recode serves every NAR as zstd (serve_compression); fixed at New,
+	// since a reload cannot recode what is already stored.
+	recode bool
 	// reconfigs counts Reconfigure calls, so that a negative answer
 	// decided under the settings before one is not remembered after it.
 	reconfigs atomic.Uint64
 
-	flight singleflight.Group // one decision per hash at a time
-	hot    *hotRecords
-	neg    *negCache
-	nars   *narstream.Group
+	flight   singleflight.Group // one decision per hash at a time
+	hot      *hotRecords
+	neg      *negCache
+	nars     *narstream.Group
+	encoders *encoders
 
 	mu        sync.Mutex
 	shortRuns map[string]int // NAR file -> transfers in a row that ended short with no declared length
@@ -113,7 +121,7 @@ type Gate struct {
 func New(o Options) (*Gate, error) {
 	g := &Gate{key: o.Key, db: o.DB, blobs: o.Blobs,
 		m: o.Metrics, log: o.Log, now: o.Now, hot: newHotRecords(), neg: newNegCache(o.NegativeTTL), nars: narstream.NewGroup(),
-		shortRuns: map[string]int{}}
+		shortRuns: map[string]int{}, recode: o.ServeCompression == narinfo.CompressionZstd, encoders: newEncoders()}
 	if g.now == nil {
 		g.now = time.Now
 	}
@@ -135,7 +143,7 @@ func New(o Options) (*Gate, error) {
 
 func (g *Gate) newConf(s Settings) *conf {
 	return &conf{policy: s.Policy, upstreams: s.Upstreams, reserve: s.DiskReserve,
-		settings: settingsDigest(s.Policy, s.Upstreams, g.key)}
+		settings: settingsDigest(s.Policy, s.Upstreams, g.key, g.serveCompression())}
 }
 
 // conf is the current settings; read it once per operation.
@@ -179,6 +187,14 @@ func (g *Gate) evidenceChanged(dropped []string) {
 	g.neg.clear()
 }
 
+// serveCompression is the serve_compression setting, for the settings digest.
+func (g *Gate) serveCompression() string {
+	if g.recode {
+		return string(narinfo.CompressionZstd)
+	}
+	return ""
+}
+
 // Close stops the downloads in progress.
 func (g *Gate) Close() { g.nars.Close() }
 
@@ -189,7 +205,7 @@ func (g *Gate) PublicKey() verify.PublicKey { return g.key.Public() }
 // evidence in the DB: if any of it changes between starts (a revoked
 // upstream key, a higher quorum, report mode turned off, a new gatekeeper
 // key), stored decisions must not be served as they are.
-func settingsDigest(p policy.Policy, upstreams []Upstream, key verify.SecretKey) string {
+func settingsDigest(p policy.Policy, upstreams []Upstream, key verify.SecretKey, serveCompression string) string {
 	type up struct {
 		URL  string
 		Keys []string
@@ -201,7 +217,11 @@ func settingsDigest(p policy.Policy, upstreams []Upstream, key verify.SecretKey)
 		MaxNarSize                               uint64
 		Attesters                                []string
 		Upstreams                                []up
-	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, key.Public().String(), p.Quorum, p.MaxNarSize, nil, nil}
+		// Only when set, so that decisions stored before the key existed
+		// stay current.
+		ServeCompression string `json:",omitempty"`
+	}{p.Report, p.ContentAddressed, p.RequireClosure, p.StoreDir, key.Public().String(), p.Quorum, p.MaxNarSize, nil, nil,
+		serveCompression}
 	for _, a := range p.Attesters {
 		v.Attesters = append(v.Attesters, a.String())
 	}
@@ -298,7 +318,7 @@ func newHotRecords() *hotRecords { return &hotRecords{m: map[string]*cache.Recor
 
 // recordSize approximates the memory a record holds.
 func recordSize(r *cache.Record) int {
-	n := 256 + len(r.NarInfo) + len(r.StorePath) + len(r.NarURL) + len(r.NarFile) + len(r.Upstream) + len(r.Settings)
+	n := 256 + len(r.NarInfo) + len(r.StorePath) + len(r.NarURL) + len(r.NarFile) + len(r.UpstreamFile) + len(r.Upstream) + len(r.Settings)
 	for _, ref := range r.References {
 		n += 16 + len(ref)
 	}

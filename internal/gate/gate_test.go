@@ -75,6 +75,7 @@ type obj struct {
 	hash string
 	ni   narinfo.NarInfo
 	nar  []byte
+	file []byte // the NAR file when compressed; nil: nar
 }
 
 func objHash(name string) string {
@@ -116,7 +117,11 @@ func (u *testUpstream) publish(os ...*obj) {
 	defer u.mu.Unlock()
 	for _, o := range os {
 		u.files["/"+o.hash+".narinfo"] = o.signed(u.key)
-		u.files["/"+o.ni.URL] = o.nar
+		if o.file != nil {
+			u.files["/"+o.ni.URL] = o.file
+		} else {
+			u.files["/"+o.ni.URL] = o.nar
+		}
 	}
 }
 

@@ -46,49 +46,40 @@ var (
 // verified against exactly rec's expectations, otherwise a reader of the one
 // upstream download (started if needed, unless download is false: then a
 // Body with neither Blob nor Stream says that the NAR is not cached).
+//
+// A record that recodes (serve_compression) and names the upstream's file
+// is served from a download that also writes the recoded file; one that
+// names the recoded file is served from that file as the download writes
+// it (its size is unknown until the download ends).
 func (g *Gate) OpenNAR(ctx context.Context, rec *cache.Record, download bool) (Body, error) {
 	size := rec.NAR.Size()
-	if f := g.openBlob(rec); f != nil {
+	recoded := rec.UpstreamFile != "" // NarFile is the recoded file
+	if f, n := g.openBlob(rec); f != nil {
 		g.m.CacheHits.WithLabelValues("nar").Inc()
-		return Body{Blob: f, Size: size}, nil
+		if rec.Recode && !recoded && download {
+			g.recodeCached(rec)
+		}
+		return Body{Blob: f, Size: n}, nil
 	}
 	if !download {
 		return Body{Size: size}, nil
 	}
 	g.m.CacheMisses.WithLabelValues("nar").Inc()
-	u, ok := g.upstreamNamed(rec.Upstream)
-	if !ok {
-		return Body{}, fmt.Errorf("upstream %s of %s is no longer configured", rec.Upstream, rec.StorePath)
+	upFile, upNAR := rec.UpstreamVariant()
+	var job narstream.Job
+	if recoded && g.blobs.Has(upFile) {
+		job = g.localJob(rec, upFile, upNAR)
+	} else {
+		u, ok := g.upstreamNamed(rec.Upstream)
+		if !ok {
+			return Body{}, fmt.Errorf("upstream %s of %s is no longer configured", rec.Upstream, rec.StorePath)
+		}
+		job = g.upstreamJob(rec, u, upFile, upNAR)
 	}
-	job := narstream.Job{
-		Name:   rec.NarFile,
-		Expect: rec.NAR,
-		Open: func(ctx context.Context) (io.ReadCloser, int64, error) {
-			return u.Client.Open(ctx, rec.NarURL)
-		},
-		Temp: func() (*os.File, error) { return g.blobs.CreateTemp(rec.NarFile) },
-		Commit: func(f *os.File) error {
-			return g.blobs.Commit(f, rec.NarFile, cache.BlobMeta{StorePath: rec.StorePath, NAR: rec.NAR})
-		},
-		Discard: g.blobs.Discard,
-		Grow:    g.blobs.Grow,
-		Finally: func(err error) {
-			if err != nil {
-				return
-			}
-			// Evict only now: its bbolt writes must not delay the final bytes.
-			if err := g.blobs.Evict(); err != nil {
-				g.log.Error("evict blobs", "err", err)
-			}
-			g.m.CacheSize.Set(float64(g.blobs.Size()))
-		},
+	if rec.Recode && (recoded || !g.promoteRecoded(rec)) {
+		g.recodeJob(&job, rec)
 	}
-	start := time.Now()
-	job.Done = func(err error) {
-		g.m.UpstreamDuration.WithLabelValues(u.Name(), "nar").Observe(time.Since(start).Seconds())
-		g.narDone(rec, u, err)
-	}
-	r, err := g.nars.Join(ctx, job, func() error {
+	admit := func() error {
 		// Checked under the download table's lock: a download that just
 		// ended has either committed its blob or written its quarantine.
 		if g.blobs.Has(rec.NarFile) {
@@ -101,11 +92,19 @@ func (g *Gate) OpenNAR(ctx context.Context, rec *cache.Record, download bool) (B
 			return errors.Join(ErrQuarantined, err)
 		}
 		return nil
-	})
+	}
+	var r *narstream.Reader
+	var err error
+	if recoded {
+		size = -1
+		r, err = g.nars.JoinRecoded(ctx, job, admit)
+	} else {
+		r, err = g.nars.Join(ctx, job, admit)
+	}
 	switch {
 	case errors.Is(err, errCommitted):
-		if f := g.openBlob(rec); f != nil {
-			return Body{Blob: f, Size: size}, nil
+		if f, n := g.openBlob(rec); f != nil {
+			return Body{Blob: f, Size: n}, nil
 		}
 		return Body{}, errors.New("the NAR was cached and evicted at once")
 	case err != nil:
@@ -114,26 +113,66 @@ func (g *Gate) OpenNAR(ctx context.Context, rec *cache.Record, download bool) (B
 	return Body{Stream: r, Size: size}, nil
 }
 
-// openBlob opens rec's cached blob if it was verified against exactly
-// rec's expectations. A blob of the same name verified against another
-// variant (another upstream's compression of the same NAR) is dropped: its
-// bytes would not match the narinfo the client holds.
-func (g *Gate) openBlob(rec *cache.Record) *os.File {
+// upstreamJob is the download of a record's file from its upstream, kept
+// as a blob once verified.
+func (g *Gate) upstreamJob(rec *cache.Record, u Upstream, file string, e verify.Expect) narstream.Job {
+	job := narstream.Job{
+		Name:   file,
+		Expect: e,
+		Open: func(ctx context.Context) (io.ReadCloser, int64, error) {
+			return u.Client.Open(ctx, rec.NarURL)
+		},
+		Temp: func() (*os.File, error) { return g.blobs.CreateTemp(file) },
+		Commit: func(f *os.File) error {
+			return g.blobs.Commit(f, file, cache.BlobMeta{StorePath: rec.StorePath, NAR: e})
+		},
+		Discard: g.blobs.Discard,
+		Grow:    g.blobs.Grow,
+		Finally: g.afterDownload,
+	}
+	start := time.Now()
+	job.Done = func(err error) {
+		g.m.UpstreamDuration.WithLabelValues(u.Name(), "nar").Observe(time.Since(start).Seconds())
+		g.narDone(rec, u, file, err)
+	}
+	return job
+}
+
+// afterDownload evicts once a download's readers got their last bytes:
+// its bbolt writes must not delay them.
+func (g *Gate) afterDownload(err error) {
+	if err != nil {
+		return
+	}
+	if err := g.blobs.Evict(); err != nil {
+		g.log.Error("evict blobs", "err", err)
+	}
+	g.m.CacheSize.Set(float64(g.blobs.Size()))
+}
+
+// openBlob opens rec's cached blob, and returns its size, if it was
+// verified against exactly rec's expectations (for a recoded file: any
+// zstd file of the NAR, see servesRecoded). A blob of the same name
+// verified against another variant (another upstream's compression of the
+// same NAR) is dropped: its bytes would not match the narinfo the client
+// holds.
+func (g *Gate) openBlob(rec *cache.Record) (*os.File, int64) {
 	f, err := g.blobs.Open(rec.NarFile)
 	if errors.Is(err, cache.ErrDamaged) {
 		g.m.ScrubFailures.Inc()
 		g.log.Error("cached blob damaged; dropped, will fetch again", "path", rec.StorePath, "err", err)
 	}
 	if err != nil {
-		return nil
+		return nil, 0
 	}
-	if meta, err := g.blobs.Meta(rec.NarFile); err != nil || meta == nil || meta.NAR != rec.NAR {
+	meta, err := g.blobs.Meta(rec.NarFile)
+	if err != nil || meta == nil || (meta.NAR != rec.NAR && !servesRecoded(rec, meta)) {
 		f.Close()
 		g.log.Warn("cached blob was verified against another narinfo; dropping it", "blob", rec.NarFile)
 		g.blobs.Remove(rec.NarFile)
-		return nil
+		return nil, 0
 	}
-	return f
+	return f, meta.Size
 }
 
 // MaxAmbiguousTruncations is how many transfers of one NAR in a row may end
@@ -144,18 +183,18 @@ const MaxAmbiguousTruncations = 3
 // narDone counts how a NAR download ended and quarantines the path when a
 // complete transfer disagreed with the narinfo. It runs before any reader
 // learns the result, so a client that retries at once finds the quarantine.
-func (g *Gate) narDone(rec *cache.Record, u Upstream, err error) {
+func (g *Gate) narDone(rec *cache.Record, u Upstream, file string, err error) {
 	var ve *verify.Error
 	var te *narstream.TruncatedError
 	g.mu.Lock()
 	if errors.As(err, &te) && te.UnknownLength != nil {
-		g.shortRuns[rec.NarFile]++
-		if g.shortRuns[rec.NarFile] >= MaxAmbiguousTruncations {
+		g.shortRuns[file]++
+		if g.shortRuns[file] >= MaxAmbiguousTruncations {
 			err, te = te.UnknownLength, nil
 		}
 	}
 	if te == nil {
-		delete(g.shortRuns, rec.NarFile)
+		delete(g.shortRuns, file)
 	}
 	g.mu.Unlock()
 	switch {

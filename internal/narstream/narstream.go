@@ -13,12 +13,15 @@ package narstream
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"sync"
 
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
@@ -48,7 +51,9 @@ type Job struct {
 	// (-1 when unknown).
 	Open func(ctx context.Context) (body io.ReadCloser, size int64, err error)
 	// Temp creates the file the bytes land in; Commit makes a verified one
-	// permanent (and closes it); Discard removes a failed one.
+	// permanent (and closes it); Discard removes a failed one. With Temp
+	// nil the bytes are only verified (and recoded): the download has no
+	// readers of the upstream's bytes, only of the recoded file.
 	Temp    func() (*os.File, error)
 	Commit  func(f *os.File) error
 	Discard func(f *os.File)
@@ -66,7 +71,32 @@ type Job struct {
 	// Finally, when set, runs after every reader learned the result (for
 	// work that must not delay the last bytes, such as eviction).
 	Finally func(err error)
+	// Recode, when set, re-encodes the NAR into a second file while it is
+	// verified; readers of that file join with JoinRecoded.
+	Recode *Recode
 }
+
+// Recode is the second file of a download: the decoded NAR, as the
+// verifier passes it on, re-encoded. Its readers are held back like those
+// of the upstream's bytes, and the file is committed only when the NAR
+// verified.
+type Recode struct {
+	// Encoder returns an encoder writing to w. The download writes the NAR
+	// to it and closes it after the NAR verified (to write the end of the
+	// stream); a failed download drops it without closing it.
+	Encoder func(w io.Writer) io.WriteCloser
+	// Temp, Commit and Discard are as for the upstream's bytes; Commit also
+	// learns the recoded file's hash and size.
+	Temp    func() (*os.File, error)
+	Commit  func(f *os.File, sum narinfo.SHA256, size int64) error
+	Discard func(f *os.File)
+}
+
+// The outputs of a download.
+const (
+	upstreamOut = iota // the upstream's bytes
+	recodedOut         // Job.Recode's file
+)
 
 // Group is the set of running downloads.
 type Group struct {
@@ -94,44 +124,82 @@ func (g *Group) Close() {
 	g.wg.Wait()
 }
 
-// Join returns a reader of the running download of job.Name, starting the
-// download if there is none. Before starting one it calls admit under the
-// group's lock, so that a check such as "is the blob there by now?" or "is
-// the path still approved?" cannot race a download that just ended; an
-// error from admit is returned as it is. The caller must Close the reader.
+// Join returns a reader of the upstream's bytes of the running download of
+// job.Name, starting the download if there is none. Before starting one it
+// calls admit under the group's lock, so that a check such as "is the blob
+// there by now?" or "is the path still approved?" cannot race a download
+// that just ended; an error from admit is returned as it is. The caller
+// must Close the reader.
 func (g *Group) Join(ctx context.Context, job Job, admit func() error) (*Reader, error) {
+	return g.join(ctx, job, admit, upstreamOut)
+}
+
+// JoinRecoded is Join for a reader of the recoded file (job.Recode must be
+// set). The recoded file's length is unknown until the download ends.
+func (g *Group) JoinRecoded(ctx context.Context, job Job, admit func() error) (*Reader, error) {
+	if job.Recode == nil {
+		return nil, errors.New("narstream: JoinRecoded of a job without Recode")
+	}
+	return g.join(ctx, job, admit, recodedOut)
+}
+
+func (g *Group) join(ctx context.Context, job Job, admit func() error, out int) (*Reader, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
 		return nil, ErrClosed
 	}
 	if dl := g.downloads[job.Name]; dl != nil {
-		if dl.job.Expect != job.Expect {
+		if dl.job.Expect != job.Expect || dl.outs[out] == nil {
 			return nil, ErrOtherVariant
 		}
-		return dl.reader(ctx), nil
+		return dl.reader(ctx, out), nil
+	}
+	if out == upstreamOut && job.Temp == nil {
+		return nil, errors.New("narstream: Join of a job without Temp")
 	}
 	if admit != nil {
 		if err := admit(); err != nil {
 			return nil, err
 		}
 	}
-	tmp, err := job.Temp()
-	if err != nil {
-		return nil, err
+	dl := &Download{job: job}
+	var tmps [2]*os.File
+	temps := [2]func() (*os.File, error){job.Temp, nil}
+	discards := [2]func(*os.File){job.Discard, nil}
+	if job.Recode != nil {
+		temps[recodedOut], discards[recodedOut] = job.Recode.Temp, job.Recode.Discard
 	}
-	rf, err := os.Open(tmp.Name())
-	if err != nil {
-		job.Discard(tmp)
-		return nil, fmt.Errorf("open temp file: %w", err)
+	for i, temp := range temps {
+		if temp == nil {
+			continue
+		}
+		tmp, err := temp()
+		var rf *os.File
+		if err == nil {
+			if rf, err = os.Open(tmp.Name()); err != nil {
+				discards[i](tmp)
+				err = fmt.Errorf("open temp file: %w", err)
+			}
+		}
+		if err != nil {
+			for j := range i {
+				if tmps[j] != nil {
+					dl.outs[j].rf.Close()
+					discards[j](tmps[j])
+				}
+			}
+			return nil, err
+		}
+		tmps[i] = tmp
+		dl.outs[i] = &output{changed: make(chan struct{}), rf: rf, holders: 1}
 	}
-	dl := &Download{job: job, changed: make(chan struct{}), rf: rf, holders: 1}
 	g.downloads[job.Name] = dl
-	r := dl.reader(ctx)
+	r := dl.reader(ctx, out)
 	g.wg.Add(1)
 	go func() {
 		defer g.wg.Done()
-		g.run(dl, tmp)
+		g.run(dl, tmps[upstreamOut], tmps[recodedOut])
 	}()
 	return r, nil
 }
@@ -148,6 +216,12 @@ type Download struct {
 	job Job
 
 	mu      sync.Mutex
+	outs    [2]*output // by upstreamOut, recodedOut; nil when the job has no such file
+	readers int        // open Readers
+}
+
+// output is one file of a download and what its readers may read of it.
+type output struct {
 	changed chan struct{} // closed and replaced whenever avail/done change
 	avail   int64         // bytes readers may read
 	done    bool
@@ -156,44 +230,48 @@ type Download struct {
 	holders int      // holders of rf: the writer and each open Reader
 }
 
-func (dl *Download) reader(ctx context.Context) *Reader {
+func (dl *Download) reader(ctx context.Context, out int) *Reader {
 	dl.mu.Lock()
-	dl.holders++
+	dl.outs[out].holders++
+	dl.readers++
 	dl.mu.Unlock()
-	return &Reader{dl: dl, ctx: ctx}
+	return &Reader{dl: dl, out: dl.outs[out], ctx: ctx}
 }
 
-// readers returns the number of open Readers.
-func (dl *Download) readers() int {
+// openReaders returns the number of open Readers.
+func (dl *Download) openReaders() int {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
-	return dl.holders - 1 // the writer holds one
+	return dl.readers
 }
 
-func (dl *Download) release() {
+func (dl *Download) release(o *output, reader bool) {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
-	dl.holders--
-	if dl.holders == 0 {
-		dl.rf.Close()
+	if reader {
+		dl.readers--
+	}
+	o.holders--
+	if o.holders == 0 {
+		o.rf.Close()
 	}
 }
 
-// publish makes n bytes readable, or ends the download.
-func (dl *Download) publish(n int64, done bool, err error) {
+// publish makes n bytes of o readable, or ends it.
+func (dl *Download) publish(o *output, n int64, done bool, err error) {
 	dl.mu.Lock()
 	defer dl.mu.Unlock()
-	dl.avail, dl.done, dl.err = n, done, err
-	close(dl.changed)
-	dl.changed = make(chan struct{})
+	o.avail, o.done, o.err = n, done, err
+	close(o.changed)
+	o.changed = make(chan struct{})
 }
 
-// wait blocks until more than off bytes are readable, the download ended,
-// or ctx ended.
-func (dl *Download) wait(ctx context.Context, off int64) (avail int64, done bool, err error) {
+// wait blocks until more than off bytes of o are readable, the download
+// ended, or ctx ended.
+func (dl *Download) wait(ctx context.Context, o *output, off int64) (avail int64, done bool, err error) {
 	for {
 		dl.mu.Lock()
-		avail, done, err, ch := dl.avail, dl.done, dl.err, dl.changed
+		avail, done, err, ch := o.avail, o.done, o.err, o.changed
 		dl.mu.Unlock()
 		if avail > off || done {
 			return avail, done, err
@@ -206,14 +284,30 @@ func (dl *Download) wait(ctx context.Context, off int64) (avail int64, done bool
 	}
 }
 
-// run is the writer. It ends by committing the file or failing every reader.
-func (g *Group) run(dl *Download, tmp *os.File) {
+// run is the writer. It ends by committing the files or failing every
+// reader.
+func (g *Group) run(dl *Download, tmp, rtmp *os.File) {
 	job := dl.job
-	written, err := dl.copy(g.ctx, tmp)
-	if err == nil {
+	var rw *recodeWriter
+	if rtmp != nil {
+		rw = &recodeWriter{dl: dl, f: rtmp, h: sha256.New()}
+	}
+	written, err := dl.copy(g.ctx, tmp, rw)
+	// The recoded file first: the upstream's bytes of a recoding download
+	// are usually only passed through (their Commit discards them).
+	if err == nil && rtmp != nil {
+		err = job.Recode.Commit(rtmp, narinfo.SHA256(rw.h.Sum(nil)), rw.n)
+		rtmp = nil
+	}
+	if err == nil && tmp != nil {
 		err = job.Commit(tmp)
-	} else {
+		tmp = nil
+	}
+	if tmp != nil {
 		job.Discard(tmp)
+	}
+	if rtmp != nil {
+		job.Recode.Discard(rtmp)
 	}
 	if job.Done != nil {
 		job.Done(err)
@@ -224,21 +318,58 @@ func (g *Group) run(dl *Download, tmp *os.File) {
 	g.mu.Lock()
 	delete(g.downloads, job.Name)
 	g.mu.Unlock()
-	dl.publish(written, true, err)
-	dl.release()
+	if o := dl.outs[upstreamOut]; o != nil {
+		dl.publish(o, written, true, err)
+		dl.release(o, false)
+	}
+	if o := dl.outs[recodedOut]; o != nil {
+		dl.publish(o, rw.n, true, err)
+		dl.release(o, false)
+	}
 	if job.Finally != nil {
 		job.Finally(err)
 	}
 }
 
-// copy runs the transfer through the verifier into tmp and returns the
-// bytes written or why it failed.
-func (dl *Download) copy(ctx context.Context, tmp *os.File) (int64, error) {
+// recodeWriter is where the encoder of a recoding download writes: the
+// recoded temp file, hashed and published to its readers as it grows.
+type recodeWriter struct {
+	dl *Download
+	f  *os.File
+	h  hash.Hash
+	n  int64
+}
+
+func (w *recodeWriter) Write(p []byte) (int, error) {
+	if w.dl.job.Grow != nil {
+		if err := w.dl.job.Grow(w.f, int64(len(p))); err != nil && w.dl.openReaders() == 0 {
+			return 0, err
+		}
+	}
+	n, err := w.f.Write(p)
+	w.h.Write(p[:n])
+	w.n += int64(n)
+	if err != nil {
+		return n, fmt.Errorf("write recoded temp file: %w", err)
+	}
+	w.dl.publish(w.dl.outs[recodedOut], max(0, w.n-Holdback), false, nil)
+	return n, nil
+}
+
+// copy runs the transfer through the verifier into tmp (when there is one)
+// and, recoded, into rw (when there is one), and returns the bytes of the
+// upstream's file or why it failed.
+func (dl *Download) copy(ctx context.Context, tmp *os.File, rw *recodeWriter) (int64, error) {
 	v, err := verify.NewVerifier(dl.job.Expect)
 	if err != nil {
 		return 0, err
 	}
 	defer v.Abort()
+	var enc io.WriteCloser
+	if rw != nil {
+		enc = dl.job.Recode.Encoder(rw)
+		v.SetNAROutput(enc)
+	}
 	body, size, err := dl.job.Open(ctx)
 	if err != nil {
 		return 0, err
@@ -252,16 +383,18 @@ func (dl *Download) copy(ctx context.Context, tmp *os.File) (int64, error) {
 			if _, err := v.Write(buf[:n]); err != nil {
 				return written, err
 			}
-			if dl.job.Grow != nil {
-				if err := dl.job.Grow(tmp, int64(n)); err != nil && dl.readers() == 0 {
-					return written, err
+			if tmp != nil {
+				if dl.job.Grow != nil {
+					if err := dl.job.Grow(tmp, int64(n)); err != nil && dl.openReaders() == 0 {
+						return written, err
+					}
 				}
-			}
-			if _, err := tmp.Write(buf[:n]); err != nil {
-				return written, fmt.Errorf("write temp file: %w", err)
+				if _, err := tmp.Write(buf[:n]); err != nil {
+					return written, fmt.Errorf("write temp file: %w", err)
+				}
+				dl.publish(dl.outs[upstreamOut], max(0, written+int64(n)-Holdback), false, nil)
 			}
 			written += int64(n)
-			dl.publish(max(0, written-Holdback), false, nil)
 		}
 		if rerr == io.EOF {
 			break
@@ -283,6 +416,12 @@ func (dl *Download) copy(ctx context.Context, tmp *os.File) (int64, error) {
 		}
 		return written, err
 	}
+	if enc != nil {
+		// The NAR verified; the end of the recoded stream may go out.
+		if err := enc.Close(); err != nil {
+			return written, fmt.Errorf("recode: %w", err)
+		}
+	}
 	return written, nil
 }
 
@@ -299,11 +438,12 @@ type TruncatedError struct {
 func (e *TruncatedError) Error() string { return "transfer broken: " + e.Err.Error() }
 func (e *TruncatedError) Unwrap() error { return e.Err }
 
-// Reader reads one download from its start. Read blocks until bytes are
-// verified-safe to hand out; it returns io.EOF only after the whole NAR was
-// verified, and the download's error if it failed.
+// Reader reads one file of a download from its start. Read blocks until
+// bytes are verified-safe to hand out; it returns io.EOF only after the
+// whole NAR was verified, and the download's error if it failed.
 type Reader struct {
 	dl     *Download
+	out    *output
 	ctx    context.Context
 	off    int64
 	closed bool
@@ -314,7 +454,7 @@ func (r *Reader) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	avail, done, err := r.dl.wait(r.ctx, r.off)
+	avail, done, err := r.dl.wait(r.ctx, r.out, r.off)
 	if err != nil {
 		return 0, err
 	}
@@ -324,7 +464,7 @@ func (r *Reader) Read(p []byte) (int, error) {
 		}
 		return 0, nil
 	}
-	n, err := r.dl.rf.ReadAt(p[:min(int64(len(p)), avail-r.off)], r.off)
+	n, err := r.out.rf.ReadAt(p[:min(int64(len(p)), avail-r.off)], r.off)
 	r.off += int64(n)
 	if err == io.EOF {
 		err = nil // the file grows; avail says what is there
@@ -339,7 +479,7 @@ func (r *Reader) Offset() int64 { return r.off }
 func (r *Reader) Close() error {
 	if !r.closed {
 		r.closed = true
-		r.dl.release()
+		r.dl.release(r.out, true)
 	}
 	return nil
 }

@@ -2,6 +2,7 @@ package narstream
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"errors"
 	"io"
@@ -328,5 +329,179 @@ func TestNoRoomStopsOnlyUnreadDownloads(t *testing.T) {
 			t.Errorf("unread download without room ended with %v, want the Grow error", err)
 		}
 		g.Close()
+	}
+}
+
+// recodeJob adds a gzip Recode to a harness job; commits of the recoded
+// file are reported on recoded.
+func (h *harness) recodeJob(job Job, recoded chan<- recodedFile) Job {
+	job.Recode = &Recode{
+		Encoder: func(w io.Writer) io.WriteCloser { return gzip.NewWriter(w) },
+		Temp:    func() (*os.File, error) { return os.CreateTemp(h.dir, job.Name+".recoded.*") },
+		Commit: func(f *os.File, sum narinfo.SHA256, size int64) error {
+			b, err := os.ReadFile(f.Name())
+			recoded <- recodedFile{b, sum, size}
+			f.Close()
+			return err
+		},
+		Discard: func(f *os.File) { h.discarded.Add(1); f.Close(); os.Remove(f.Name()) },
+	}
+	return job
+}
+
+type recodedFile struct {
+	data []byte
+	sum  narinfo.SHA256
+	size int64
+}
+
+// A recoding download serves the upstream's bytes and the recoded file to
+// their readers from one transfer, and commits the recoded file with its
+// hash and size.
+func TestRecode(t *testing.T) {
+	data, e := payload(400 << 10)
+	src := newSource(data, len(data))
+	h := newHarness(t)
+	g := NewGroup()
+	defer g.Close()
+	recoded := make(chan recodedFile, 1)
+	job := h.recodeJob(h.job("nar-r", e, src, int64(len(data))), recoded)
+	rz, err := g.JoinRecoded(context.Background(), job, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rz.Close()
+	ru, err := g.Join(context.Background(), job, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ru.Close()
+	var gotZ, gotU bytes.Buffer
+	if _, err := io.Copy(&gotZ, rz); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(&gotU, ru); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(gotU.Bytes(), data) {
+		t.Fatal("the upstream's bytes differ")
+	}
+	zr, err := gzip.NewReader(bytes.NewReader(gotZ.Bytes()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nar, err := io.ReadAll(zr); err != nil || !bytes.Equal(nar, data) {
+		t.Fatalf("recoded file decodes to %d bytes (%v), not the NAR", len(nar), err)
+	}
+	f := <-recoded
+	if !bytes.Equal(f.data, gotZ.Bytes()) || f.sum != narinfo.SumSHA256(f.data) || f.size != int64(len(f.data)) {
+		t.Fatalf("committed %d bytes as %d bytes with hash %s; readers got %d", len(f.data), f.size, f.sum, gotZ.Len())
+	}
+	if err := <-h.doneErr; err != nil || src.opens.Load() != 1 {
+		t.Fatalf("done %v, %d upstream opens", err, src.opens.Load())
+	}
+}
+
+// A recoding download of a NAR that disagrees fails the readers of the
+// recoded file with the verification error and commits nothing; one
+// without Temp has readers of the recoded file only.
+func TestRecodeMismatchAndNoTemp(t *testing.T) {
+	data, e := payload(600 << 10)
+	bad := bytes.Clone(data)
+	bad[len(bad)-1] ^= 1
+	h := newHarness(t)
+	g := NewGroup()
+	defer g.Close()
+	recoded := make(chan recodedFile, 1)
+	job := h.recodeJob(h.job("nar-m", e, newSource(bad, len(bad)), int64(len(bad))), recoded)
+	job.Temp = nil
+	rz, err := g.JoinRecoded(context.Background(), job, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rz.Close()
+	if _, err := g.Join(context.Background(), job, nil); !errors.Is(err, ErrOtherVariant) {
+		t.Errorf("Join of the upstream's bytes of a download without Temp: %v, want ErrOtherVariant", err)
+	}
+	_, err = io.Copy(io.Discard, rz)
+	var ve *verify.Error
+	if !errors.As(err, &ve) || ve.Check != verify.CheckNarHash {
+		t.Fatalf("reader of the recoded file got %v, want a nar_hash *verify.Error", err)
+	}
+	if err := <-h.doneErr; !errors.As(err, &ve) || len(recoded) != 0 || h.discarded.Load() != 1 {
+		t.Fatalf("done %v, %d recoded commits, %d discards", err, len(recoded), h.discarded.Load())
+	}
+}
+
+type brokenEncoder struct{}
+
+func (brokenEncoder) Write([]byte) (int, error) { return 0, errors.New("disk on fire") }
+func (brokenEncoder) Close() error              { return nil }
+
+// A recoder that fails fails the download, but not as a verification
+// failure: nothing is evidence against the NAR.
+func TestRecodeFailureIsNoMismatch(t *testing.T) {
+	data, e := payload(300 << 10)
+	h := newHarness(t)
+	g := NewGroup()
+	defer g.Close()
+	job := h.recodeJob(h.job("nar-f", e, newSource(data, len(data)), int64(len(data))), make(chan recodedFile, 1))
+	job.Recode.Encoder = func(io.Writer) io.WriteCloser { return brokenEncoder{} }
+	r, err := g.Join(context.Background(), job, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	_, err = io.Copy(io.Discard, r)
+	var ve *verify.Error
+	if err == nil || errors.As(err, &ve) {
+		t.Fatalf("reader got %v, want a failure that is no *verify.Error", err)
+	}
+	if err := <-h.doneErr; err == nil || errors.As(err, &ve) || h.committed.Load() != 0 {
+		t.Fatalf("done %v, committed %d", err, h.committed.Load())
+	}
+}
+
+type identityEncoder struct{ w io.Writer }
+
+func (e identityEncoder) Write(p []byte) (int, error) { return e.w.Write(p) }
+func (identityEncoder) Close() error                  { return nil }
+
+// Readers of the recoded file are held back like those of the upstream's
+// bytes: nobody gets its last Holdback bytes before the NAR verified.
+func TestRecodedHoldBack(t *testing.T) {
+	data, e := payload(1 << 20)
+	src := newSource(data, len(data)-1) // withhold the last byte
+	h := newHarness(t)
+	g := NewGroup()
+	defer g.Close()
+	job := h.recodeJob(h.job("nar-h", e, src, int64(len(data))), make(chan recodedFile, 1))
+	job.Recode.Encoder = func(w io.Writer) io.WriteCloser { return identityEncoder{w} }
+	ctx, cancel := context.WithCancel(context.Background())
+	r, err := g.JoinRecoded(ctx, job, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	rest, err := g.JoinRecoded(context.Background(), job, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rest.Close()
+	want := int64(len(data) - 1 - Holdback)
+	p := make([]byte, 4096)
+	for r.Offset() < want {
+		if _, err := r.Read(p); err != nil {
+			t.Fatalf("after %d bytes: %v", r.Offset(), err)
+		}
+	}
+	// Nothing more comes while the upstream withholds its last byte.
+	time.AfterFunc(20*time.Millisecond, cancel)
+	if n, err := r.Read(p); n != 0 || !errors.Is(err, context.Canceled) || r.Offset() != want {
+		t.Fatalf("read %d more bytes (%v) after %d of %d, want exactly %d before the end", n, err, r.Offset(), len(data), want)
+	}
+	src.release(len(data))
+	if n, err := io.Copy(io.Discard, rest); err != nil || n != int64(len(data)) {
+		t.Fatalf("reader got %d bytes, %v; want %d", n, err, len(data))
 	}
 }

@@ -88,6 +88,7 @@ func restartOnly(cur, next config.Config) []string {
 	check("priority", cur.Priority, next.Priority)
 	check("signing_key_file", cur.SigningKeyFile, next.SigningKeyFile)
 	check("shutdown_timeout", cur.ShutdownTimeout, next.ShutdownTimeout)
+	check("serve_compression", cur.ServeCompression, next.ServeCompression)
 	check("cache.max_size", cur.Cache.MaxSize, next.Cache.MaxSize)
 	check("cache.scrub_period", cur.Cache.ScrubPeriod, next.Cache.ScrubPeriod)
 	check("admin", cur.Admin, next.Admin)

@@ -28,6 +28,7 @@ import (
 	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/gate"
 	"github.com/cacheproxy/cacheproxy/internal/metrics"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
@@ -112,7 +113,8 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 	s.blobs.OnEvict(func(n int, _ int64) { s.m.Evictions.Add(float64(n)) })
 	gs := gateSettings(cfg, ups)
 	s.gate, err = gate.New(gate.Options{Policy: gs.Policy, Upstreams: gs.Upstreams, Key: key, DB: s.db, Blobs: s.blobs,
-		Metrics: s.m, Log: log, DiskReserve: gs.DiskReserve, NegativeTTL: gs.NegativeTTL})
+		Metrics: s.m, Log: log, DiskReserve: gs.DiskReserve, NegativeTTL: gs.NegativeTTL,
+		ServeCompression: narinfo.Compression(cfg.ServeCompression)})
 	if err != nil {
 		s.blobs.Close()
 		s.db.Close()

@@ -148,6 +148,22 @@ func NewVerifier(e Expect) (*Verifier, error) {
 	return v, nil
 }
 
+// SetNAROutput makes the verifier copy the decoded NAR to w as it checks
+// it (to re-encode it, say), never more than NarSize bytes. Call it before
+// the first Write. w is written from the decoding goroutine; an error from
+// it fails the verification with an *OutputError, which is not an *Error:
+// the bytes were not found to disagree with the narinfo.
+func (v *Verifier) SetNAROutput(w io.Writer) { v.nar.out = w }
+
+// OutputError is a failure of the NAR output (SetNAROutput), not of the
+// NAR.
+type OutputError struct{ Err error }
+
+func (e *OutputError) Error() string { return "NAR output: " + e.Err.Error() }
+
+// Unwrap returns the output's error.
+func (e *OutputError) Unwrap() error { return e.Err }
+
 // fail records the first failure; later calls keep returning it.
 func (v *Verifier) fail(err error) error {
 	if v.err == nil {
@@ -280,6 +296,7 @@ type narSink struct {
 	n     uint64
 	limit uint64
 	flat  *flatChecker // nil unless a content address is to be proven
+	out   io.Writer    // nil unless SetNAROutput
 }
 
 func (s *narSink) write(p []byte) error {
@@ -289,6 +306,11 @@ func (s *narSink) write(p []byte) error {
 	}
 	s.h.Write(p)
 	s.n += uint64(len(p))
+	if s.out != nil {
+		if _, err := s.out.Write(p); err != nil {
+			return &OutputError{Err: err}
+		}
+	}
 	if s.flat != nil {
 		return s.flat.write(p)
 	}

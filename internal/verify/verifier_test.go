@@ -684,3 +684,66 @@ func TestCompressedBytesBounded(t *testing.T) {
 		t.Errorf("MaxFileSize %d for a %d-byte NAR", max, len(nar))
 	}
 }
+
+// The NAR output receives exactly the decoded NAR, for every compression.
+func TestNAROutput(t *testing.T) {
+	for _, c := range compressions {
+		f := loadFixture(t, c, treeHash)
+		t.Run(f.name, func(t *testing.T) {
+			v, err := NewVerifier(f.expect)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out bytes.Buffer
+			v.SetNAROutput(&out)
+			for p := f.data; len(p) > 0; p = p[min(len(p), 1000):] {
+				if _, err := v.Write(p[:min(len(p), 1000)]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := v.Finish(); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(out.Bytes(), f.nar) {
+				t.Fatalf("output is %d bytes, not the %d-byte NAR", out.Len(), len(f.nar))
+			}
+		})
+	}
+}
+
+type failingWriter struct{ after int }
+
+var errOutputFull = errors.New("output full")
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if len(p) > w.after {
+		return 0, errOutputFull
+	}
+	w.after -= len(p)
+	return len(p), nil
+}
+
+// A failing NAR output fails the verification, but not as a verification
+// failure: the NAR was not found to disagree with anything.
+func TestNAROutputFailure(t *testing.T) {
+	for _, c := range compressions {
+		f := loadFixture(t, c, treeHash)
+		t.Run(f.name, func(t *testing.T) {
+			v, err := NewVerifier(f.expect)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer v.Abort()
+			v.SetNAROutput(&failingWriter{after: 10})
+			var werr error
+			for p := f.data; len(p) > 0 && werr == nil; p = p[min(len(p), 100):] {
+				_, werr = v.Write(p[:min(len(p), 100)])
+			}
+			err = v.Finish()
+			var oe *OutputError
+			if !errors.As(err, &oe) || !errors.Is(err, errOutputFull) || checkOf(err) != "" {
+				t.Fatalf("Finish = %v (Write %v), want an OutputError that is no *Error", err, werr)
+			}
+		})
+	}
+}
