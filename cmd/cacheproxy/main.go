@@ -12,6 +12,8 @@ import (
 	"os"
 	"runtime/debug"
 	"strings"
+
+	"github.com/cacheproxy/cacheproxy/internal/config"
 )
 
 const usage = `cacheproxy — a verifying Nix binary-cache proxy
@@ -45,10 +47,12 @@ var errUsage = errors.New("usage")
 var errHelp = flag.ErrHelp
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+	os.Exit(run(os.Args[1:], config.EnvFromOS(), os.Stdin, os.Stdout, os.Stderr))
 }
 
-func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+// run runs one command; env is the process environment (tests pass their
+// own, so that no test reads $CACHEPROXY_CONFIG or /etc).
+func run(args []string, env config.Env, stdin io.Reader, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return 2
@@ -80,7 +84,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "cacheproxy: unknown command %q (see cacheproxy --help)\n", name)
 		return 2
 	}
-	err := cmd(args[1:], cmdIO{stdin: stdin, stdout: stdout, stderr: stderr})
+	err := cmd(args[1:], cmdIO{stdin: stdin, stdout: stdout, stderr: stderr, env: env})
 	switch {
 	case err == nil:
 		return 0
@@ -98,6 +102,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 type cmdIO struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
+	env            config.Env
 }
 
 // newFlags returns a flag set that prints its usage to stderr on --help.
