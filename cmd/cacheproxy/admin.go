@@ -336,7 +336,13 @@ func cmdExplain(args []string, io cmdIO) error {
 	if asJSON {
 		return printJSON(io.stdout, ex)
 	}
-	w := io.stdout
+	printExplain(io.stdout, ex)
+	return nil
+}
+
+// printExplain shows all the evidence first, then the rule that won (the
+// decision), then what each kind of request gets now.
+func printExplain(w io.Writer, ex adminapi.Explain) {
 	name := ex.StorePath
 	if name == "" {
 		name = ex.Hash
@@ -345,10 +351,6 @@ func cmdExplain(args []string, io cmdIO) error {
 	switch {
 	case ex.Decision != nil:
 		d := ex.Decision
-		fmt.Fprintf(w, "  decision:   %s (served: %v)\n", d, ex.Served)
-		if d.Detail != "" {
-			fmt.Fprintf(w, "  detail:     %s\n", d.Detail)
-		}
 		if d.Upstream != "" {
 			fmt.Fprintf(w, "  upstream:   %s (signed by %s)\n", d.Upstream, orNone(d.UpstreamSigners))
 		}
@@ -368,6 +370,10 @@ func cmdExplain(args []string, io cmdIO) error {
 		if d.Quarantine != nil {
 			fmt.Fprintf(w, "  quarantine: %s check failed at %s: %s (lift with cacheproxy retry)\n", d.Quarantine.Check, d.Quarantine.Time.Format(time.RFC3339), d.Quarantine.Detail)
 		}
+		fmt.Fprintf(w, "  decision:   %s (served: %v)\n", d, ex.Served)
+		if d.Detail != "" {
+			fmt.Fprintf(w, "  detail:     %s\n", d.Detail)
+		}
 	default:
 		fmt.Fprintf(w, "  status:     %s %s\n", ex.Status, ex.Error)
 	}
@@ -379,7 +385,6 @@ func cmdExplain(args []string, io cmdIO) error {
 	if ex.Rejection != nil {
 		fmt.Fprintf(w, "  last rejected: %s (%d times, last %s)\n", ex.Rejection.Reason, ex.Rejection.Count, ex.Rejection.Last.Format(time.RFC3339))
 	}
-	return nil
 }
 
 // rebuildable reports whether a rebuild and its attestation could approve a

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
@@ -117,5 +118,25 @@ func TestServeReportsAllProblems(t *testing.T) {
 	}
 	if code != 1 {
 		t.Errorf("exit %d", code)
+	}
+}
+
+// explain of a quarantined path shows all the evidence (the valid
+// attestation too), then the rule that won.
+func TestExplainEvidenceThenRule(t *testing.T) {
+	var out bytes.Buffer
+	printExplain(&out, adminapi.Explain{Hash: strings.Repeat("a", 32), StorePath: "/nix/store/" + strings.Repeat("a", 32) + "-app-1.0",
+		Decision: &adminapi.Decision{Reason: "nar_mismatch", Detail: "NAR failed nar_hash check", Upstream: "https://up", UpstreamSigners: []string{"up-1"},
+			Attesters: []string{"rebuilder-1"}, Allow: &adminapi.AllowEntry{Reason: "reviewed"},
+			Quarantine: &adminapi.Quarantine{Check: "nar_hash", Detail: "got sha256:x"}}})
+	text := out.String()
+	order := []string{"upstream:", "attesters matching upstream: rebuilder-1", "allowlist:", "quarantine: nar_hash", "decision:   rejected; reason=nar_mismatch", "detail:", "narinfo request now"}
+	at := 0
+	for _, w := range order {
+		i := strings.Index(text[at:], w)
+		if i < 0 {
+			t.Fatalf("explain lacks %q after %q:\n%s", w, text[:at], text)
+		}
+		at += i
 	}
 }
