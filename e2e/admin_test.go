@@ -594,7 +594,7 @@ func TestZeroConfig(t *testing.T) {
 	var logs syncBuffer
 	cmd := exec.Command(cacheproxyBin, "serve")
 	cmd.Dir = dir
-	cmd.Env = append(filterEnv(os.Environ(), "STATE_DIRECTORY="), "HOME="+dir)
+	cmd.Env = append(filterEnv(filterEnv(os.Environ(), "STATE_DIRECTORY="), "CACHEPROXY_CONFIG="), "HOME="+dir)
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -190,3 +190,24 @@ func TestEnvFromOSConfig(t *testing.T) {
 		t.Fatalf("EnvFromOS = %+v", env)
 	}
 }
+
+// The README's configuration block is a configuration: every key it shows
+// exists, at the place it shows it.
+func TestREADMEConfigurationBlock(t *testing.T) {
+	raw, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, after, ok := strings.Cut(string(raw), "\n## Configuration\n")
+	if !ok {
+		t.Fatal("README has no Configuration section")
+	}
+	_, block, ok := strings.Cut(after, "```toml\n")
+	block, _, ok2 := strings.Cut(block, "```")
+	if !ok || !ok2 {
+		t.Fatal("README's Configuration section has no ```toml block")
+	}
+	if _, err := Parse([]byte(block), Env{}); err != nil {
+		t.Fatalf("README configuration block:\n%v", err)
+	}
+}
