@@ -20,6 +20,7 @@ const usage = `cacheproxy — a verifying Nix binary-cache proxy
 
 Usage:
   cacheproxy serve [-c FILE] [--listen ADDR] [--state-dir DIR] [--mode enforce|report]
+                   [--log-format text|json] [--log-level debug|info|warn|error]
   cacheproxy keygen NAME [--dir DIR]
   cacheproxy pubkey [-c FILE]
   cacheproxy check-config [-c FILE]
@@ -33,9 +34,11 @@ Usage:
   cacheproxy verify-cache [-c FILE]
   cacheproxy --version
 
+Every command reads the configuration from -c FILE, else $CACHEPROXY_CONFIG,
+else /etc/cacheproxy/cacheproxy.toml if it exists, else the embedded defaults.
 Admin commands (attest, allow, deny, explain, rejections, retry, verify-cache)
-find the running server from the config file (admin.listen, admin.token_file)
-or from --server URL --token-file FILE.
+find the running server from it (admin.listen, admin.token_file) or from
+--server URL --token-file FILE.
 
 Run "cacheproxy COMMAND --help" for the flags of one command.
 `
