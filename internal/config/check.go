@@ -203,12 +203,18 @@ func (f *File) read(data []byte, env Env) {
 // key written at line ("upstreams[1].timeout") when the file up to there
 // can be parsed.
 func (f *File) indexedKey(data []byte, key string, line int) string {
+	best := ""
 	for k, l := range keyLines(data) {
-		if l == line && unindexed(k) == key {
-			return k
+		// "a", "a[0]" and "a[1]" of `a = [1, 2]` all match: the key
+		// itself is the shortest.
+		if l == line && unindexed(k) == key && (best == "" || len(k) < len(best)) {
+			best = k
 		}
 	}
-	return key
+	if best == "" {
+		return key
+	}
+	return best
 }
 
 // unknownKeys reports the keys the decoder did not use, at every line that
@@ -230,7 +236,10 @@ func (f *File) unknownKeys(undecoded []toml.Key) {
 	var ps Problems
 	for k, line := range f.lines {
 		u := unindexed(k)
-		if unknown[u] && !inUnknown(k) {
+		// Elements of an unknown list are not reported again, but each
+		// entry of an unknown [[table]] is.
+		_, listWritten := f.lines[parentKey(k)]
+		if unknown[u] && !inUnknown(k) && (!strings.HasSuffix(k, "]") || !listWritten) {
 			found[u] = true
 			ps = append(ps, Problem{File: f.Name(), Line: line, Key: k, Msg: "unknown key"})
 		}
@@ -337,7 +346,8 @@ func decode(data []byte, env Env) (Config, toml.MetaData, error) {
 
 // keyLines maps every key the document writes, spelled with list indices
 // as Validate names them ("upstreams[1].public_keys[0]"), to its line; a
-// table header maps its table. It reads as far as the document parses.
+// table header maps its table, and each [[entry]] of an array of tables
+// maps "key[i]". It reads as far as the document parses.
 // The decoder (BurntSushi/toml) does not expose positions, hence a second
 // parser that does.
 func keyLines(data []byte) map[string]int {
@@ -409,10 +419,7 @@ func keyLines(data []byte) map[string]int {
 			k, first := resolve("", e.Key())
 			table = fmt.Sprintf("%s[%d]", k, arrays[k])
 			arrays[k]++
-			lines[table] = line(first)
-			if _, ok := lines[k]; !ok {
-				lines[k] = line(first)
-			}
+			lines[table] = line(first) // each entry has its line; the list as a whole has none
 		}
 	}
 	return lines

@@ -211,3 +211,20 @@ func TestREADMEConfigurationBlock(t *testing.T) {
 		t.Fatalf("README configuration block:\n%v", err)
 	}
 }
+
+// An unknown list is one problem, not one per element; each entry of an
+// unknown [[table]] is one.
+func TestCheckUnknownLists(t *testing.T) {
+	_, got := check(t, `extras = [1,
+  2]
+[[frobs]]
+a = 1
+[[frobs]]
+b = 2
+`)
+	sameLines(t, got, []string{
+		":1: extras: unknown key",
+		":3: frobs[0]: unknown key",
+		":5: frobs[1]: unknown key",
+	})
+}
