@@ -80,6 +80,13 @@ func TestRejectionsDerivers(t *testing.T) {
 	if !strings.Contains(js, f.C.App.Hash()) || !strings.Contains(js, "unattested") {
 		t.Errorf("rejections --json lacks the rejected path or its reason:\n%s", js)
 	}
+	// A denied path is no rebuild's to fix: its deriver is left out.
+	f.Px.MustCLI(t, "deny add", "--reason", "test", string(f.C.Leaf))
+	f.Px.ExpectRejected(t, f.C.Leaf, "denied")
+	out = f.Px.MustCLI(t, "rejections", "--derivers")
+	if !strings.Contains(out, string(f.C.AppDrv)) || strings.Contains(out, string(f.C.LeafDrv)) {
+		t.Errorf("rejections --derivers after denying %s: want only %s:\n%s", f.C.Leaf.Name(), f.C.AppDrv, out)
+	}
 }
 
 func TestAdminAPIAuth(t *testing.T) {
@@ -587,7 +594,7 @@ func TestZeroConfig(t *testing.T) {
 	var logs syncBuffer
 	cmd := exec.Command(cacheproxyBin, "serve")
 	cmd.Dir = dir
-	cmd.Env = append(filterEnv(os.Environ(), "STATE_DIRECTORY="), "HOME="+dir)
+	cmd.Env = append(filterEnv(filterEnv(os.Environ(), "STATE_DIRECTORY="), "CACHEPROXY_CONFIG="), "HOME="+dir)
 	cmd.Stdout, cmd.Stderr = &logs, &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -831,6 +831,8 @@ func runCacheproxy(t testing.TB, dir string, args ...string) (string, string, er
 	defer cancel()
 	cmd := exec.CommandContext(ctx, cacheproxyBin, args...)
 	cmd.Dir = dir
+	// Commands without -c read $CACHEPROXY_CONFIG: not the developer's.
+	cmd.Env = filterEnv(os.Environ(), "CACHEPROXY_CONFIG=")
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()

@@ -20,6 +20,7 @@ import (
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/config"
 )
 
 // adminFlags find the running server: from the config, or given directly.
@@ -44,12 +45,14 @@ func (a *adminFlags) register(fs *flag.FlagSet) {
 // trusts the system roots, like any https URL; --ca-file replaces either.
 func (a *adminFlags) client() (*adminapi.Client, error) {
 	server, tokenFile := a.server, a.tokenFile
+	tokenFrom := "--token-file"
 	var tlsConf *tls.Config
 	if server == "" || tokenFile == "" {
-		cfg, err := a.read()
+		f, err := a.read()
 		if err != nil {
 			return nil, err
 		}
+		cfg := f.Config
 		if server == "" && cfg.Admin.Listen != "" {
 			server = connectAddr(cfg.Admin.Listen)
 			// Either TLS key set means the server speaks only TLS: never
@@ -68,6 +71,7 @@ func (a *adminFlags) client() (*adminapi.Client, error) {
 		}
 		if tokenFile == "" {
 			tokenFile = cfg.AdminTokenFile()
+			tokenFrom = tokenSource(f)
 		}
 	}
 	if server == "" {
@@ -79,7 +83,25 @@ func (a *adminFlags) client() (*adminapi.Client, error) {
 			return nil, fmt.Errorf("--ca-file: %w", err)
 		}
 	}
-	return adminapi.NewClient(server, tokenFile, tlsConf)
+	c, err := adminapi.NewClient(server, tokenFile, tlsConf)
+	if err != nil && errors.Is(err, os.ErrNotExist) {
+		// Name the file and where its name came from: the usual cause is a
+		// command that found another configuration than the server's.
+		return nil, fmt.Errorf("admin token file %s (%s) does not exist: %w", tokenFile, tokenFrom, err)
+	}
+	return c, err
+}
+
+// tokenSource says where the admin token file's name came from.
+func tokenSource(f *config.File) string {
+	if f.Config.Admin.TokenFile != "" {
+		return "admin.token_file of " + f.Location.String()
+	}
+	if f.Location.Path == "" {
+		return "<state_dir>/admin-token, state_dir " + f.Config.StateDir + " of the " + f.Location.String() +
+			"; pass -c, set $" + config.ConfigEnvVar + " or create " + config.SystemConfigPath
+	}
+	return "<state_dir>/admin-token, state_dir " + f.Config.StateDir + " of " + f.Location.String()
 }
 
 // connectAddr turns a listen address into one to connect to. A wildcard
@@ -104,7 +126,7 @@ var errAdminOff = errors.New("the admin API is off (admin.listen is empty); pass
 // adminCommand parses flags, builds the client and returns the positionals.
 func adminCommand(name, synopsis string, args []string, io cmdIO, extra func(*flag.FlagSet)) (*adminapi.Client, []string, error) {
 	fs := newFlags(name, synopsis, io)
-	var af adminFlags
+	af := adminFlags{configFlags: configFlags{env: io.env}}
 	af.register(fs)
 	if extra != nil {
 		extra(fs)
@@ -337,7 +359,13 @@ func cmdExplain(args []string, io cmdIO) error {
 	if asJSON {
 		return printJSON(io.stdout, ex)
 	}
-	w := io.stdout
+	printExplain(io.stdout, ex)
+	return nil
+}
+
+// printExplain shows all the evidence first, then the rule that won (the
+// decision), then what each kind of request gets now.
+func printExplain(w io.Writer, ex adminapi.Explain) {
 	name := ex.StorePath
 	if name == "" {
 		name = ex.Hash
@@ -346,10 +374,6 @@ func cmdExplain(args []string, io cmdIO) error {
 	switch {
 	case ex.Decision != nil:
 		d := ex.Decision
-		fmt.Fprintf(w, "  decision:   %s (served: %v)\n", d, ex.Served)
-		if d.Detail != "" {
-			fmt.Fprintf(w, "  detail:     %s\n", d.Detail)
-		}
 		if d.Upstream != "" {
 			fmt.Fprintf(w, "  upstream:   %s (signed by %s)\n", d.Upstream, orNone(d.UpstreamSigners))
 		}
@@ -369,6 +393,10 @@ func cmdExplain(args []string, io cmdIO) error {
 		if d.Quarantine != nil {
 			fmt.Fprintf(w, "  quarantine: %s check failed at %s: %s (lift with cacheproxy retry)\n", d.Quarantine.Check, d.Quarantine.Time.Format(time.RFC3339), d.Quarantine.Detail)
 		}
+		fmt.Fprintf(w, "  decision:   %s (served: %v)\n", d, ex.Served)
+		if d.Detail != "" {
+			fmt.Fprintf(w, "  detail:     %s\n", d.Detail)
+		}
 	default:
 		fmt.Fprintf(w, "  status:     %s %s\n", ex.Status, ex.Error)
 	}
@@ -380,7 +408,6 @@ func cmdExplain(args []string, io cmdIO) error {
 	if ex.Rejection != nil {
 		fmt.Fprintf(w, "  last rejected: %s (%d times, last %s)\n", ex.Rejection.Reason, ex.Rejection.Count, ex.Rejection.Last.Format(time.RFC3339))
 	}
-	return nil
 }
 
 // rebuildable reports whether a rebuild and its attestation could approve a
@@ -484,7 +511,7 @@ func cmdRetry(args []string, io cmdIO) error {
 // directly on the state dir when no server answers.
 func cmdVerifyCache(args []string, io cmdIO) error {
 	fs := newFlags("verify-cache", "verify-cache [-c FILE] [--state-dir DIR]", io)
-	var af adminFlags
+	af := adminFlags{configFlags: configFlags{env: io.env}}
 	af.register(fs)
 	if _, err := parseInterspersed(fs, args); err != nil {
 		return err
@@ -495,11 +522,11 @@ func cmdVerifyCache(args []string, io cmdIO) error {
 		err = c.Do(context.Background(), http.MethodPost, adminapi.PathVerifyCache, nil, &resp)
 	}
 	if err != nil && (errors.Is(err, adminapi.ErrUnreachable) || errors.Is(err, os.ErrNotExist) || errors.Is(err, errAdminOff)) {
-		cfg, lerr := af.read()
+		f, lerr := af.read()
 		if lerr != nil {
 			return lerr
 		}
-		resp, err = verifyOffline(cfg.StateDir, int64(cfg.Cache.MaxSize))
+		resp, err = verifyOffline(f.Config.StateDir, int64(f.Config.Cache.MaxSize))
 	}
 	if err != nil {
 		return err

@@ -12,12 +12,15 @@ import (
 	"os"
 	"runtime/debug"
 	"strings"
+
+	"github.com/cacheproxy/cacheproxy/internal/config"
 )
 
 const usage = `cacheproxy — a verifying Nix binary-cache proxy
 
 Usage:
   cacheproxy serve [-c FILE] [--listen ADDR] [--state-dir DIR] [--mode enforce|report]
+                   [--log-format text|json] [--log-level debug|info|warn|error]
   cacheproxy keygen NAME [--dir DIR]
   cacheproxy pubkey [-c FILE]
   cacheproxy check-config [-c FILE]
@@ -32,8 +35,10 @@ Usage:
   cacheproxy verify-cache [-c FILE]
   cacheproxy --version
 
+Every command reads the configuration from -c FILE, else $CACHEPROXY_CONFIG,
+else /etc/cacheproxy/cacheproxy.toml if it exists, else the embedded defaults.
 Admin commands (attest, allow, deny, explain, rejections, retry, audit,
-verify-cache) find the running server from the config file (admin.listen,
+verify-cache) find the running server from it (admin.listen,
 admin.token_file) or from --server URL --token-file FILE. Every change is
 kept in the audit trail under the token's name; --reason says why.
 
@@ -47,10 +52,12 @@ var errUsage = errors.New("usage")
 var errHelp = flag.ErrHelp
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+	os.Exit(run(os.Args[1:], config.EnvFromOS(), os.Stdin, os.Stdout, os.Stderr))
 }
 
-func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+// run runs one command; env is the process environment (tests pass their
+// own, so that no test reads $CACHEPROXY_CONFIG or /etc).
+func run(args []string, env config.Env, stdin io.Reader, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return 2
@@ -83,7 +90,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "cacheproxy: unknown command %q (see cacheproxy --help)\n", name)
 		return 2
 	}
-	err := cmd(args[1:], cmdIO{stdin: stdin, stdout: stdout, stderr: stderr})
+	err := cmd(args[1:], cmdIO{stdin: stdin, stdout: stdout, stderr: stderr, env: env})
 	switch {
 	case err == nil:
 		return 0
@@ -101,6 +108,7 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 type cmdIO struct {
 	stdin          io.Reader
 	stdout, stderr io.Writer
+	env            config.Env
 }
 
 // newFlags returns a flag set that prints its usage to stderr on --help.

@@ -22,7 +22,7 @@ import (
 func cli(t *testing.T, stdin string, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
 	var out, errb bytes.Buffer
-	code = run(args, strings.NewReader(stdin), &out, &errb)
+	code = run(args, config.Env{}, strings.NewReader(stdin), &out, &errb)
 	return code, out.String(), errb.String()
 }
 

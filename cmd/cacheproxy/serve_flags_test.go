@@ -26,10 +26,11 @@ func TestServeKeyFileFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := cf.load()
+	f, err := cf.load()
 	if err != nil {
 		t.Fatal(err)
 	}
+	cfg := f.Config
 	if cfg.SigningKeyFile != key || cfg.AdminTokenFile() != filepath.Join(dir, "token") {
 		t.Errorf("signing_key_file %q, admin token file %q", cfg.SigningKeyFile, cfg.AdminTokenFile())
 	}

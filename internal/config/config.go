@@ -17,7 +17,6 @@ package config
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -48,6 +47,8 @@ const (
 	// upstream could claim.
 	DefaultMaxNarSize = Size(16 << 30)
 	DefaultQuorum     = 1
+	DefaultLogFormat  = "text"
+	DefaultLogLevel   = "info"
 	SigningKeyName    = "gatekeeper.sec"
 	AdminTokenName    = "admin-token"
 	ModeEnforce       = "enforce"
@@ -152,6 +153,11 @@ type Config struct {
 	// ShutdownTimeout is how long SIGTERM lets responses in flight (NAR
 	// downloads) finish after the listeners stop accepting; default 30s.
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+	// LogFormat is "text" (key=value lines) or "json" (one object a line);
+	// LogLevel is debug, info, warn or error. serve's --log-format and
+	// --log-level override them.
+	LogFormat string `toml:"log_format"`
+	LogLevel  string `toml:"log_level"`
 }
 
 // Env is what Load and Defaults read from the process environment, passed in
@@ -160,12 +166,18 @@ type Env struct {
 	// StateDirectory is $STATE_DIRECTORY as systemd's StateDirectory= sets it
 	// (possibly a colon-separated list).
 	StateDirectory string
+	// ConfigFile is $CACHEPROXY_CONFIG: the config file when no -c is given.
+	ConfigFile string
+	// SystemConfig is the file used when it exists and neither -c nor
+	// $CACHEPROXY_CONFIG names one: SystemConfigPath, or a temporary path
+	// in tests ("" looks for none).
+	SystemConfig string
 }
 
 // EnvFromOS reads the process environment. It is the only place in this
 // package that does.
 func EnvFromOS() Env {
-	return Env{StateDirectory: os.Getenv(stateDirectoryEnvVar)}
+	return Env{StateDirectory: os.Getenv(stateDirectoryEnvVar), ConfigFile: os.Getenv(ConfigEnvVar), SystemConfig: SystemConfigPath}
 }
 
 // Defaults returns the embedded defaults — the one place defaults live.
@@ -191,6 +203,8 @@ func Defaults(env Env) Config {
 			NegativeTTL: Duration{DefaultNegativeTTL}},
 		Admin:           Admin{Listen: DefaultAdminListen},
 		ShutdownTimeout: Duration{DefaultShutdownTimeout},
+		LogFormat:       DefaultLogFormat,
+		LogLevel:        DefaultLogLevel,
 	}
 }
 
@@ -204,85 +218,32 @@ func defaultStateDir(env Env) string {
 }
 
 // Load reads the TOML file at path over the defaults; "" means no file, only
-// defaults. Unknown keys are errors naming the key. Values the file does not
-// set keep their defaults, except that an [[upstreams]] list in the file
-// replaces the default list as a whole (an upstream the operator did not
-// write must never be trusted implicitly). Load does not Validate.
+// defaults. Every problem found while reading (TOML errors, values of the
+// wrong type, unknown keys) is returned at once as Problems, each with its
+// line. Values the file does not set keep their defaults, except that an
+// [[upstreams]] list in the file replaces the default list as a whole (an
+// upstream the operator did not write must never be trusted implicitly).
+// Load does not Validate; Read and File.Check do both with lines.
 func Load(path string, env Env) (Config, error) {
-	cfg := Defaults(env)
-	if path == "" {
-		return cfg, nil
-	}
-	data, err := os.ReadFile(path)
+	f, err := Read(Location{Path: path, From: FromFlag}, env)
 	if err != nil {
-		return Config{}, fmt.Errorf("config %s: %w", path, err)
+		return Config{}, err
 	}
-	cfg, err = parse(data, env)
-	if err != nil {
-		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	if ps := f.Problems(); len(ps) > 0 {
+		return Config{}, ps
 	}
-	return cfg, nil
+	return f.Config, nil
 }
 
-// Parse is Load for TOML already in memory (the admin API or tests).
+// Parse is Load for TOML already in memory (the admin API or tests);
+// problems name the file "config".
 func Parse(data []byte, env Env) (Config, error) {
-	cfg, err := parse(data, env)
-	if err != nil {
-		return Config{}, fmt.Errorf("config: %w", err)
+	f := &File{Location: Location{Path: "config", From: FromFlag}, Config: Defaults(env), lines: map[string]int{}, flags: map[string]string{}}
+	f.read(data, env)
+	if ps := f.Problems(); len(ps) > 0 {
+		return Config{}, ps
 	}
-	return cfg, nil
-}
-
-func parse(data []byte, env Env) (Config, error) {
-	cfg := Defaults(env)
-	// The TOML decoder reuses existing slice elements, which would let the
-	// default upstream's key leak into the first upstream of the file; start
-	// from an empty list and restore the default only if the file has none.
-	defaultUpstreams := cfg.Upstreams
-	cfg.Upstreams = nil
-
-	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&cfg)
-	if err != nil {
-		return Config{}, err
-	}
-	if undecoded := md.Undecoded(); len(undecoded) > 0 {
-		errs := make([]error, 0, len(undecoded))
-		for _, k := range undecoded {
-			errs = append(errs, fmt.Errorf("unknown key %s", k.String()))
-		}
-		return Config{}, errors.Join(errs...)
-	}
-
-	if !md.IsDefined("upstreams") {
-		cfg.Upstreams = defaultUpstreams
-		return cfg, nil
-	}
-	// Per-entry defaults: TOML metadata does not say which array element
-	// defined a key, so look at the raw tables. Checking presence (rather
-	// than Timeout == 0) keeps an explicit "0s" or 0 visible to Validate.
-	var raw struct {
-		Upstreams []map[string]any `toml:"upstreams"`
-	}
-	if _, err := toml.Decode(string(data), &raw); err != nil {
-		return Config{}, err
-	}
-	def := defaultUpstreams[0]
-	for i := range cfg.Upstreams {
-		set := func(key string) bool {
-			if i >= len(raw.Upstreams) {
-				return false
-			}
-			_, ok := raw.Upstreams[i][key]
-			return ok
-		}
-		if !set("timeout") {
-			cfg.Upstreams[i].Timeout = def.Timeout
-		}
-		if !set("max_connections") {
-			cfg.Upstreams[i].MaxConnections = def.MaxConnections
-		}
-	}
-	return cfg, nil
+	return f.Config, nil
 }
 
 // EffectiveMaxNarSize is the largest NAR accepted: max_nar_size, but no

@@ -57,6 +57,7 @@ func TestDefaultsValidate(t *testing.T) {
 		Admin:  Admin{Listen: "127.0.0.1:5481"},
 
 		ShutdownTimeout: Duration{30 * time.Second},
+		LogFormat:       "text", LogLevel: "info",
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("defaults:\n got %+v\nwant %+v", cfg, want)
@@ -157,6 +158,7 @@ func TestFullExample(t *testing.T) {
 				{Name: "rebuilder-a", File: "/run/keys/cacheproxy-rebuilder-a.token"}}},
 
 		ShutdownTimeout: Duration{time.Minute},
+		LogFormat:       "json", LogLevel: "warn",
 	}
 	if !reflect.DeepEqual(cfg, want) {
 		t.Fatalf("full example:\n got %+v\nwant %+v", cfg, want)
@@ -228,15 +230,15 @@ func TestLoadErrors(t *testing.T) {
 		name, file string
 		want       []string
 	}{
-		{"unknown key", "[policy]\nquorom = 2\n", []string{"config ", "unknown key policy.quorom"}},
-		{"unknown top key", "listen = \"127.0.0.1:1\"\nlistne = \"x\"\n", []string{"unknown key listne"}},
-		{"unknown upstream key", "[[upstreams]]\nurl = \"https://x\"\npublic_key = \"a\"\n", []string{"unknown key upstreams.public_key"}},
-		{"two unknown keys", "a = 1\nb = 2\n", []string{"unknown key a", "unknown key b"}},
-		{"wrong type", "[policy]\nquorum = \"two\"\n", []string{"policy.quorum"}},
-		{"bad duration", "[[upstreams]]\ntimeout = \"30 parsecs\"\n", []string{"timeout", "30 parsecs"}},
-		{"max_connections not a number", "[[upstreams]]\nmax_connections = \"many\"\n", []string{"max_connections"}},
-		{"bad size", "[cache]\nmax_size = \"100 GB-ish\"\n", []string{"max_size"}},
-		{"syntax", "listen = \n", []string{"config "}},
+		{"unknown key", "[policy]\nquorom = 2\n", []string{":2: policy.quorom: unknown key"}},
+		{"unknown top key", "listen = \"127.0.0.1:1\"\nlistne = \"x\"\n", []string{":2: listne: unknown key"}},
+		{"unknown upstream key", "[[upstreams]]\nurl = \"https://x\"\npublic_key = \"a\"\n", []string{":3: upstreams[0].public_key: unknown key"}},
+		{"two unknown keys", "a = 1\nb = 2\n", []string{":1: a: unknown key", ":2: b: unknown key"}},
+		{"wrong type", "[policy]\nquorum = \"two\"\n", []string{":2: policy.quorum: incompatible types"}},
+		{"bad duration", "[[upstreams]]\ntimeout = \"30 parsecs\"\n", []string{":2: upstreams[0].timeout: ", "30 parsecs"}},
+		{"max_connections not a number", "[[upstreams]]\nmax_connections = \"many\"\n", []string{":2: upstreams[0].max_connections"}},
+		{"bad size", "[cache]\nmax_size = \"100 GB-ish\"\n", []string{":2: cache.max_size"}},
+		{"syntax", "listen = \n", []string{":1: listen: expected value"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := writeFile(t, tc.file)
@@ -661,7 +663,7 @@ file = "`+alice+`"
 	if err := cfg.Validate(); err != nil {
 		t.Errorf("valid tokens refused: %v", err)
 	}
-	if _, err := Load(writeFile(t, "[[admin.tokens]]\nname = \"x\"\nfiel = \"/tmp/x\"\n"), Env{}); err == nil || !strings.Contains(err.Error(), "admin.tokens.fiel") {
+	if _, err := Load(writeFile(t, "[[admin.tokens]]\nname = \"x\"\nfiel = \"/tmp/x\"\n"), Env{}); err == nil || !strings.Contains(err.Error(), "admin.tokens[0].fiel") {
 		t.Errorf("unknown key in [[admin.tokens]]: %v", err)
 	}
 

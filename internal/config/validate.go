@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/url"
 	"os"
@@ -143,7 +144,34 @@ func (c Config) Validate() error {
 	if c.Cache.MaxSize == 0 {
 		add("cache.max_size", "must be larger than zero")
 	}
+	addErr("log_format", CheckLogFormat(c.LogFormat))
+	if _, err := ParseLogLevel(c.LogLevel); err != nil {
+		addErr("log_level", err)
+	}
 	return errors.Join(errs...)
+}
+
+// CheckLogFormat accepts the log formats serve knows.
+func CheckLogFormat(f string) error {
+	if f != "text" && f != "json" {
+		return fmt.Errorf("%q must be text or json", f)
+	}
+	return nil
+}
+
+// ParseLogLevel reads a log level: debug, info, warn or error.
+func ParseLogLevel(s string) (slog.Level, error) {
+	switch s {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "info":
+		return slog.LevelInfo, nil
+	case "warn":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, fmt.Errorf("%q must be debug, info, warn or error", s)
 }
 
 // validateTLS checks admin.tls_cert_file and admin.tls_key_file: both or

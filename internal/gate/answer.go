@@ -112,7 +112,7 @@ func (g *Gate) NAR(ctx context.Context, file string) (Answer, error) {
 	d := policy.Decision{Reason: policy.StaleNarInfo, Upstream: a.Record.Upstream,
 		Detail: fmt.Sprintf("the current decision for %s names nar/%s, not nar/%s", a.Record.StorePath, a.Record.NarFile, file)}
 	g.m.Decisions.WithLabelValues("rejected", string(policy.StaleNarInfo)).Inc()
-	g.log.Warn("rejected", "path", a.Record.StorePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream, "served", false)
+	g.log.Warn("rejected", append(decisionAttrs(d, a.Record.StorePath), "served", false)...)
 	return Answer{Status: Reject, Decision: d.String(), Detail: oneLine(d.String() + ": " + d.Detail)}, nil
 }
 

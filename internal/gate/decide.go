@@ -129,7 +129,7 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 	if !d.Approved {
 		g.logRejection(*d, hash) // report mode: recorded, then served
 	} else {
-		g.log.Info("approved", "path", d.NarInfo.StorePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream)
+		g.log.Info("approved", decisionAttrs(*d, d.NarInfo.StorePath)...)
 	}
 	rec := g.record(c, *d, out.until)
 	before := g.db.Changes()
@@ -343,7 +343,7 @@ func (g *Gate) logRejection(d policy.Decision, hash string) {
 // logRefusal writes the log line of one refusal.
 func (g *Gate) logRefusal(d policy.Decision, hash string) {
 	storePath, _ := g.names(d, hash)
-	g.log.Warn("rejected", "path", storePath, "reason", d.Reason, "detail", d.Detail, "upstream", d.Upstream, "served", g.conf().policy.Served(d))
+	g.log.Warn("rejected", append(decisionAttrs(d, storePath), "served", g.conf().policy.Served(d))...)
 }
 
 // names are the store path and deriver a decision is about.

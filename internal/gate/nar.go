@@ -131,9 +131,9 @@ func (g *Gate) upstreamJob(rec *cache.Record, u Upstream, file string, e verify.
 		Finally: g.afterDownload,
 	}
 	start := time.Now()
-	job.Done = func(err error) {
+	job.Done = func(written int64, err error) {
 		g.m.UpstreamDuration.WithLabelValues(u.Name(), "nar").Observe(time.Since(start).Seconds())
-		g.narDone(rec, u, file, err)
+		g.narDone(rec, u, file, written, err)
 	}
 	return job
 }
@@ -183,7 +183,7 @@ const MaxAmbiguousTruncations = 3
 // narDone counts how a NAR download ended and quarantines the path when a
 // complete transfer disagreed with the narinfo. It runs before any reader
 // learns the result, so a client that retries at once finds the quarantine.
-func (g *Gate) narDone(rec *cache.Record, u Upstream, file string, err error) {
+func (g *Gate) narDone(rec *cache.Record, u Upstream, file string, written int64, err error) {
 	var ve *verify.Error
 	var te *narstream.TruncatedError
 	g.mu.Lock()
@@ -200,15 +200,17 @@ func (g *Gate) narDone(rec *cache.Record, u Upstream, file string, err error) {
 	switch {
 	case err == nil:
 		g.m.UpstreamRequests.WithLabelValues(u.Name(), "nar", "found").Inc()
+		g.log.Info("NAR verified and cached", narAttrs(rec, u.Name(), written, narVerified, "")...)
 	case te != nil:
 		g.m.VerifyFailures.WithLabelValues(string(verify.CheckTruncated)).Inc()
 		g.m.UpstreamRequests.WithLabelValues(u.Name(), "nar", "truncated").Inc()
-		g.log.Warn("NAR transfer broken; will retry on next request", "path", rec.StorePath, "upstream", u.Name(), "err", err)
+		g.log.Warn("NAR transfer broken; will retry on next request", narAttrs(rec, u.Name(), written, narTruncated, err.Error())...)
 	case errors.As(err, &ve):
 		g.m.VerifyFailures.WithLabelValues(string(ve.Check)).Inc()
 		g.m.UpstreamRequests.WithLabelValues(u.Name(), "nar", "mismatch").Inc()
 		g.m.Decisions.WithLabelValues("rejected", string(policy.NarMismatch)).Inc()
-		g.log.Error("NAR failed verification; path quarantined", "path", rec.StorePath, "upstream", u.Name(), "check", ve.Check, "err", err)
+		g.log.Error("NAR failed verification; path quarantined",
+			append(narAttrs(rec, u.Name(), written, narMismatch, string(ve.Check)), "detail", ve.Detail)...)
 		q := policy.Quarantine{StorePath: rec.StorePath, Check: string(ve.Check), Detail: ve.Detail, Upstream: u.Name(), Time: g.now()}
 		if err := g.db.PutQuarantine(pathHash(rec), q); err != nil {
 			g.log.Error("quarantine", "path", rec.StorePath, "err", err)
@@ -216,7 +218,7 @@ func (g *Gate) narDone(rec *cache.Record, u Upstream, file string, err error) {
 		g.db.RecordRejection(cache.Rejection{StorePath: rec.StorePath, Reason: string(policy.NarMismatch), Detail: ve.Error(), Upstream: u.Name(), Last: g.now()})
 	default:
 		g.m.UpstreamRequests.WithLabelValues(u.Name(), "nar", "unavailable").Inc()
-		g.log.Warn("NAR fetch failed", "path", rec.StorePath, "upstream", u.Name(), "err", err)
+		g.log.Warn("NAR fetch failed", narAttrs(rec, u.Name(), written, narUnavailable, err.Error())...)
 	}
 }
 

@@ -268,7 +268,7 @@ func (g *Gate) localJob(rec *cache.Record, file string, e verify.Expect) narstre
 			return f, st.Size(), nil
 		},
 		Grow: g.blobs.Grow,
-		Done: func(err error) {
+		Done: func(_ int64, err error) {
 			var ve *verify.Error
 			if errors.As(err, &ve) {
 				g.m.ScrubFailures.Inc()

@@ -66,8 +66,9 @@ type Job struct {
 	// Done, when set, learns how the download ended before any reader does,
 	// so that a quarantine is in place before a client can retry. err is nil,
 	// a *verify.Error (the bytes disagree with Expect), a *TruncatedError (the
-	// transfer broke) or another error (the upstream or the disk failed).
-	Done func(err error)
+	// transfer broke) or another error (the upstream or the disk failed);
+	// written is how many bytes of the file were received.
+	Done func(written int64, err error)
 	// Finally, when set, runs after every reader learned the result (for
 	// work that must not delay the last bytes, such as eviction).
 	Finally func(err error)
@@ -310,7 +311,7 @@ func (g *Group) run(dl *Download, tmp, rtmp *os.File) {
 		job.Recode.Discard(rtmp)
 	}
 	if job.Done != nil {
-		job.Done(err)
+		job.Done(written, err)
 	}
 	// Leave the table before announcing the end, so that a new request
 	// either joins this download or finds its result (the blob, or the

@@ -102,7 +102,7 @@ func (h *harness) job(name string, e verify.Expect, src *source, size int64) Job
 		Temp:    func() (*os.File, error) { return os.CreateTemp(h.dir, name+".*") },
 		Commit:  func(f *os.File) error { h.committed.Add(1); return f.Close() },
 		Discard: func(f *os.File) { h.discarded.Add(1); f.Close(); os.Remove(f.Name()) },
-		Done:    func(err error) { h.doneErr <- err },
+		Done:    func(_ int64, err error) { h.doneErr <- err },
 	}
 }
 
@@ -193,7 +193,7 @@ func TestMismatchFailsEveryReader(t *testing.T) {
 	defer g.Close()
 	var doneBeforeReader atomic.Bool
 	job := h.job("nar-2", e, src, int64(len(bad)))
-	job.Done = func(err error) {
+	job.Done = func(_ int64, err error) {
 		time.Sleep(10 * time.Millisecond) // a reader must not see the end yet
 		doneBeforeReader.Store(true)
 		h.doneErr <- err

@@ -296,11 +296,13 @@ func newFixtureWith(t testing.TB, ups []*fakeUpstream, opts ...fixtureOpt) *fixt
 	return f
 }
 
+// testLogger is a fixture's logger; the test fails if anything is logged
+// as a Go value (see flatHandler).
 func testLogger(t testing.TB) *slog.Logger {
 	if os.Getenv("CACHEPROXY_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		return slog.New(checkFlatLogs(t, slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
+	return slog.New(checkFlatLogs(t, slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelDebug})))
 }
 
 // start (re)opens the server on the fixture's state dir.

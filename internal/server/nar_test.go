@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -412,6 +413,15 @@ func TestNarTamperedTailQuarantines(t *testing.T) {
 				t.Errorf(`a mismatch was also counted as truncated (%v)`, v)
 			}
 			f.assertNoBlobsOrTemps()
+			// explain shows all the evidence of a quarantined path (its
+			// valid attestation too), then the rule that won.
+			code, out := f.admin("GET", adminapi.PathExplain+o.hash, "")
+			var ex adminapi.Explain
+			if err := json.Unmarshal([]byte(out), &ex); code != 200 || err != nil || ex.Decision == nil ||
+				ex.Decision.Reason != "nar_mismatch" || ex.Decision.Quarantine == nil || ex.Decision.Quarantine.Check != "nar_hash" ||
+				len(ex.Decision.Attesters) != 1 || ex.Decision.Attesters[0] != f.rebuilder.Name {
+				t.Errorf("explain of a quarantined, attested path: %d %s", code, out)
+			}
 			// The NAR itself is refused too, and does not reach upstream.
 			before := f.up.count("/" + o.ni.URL)
 			if resp, _, _ := f.get(narPath); resp == nil || resp.StatusCode != 404 {
@@ -427,7 +437,7 @@ func TestNarTamperedTailQuarantines(t *testing.T) {
 				o = newObj(t, "tampered-"+tc.name, narBytes, tc.compression)
 				f.up.publish(o)
 			}
-			code, out := f.admin("POST", adminapi.PathRetry, jsonBody(adminapi.PathsRequest{Paths: []string{o.storePath}}))
+			code, out = f.admin("POST", adminapi.PathRetry, jsonBody(adminapi.PathsRequest{Paths: []string{o.storePath}}))
 			if code != 200 || !strings.Contains(out, o.hash) {
 				t.Fatalf("retry: %d %s", code, out)
 			}
