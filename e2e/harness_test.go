@@ -608,6 +608,7 @@ type ProxyConfig struct {
 	Mode             string // "" = enforce
 	SigningKeyFile   string // top-level signing_key_file, if set
 	Extra            string // raw TOML appended at the end (e.g. a [cache] table)
+	StateDir         string // default <proxy dir>/state
 }
 
 // Proxy is a running `cacheproxy serve`.
@@ -707,6 +708,9 @@ func startProxy(t testing.TB, cfg ProxyConfig) *Proxy {
 	requireBinary(t)
 	dir := t.TempDir()
 	p := &Proxy{Dir: dir, StateDir: filepath.Join(dir, "state"), Addr: freeAddr(t), AdminAddr: freeAddr(t)}
+	if cfg.StateDir != "" {
+		p.StateDir = cfg.StateDir
+	}
 	p.URL, p.AdminURL = "http://"+p.Addr, "http://"+p.AdminAddr
 	p.CfgFile = writeConfig(t, dir, p.Addr, p.AdminAddr, p.StateDir, cfg)
 	p.start(t)

@@ -101,3 +101,35 @@ func synthNarinfos(objs ...*synthObj) []*Narinfo {
 	}
 	return nis
 }
+
+// fetchSynth does what Nix does for o: the narinfo, then the NAR it names.
+// It returns "nar: complete" only for a 200 whose bytes are o's NAR and hash
+// to the NarHash of the narinfo served with them; a complete 200 with any
+// other bytes fails the test ("nar: WRONG"). Otherwise it says what
+// happened: "narinfo: 404", "nar: 503", "nar: cut after N bytes".
+func (p *Proxy) fetchSynth(t testing.TB, o *synthObj) string {
+	resp, body, err := p.Get(t, "/"+o.Path.Hash()+".narinfo")
+	if err != nil {
+		return "narinfo: cut"
+	}
+	if resp.StatusCode != 200 {
+		return fmt.Sprintf("narinfo: %d", resp.StatusCode)
+	}
+	ni, err := parseNarinfo(string(body))
+	if err != nil {
+		t.Errorf("%s: narinfo does not parse: %v\n%s", o.Path.Name(), err, body)
+		return "narinfo: bad"
+	}
+	resp, body, err = p.Get(t, narPath(ni))
+	switch {
+	case err != nil:
+		return fmt.Sprintf("nar: cut after %d bytes", len(body))
+	case resp.StatusCode != 200:
+		return fmt.Sprintf("nar: %d", resp.StatusCode)
+	}
+	if got, want := sha256Nix32(body), ni.Get("NarHash"); got != want || !bytes.Equal(body, o.NAR) {
+		t.Errorf("%s: a complete 200 NAR of %d bytes hashes to %s; its narinfo says %s (the real NAR: %d bytes)", o.Path.Name(), len(body), got, want, len(o.NAR))
+		return "nar: WRONG"
+	}
+	return "nar: complete"
+}
