@@ -12,10 +12,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
+	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 )
 
@@ -170,4 +172,65 @@ func TestClosureWalkReusesReferences(t *testing.T) {
 	if n := f.up.total() - before; n != 0 {
 		t.Errorf("asking again for both took %d upstream requests, want 0", n)
 	}
+}
+
+// An upstream that declares a 3 MiB NAR (no FileSize, no Content-Length)
+// and then sends a file of 1 TiB: the download stops past the declared
+// size, the client never gets a complete answer, and nothing stays on disk.
+// A path whose NarSize is above cache.max_nar_size is refused before any
+// NAR request (too_large).
+func TestEndlessNarBounded(t *testing.T) {
+	f := newFixture(t, func(c *config.Config) { c.Cache.MaxNarSize = 64 << 20 })
+	o := newObj(t, "endless-1", dirNAR(t, 400, 1<<10), "none")
+	o.ni.NarSize = 3 << 20
+	o.ni.FileSize = 0
+	o.ni.FileHash = narinfo.SHA256{}
+	f.up.publish(o)
+	f.attest(o)
+	var sent atomic.Int64
+	done := make(chan struct{})
+	f.up.handle("/"+o.ni.URL, func(w http.ResponseWriter, r *http.Request) {
+		defer close(done)
+		head, _ := singleFileNAR(1 << 40)
+		w.Write(head)
+		chunk := make([]byte, 64<<10)
+		for sent.Load() < 1<<30 { // 1 GiB at most, however the test goes
+			n, err := w.Write(chunk)
+			sent.Add(int64(n))
+			if err != nil {
+				return
+			}
+		}
+	})
+	resp, body, err := f.get(f.narURL(o))
+	if err == nil && resp.StatusCode == 200 {
+		t.Fatalf("an endless NAR was served as a complete 200 of %d bytes", len(body))
+	}
+	select {
+	case <-done:
+	case <-time.After(60 * time.Second): // a hang guard, not a timing
+		t.Fatalf("the proxy still reads the endless NAR (%d bytes so far)", sent.Load())
+	}
+	// What the kernel's socket buffers took is all that went past NarSize.
+	t.Logf("the upstream got %d bytes of the endless NAR out before the proxy stopped", sent.Load())
+	if n := sent.Load(); n > 3<<20+32<<20 {
+		t.Errorf("the upstream sent %d bytes of a NAR declared as %d before the proxy stopped", n, 3<<20)
+	}
+	eventually(t, 10*time.Second, "no temp file or blob of the endless NAR", func() bool {
+		return len(f.dirEntries("tmp")) == 0 && len(f.dirEntries("blobs")) == 0
+	})
+
+	huge := newObj(t, "too-large-1", dirNAR(t, 401, 1<<10), "none")
+	huge.ni.NarSize = 1 << 30
+	f.up.publish(huge)
+	f.attest(huge)
+	before := f.up.total()
+	f.expectDecision(huge, 404, "rejected; reason=too_large")
+	if resp, _ := f.mustGet(f.narURLFor(huge)); resp.StatusCode != 404 {
+		t.Errorf("NAR of a too_large path: %d, want 404", resp.StatusCode)
+	}
+	if n := f.up.count("/" + huge.ni.URL); n != 0 {
+		t.Errorf("a too_large path made %d NAR requests upstream", n)
+	}
+	t.Logf("upstream requests for the too_large path: %d (its narinfo)", f.up.total()-before)
 }
