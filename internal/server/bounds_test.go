@@ -234,3 +234,23 @@ func TestEndlessNarBounded(t *testing.T) {
 	}
 	t.Logf("upstream requests for the too_large path: %d (its narinfo)", f.up.total()-before)
 }
+
+// /healthz says 503, naming the check, once every upstream is down, and a
+// narinfo request then is a 503 with Retry-After (never a 404).
+func TestHealthzAllUpstreamsDown(t *testing.T) {
+	f := newFixture(t)
+	if resp, body := f.mustGet("/healthz?verbose"); resp.StatusCode != 200 || !strings.Contains(string(body), "upstreams: ok") {
+		t.Fatalf("healthy: %d %s", resp.StatusCode, body)
+	}
+	f.up.srv.Close() // connections refused from now on
+	for i := 0; i < 5; i++ {
+		resp, body := f.mustGet("/" + storeHash(fmt.Sprintf("while-down-%d", i)) + ".narinfo")
+		if resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
+			t.Fatalf("narinfo with the only upstream refusing connections: %d %q %s, want 503 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"), body)
+		}
+	}
+	resp, body := f.mustGet("/healthz?verbose")
+	if resp.StatusCode != 503 || !strings.Contains(string(body), "upstreams: FAIL") {
+		t.Fatalf("/healthz?verbose with every upstream down: %d\n%s\nwant 503 with \"upstreams: FAIL\"", resp.StatusCode, body)
+	}
+}
