@@ -491,6 +491,10 @@ func TestRSSUnderAttack(t *testing.T) {
 	})
 	s := report(fmt.Sprintf("200 build logs of 32 MiB %v", codes))
 	t.Logf("RSS UNDER ATTACK: peak %.1f MiB (VmHWM over every phase)", mib(s.hwm))
+	// The figure the README documents.
+	if bound := int64(envInt(t, "CACHEPROXY_RSS_BOUND_MIB", 384)) << 20; s.hwm > bound {
+		t.Errorf("peak RSS %.1f MiB is above the documented bound of %d MiB", mib(s.hwm), bound>>20)
+	}
 	if f := os.Getenv("CACHEPROXY_SOAK_REPORT"); f != "" {
 		fh, err := os.OpenFile(f, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 		if err == nil {
