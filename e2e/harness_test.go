@@ -18,6 +18,9 @@
 //	   .CacheNarinfos / .FreshStore        nix path-info through the proxy fills the HOME's narinfo cache
 //	Proxy.RestartWith(t, cfg)              restart on a rewritten config (same addresses and state dir)
 //	assertSameTree(t, a, b)                recursive content/mode/symlink comparison
+//	Upstream.publishSynth(t, rng, name, n) (synth_test.go) a store object made in Go, no nix-build;
+//	   Proxy.fetchSynth(t, obj)            narinfo then NAR, a complete 200 checked against NarHash
+//	ProxyConfig.StateDir                   put the state dir elsewhere (diskfull_test.go: on a tmpfs)
 package e2e
 
 import (
