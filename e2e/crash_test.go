@@ -10,14 +10,17 @@ package e2e
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
 	"os"
 	"path"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -314,22 +317,56 @@ func TestCrashAfterCommit(t *testing.T) {
 	}
 }
 
-// TestCrashLoop: five times, start a download and SIGKILL the server at a
-// random moment 0-300 ms later, then restart it. Every state the kill leaves
-// must be one a restart cleans up; at the end a client substitutes, the
-// cache verifies clean and no temp file is left.
+// TestCrashLoop SIGKILLs the real binary at random moments while cold
+// downloads, a download of a tampered NAR and one admin write (attest
+// import, allow add, deny add or retry) are in flight, and restarts it on the
+// same state dir every time. After each restart: the state opens, no temp
+// file is left, every blob on disk is byte for byte a NAR whose NarHash the
+// proxy approved, every path served completely before is still served
+// correctly, every admin write the CLI saw succeed took effect, the tampered
+// NAR was never served as a complete response, and verify-cache passes.
+//
+// The kills are seeded and the seed is logged: CACHEPROXY_KILL_SEED=N
+// replays the same kill moments, objects and admin writes (the timing of
+// the machine still varies); CACHEPROXY_KILLS=N sets how many (default 24).
 func TestCrashLoop(t *testing.T) {
 	t.Parallel()
-	const iterations = 5
-	c := buildClosure(t, ClosureOpts{BigSize: 2 << 20})
-	up := newUpstream(t, upKey)
-	up.Publish(t, "zstd", c.App)
-	px := startProxy(t, ProxyConfig{Upstreams: []UpstreamSpec{up.Spec()}, Attesters: []*Key{rb1Key}})
-	px.Attest(t, attestFile(t, rb1Key, c.Paths()...))
+	kills := envInt(t, "CACHEPROXY_KILLS", 24)
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("CACHEPROXY_KILL_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("CACHEPROXY_KILL_SEED=%q: %v", s, err)
+		}
+		seed = v
+	}
+	t.Logf("kill loop: %d SIGKILLs, seed %d (replay: CACHEPROXY_KILL_SEED=%d)", kills, seed, seed)
+	rng := rand.New(rand.NewPCG(seed, 0x6b696c6c))
 
-	// A slow upstream: NARs trickle out in 64 KiB chunks 6 ms apart, so
-	// app's 2 MiB take ~200 ms and a kill lands before, during or after
-	// the narinfo decision, the download, the commit.
+	up := newUpstream(t, upKey)
+	known := map[string]*synthObj{} // store hash -> object, for the blob check
+	publish := func(name string) *synthObj {
+		o := up.publishSynth(t, rng, name, 128<<10+rng.IntN(640<<10))
+		known[o.Path.Hash()] = o
+		return o
+	}
+	cold := make([]*synthObj, 2*kills)
+	for i := range cold {
+		cold[i] = publish(fmt.Sprintf("cold-%d", i))
+	}
+	// The tampered path: signed and attested for its real NAR, but the
+	// upstream serves a NAR with one content byte flipped.
+	tampered := publish("tampered")
+	bad := append([]byte(nil), tampered.NAR...)
+	flipContentByte(t, bad)
+	up.PutRaw(t, tampered.NI.Get("URL"), bad)
+
+	px := startProxy(t, ProxyConfig{Upstreams: []UpstreamSpec{up.Spec()}, Attesters: []*Key{rb1Key}})
+	px.Attest(t, craftAttestation(t, rb1Key, synthNarinfos(append(cold, tampered)...)...))
+
+	// A slow upstream: NARs trickle out in 64 KiB chunks 4 ms apart, so a
+	// download takes 10-50 ms or more and a kill lands before, during or after the
+	// narinfo decision, the download, the commit, the admin write.
 	up.SetHook(func(w http.ResponseWriter, r *http.Request) bool {
 		if !strings.HasPrefix(r.URL.Path, "/nar/") {
 			return false
@@ -349,87 +386,200 @@ func TestCrashLoop(t *testing.T) {
 			select {
 			case <-r.Context().Done():
 				return true
-			case <-time.After(6 * time.Millisecond):
+			case <-time.After(4 * time.Millisecond):
 			}
 		}
 		return true
 	})
-	upBytes := map[string][]byte{}
-	for _, sp := range c.Paths() {
-		upBytes[sp.Hash()] = must(os.ReadFile(up.NarFile(t, sp)))
+
+	// fetch is fetchSynth, counting any complete 200 of the tampered path
+	// (whose upstream bytes never match its NarHash).
+	var tamperedServed atomic.Int32
+	fetch := func(o *synthObj) string {
+		r := px.fetchSynth(t, o)
+		if o == tampered && (r == "nar: complete" || r == "nar: WRONG") {
+			tamperedServed.Add(1)
+			t.Errorf("the tampered NAR of %s was served as a complete 200", o.Path.Name())
+		}
+		return r
+	}
+	// checkBlobs: every file in <state>/blobs is exactly the NAR of a known
+	// path (the tampered bytes are never one: known holds the real NAR).
+	checkBlobs := func(when string) int {
+		names := px.stateFiles(t, "blobs")
+		for _, name := range names {
+			b, err := os.ReadFile(filepath.Join(px.StateDir, "blobs", name))
+			if err != nil {
+				t.Errorf("%s: reading blob %s: %v", when, name, err)
+				continue
+			}
+			o := known[name[:min(32, len(name))]]
+			if o == nil || !bytes.Equal(b, o.NAR) {
+				t.Errorf("%s: <state>/blobs/%s (%d bytes) is not the verified NAR of any approved path", when, name, len(b))
+			}
+		}
+		return len(names)
 	}
 
-	// fetch is what Nix does for one path: narinfo, then the NAR. A body
-	// that arrives complete must be the real NAR; anything else must be an
-	// error, never a short or wrong 200.
-	fetch := func(sp StorePath) string {
-		resp, body, err := px.Get(t, "/"+sp.Hash()+".narinfo")
-		if err != nil {
-			return "narinfo: " + err.Error()
+	token := px.AdminToken(t)
+	kinds := []string{"attest import", "allow add", "deny add", "retry"}
+	var order []int
+	served := []*synthObj{} // paths served complete before the current kill
+	counts := map[string]int{}
+	for i := 0; i < kills; i++ {
+		if len(order) == 0 {
+			order = rng.Perm(len(kinds))
 		}
-		if resp.StatusCode != 200 {
-			return fmt.Sprintf("narinfo: %d", resp.StatusCode)
-		}
-		ni, err := parseNarinfo(string(body))
-		if err != nil {
-			t.Errorf("%s: narinfo does not parse: %v\n%s", sp.Name(), err, body)
-			return "narinfo: bad"
-		}
-		resp, body, err = px.Get(t, narPath(ni))
-		switch {
-		case err != nil:
-			return fmt.Sprintf("nar: cut after %d bytes", len(body))
-		case resp.StatusCode != 200:
-			return fmt.Sprintf("nar: %d", resp.StatusCode)
-		case !bytes.Equal(body, upBytes[sp.Hash()]):
-			t.Errorf("%s: a complete 200 NAR response of %d bytes differs from the upstream NAR (%d bytes)", sp.Name(), len(body), len(upBytes[sp.Hash()]))
-			return "nar: WRONG"
-		}
-		return "nar: complete"
-	}
+		kind := kinds[order[0]]
+		order = order[1:]
+		counts[kind]++
+		delay := time.Duration(rng.IntN(401)) * time.Millisecond
 
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 0))
-	for i := 0; i < iterations; i++ {
-		delay := time.Duration(rng.IntN(301)) * time.Millisecond
-		results := make([]string, 2)
+		// The admin write of this round (sent to the admin API as the CLI
+		// sends it, without the CLI's start-up time, so the kill moments
+		// spread over the write itself) and the path it is about.
+		var target *synthObj
+		var api, body string
+		switch kind {
+		case "attest import":
+			target = publish(fmt.Sprintf("import-%d", i))
+			nis := []*Narinfo{target.NI}
+			for j := 0; j < 200; j++ { // filler, to make the write take a while
+				nis = append(nis, synthesize(rng, up.Key, fmt.Sprintf("filler-%d-%d", i, j), 64).NI)
+			}
+			api, body = "/admin/v1/attestations", string(must(os.ReadFile(craftAttestation(t, rb1Key, nis...))))
+		case "allow add":
+			target = publish(fmt.Sprintf("allow-%d", i))
+			api, body = "/admin/v1/allowlist", fmt.Sprintf(`{"paths":[%q],"reason":"kill loop"}`, target.Path)
+		case "deny add":
+			// A path that was approved and served until this write.
+			target = publish(fmt.Sprintf("deny-%d", i))
+			px.Attest(t, craftAttestation(t, rb1Key, target.NI))
+			if r := fetch(target); r != "nar: complete" {
+				t.Fatalf("round %d: %s before its deny: %s", i, target.Path.Name(), r)
+			}
+			api, body = "/admin/v1/denylist", fmt.Sprintf(`{"patterns":[%q],"reason":"kill loop"}`, target.Path.Hash())
+		case "retry":
+			target = tampered
+			api, body = "/admin/v1/retry", fmt.Sprintf(`{"paths":[%q]}`, tampered.Path)
+		}
+
+		jobs := []*synthObj{cold[2*i], cold[2*i+1], tampered}
+		if target != tampered {
+			jobs = append(jobs, target)
+		}
+		results := make([]string, len(jobs))
+		var ack bool
 		var wg sync.WaitGroup
-		for j, sp := range []StorePath{c.App, c.Leaf} {
+		for j, o := range jobs {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				results[j] = fetch(sp)
+				results[j] = fetch(o)
 			}()
 		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ack = px.adminPost(api, token, body) == nil
+		}()
 		time.Sleep(delay)
 		px.crash(t)
 		wg.Wait()
-		when := fmt.Sprintf("iteration %d (SIGKILL after %v)", i, delay)
-		tmp, blobs := px.stateFiles(t, "tmp"), px.stateFiles(t, "blobs")
-		t.Logf("%s: app %s, leaf %s; left behind: tmp %d files, blobs %d files", when, results[0], results[1], len(tmp), len(blobs))
-		px.expectCompleteBlobs(t, up, when+", before restart", c.Paths()...)
+		when := fmt.Sprintf("round %d (%s, SIGKILL after %v)", i, kind, delay)
+		t.Logf("%s: cold %s / %s, tampered %s, admin write acknowledged=%v", when, results[0], results[1], results[2], ack)
+		checkBlobs(when + ", before restart")
 
 		key := px.GatekeeperKey
 		px.start(t)
 		if px.GatekeeperKey != key {
 			t.Fatalf("%s: gatekeeper key changed across a crash: %q -> %q", when, key, px.GatekeeperKey)
 		}
-		px.expectNoTemp(t, when+", after restart")
-		px.expectCompleteBlobs(t, up, when+", after restart", c.Paths()...)
+		when += ", after restart"
+		px.expectNoTemp(t, when)
+
+		// An acknowledged write survived the kill.
+		if ack {
+			switch kind {
+			case "attest import", "allow add":
+				if code, dec, body := px.NarinfoDecision(t, target.Path); code != 200 {
+					t.Errorf("%s: %s of %s was acknowledged, but its narinfo is now %d (%s) %s", when, kind, target.Path.Name(), code, dec, body)
+				}
+			case "deny add":
+				if code, dec, _ := px.NarinfoDecision(t, target.Path); code != 404 || dec != "rejected; reason=denied" {
+					t.Errorf("%s: deny of %s was acknowledged, but its narinfo is now %d (%s)", when, target.Path.Name(), code, dec)
+				}
+			}
+		}
+		// Whatever was served completely before is served correctly now.
+		for _, k := range rng.Perm(len(served))[:min(6, len(served))] {
+			if r := fetch(served[k]); r != "nar: complete" {
+				t.Errorf("%s: %s, served completely before, now gets %s", when, served[k].Path.Name(), r)
+			}
+		}
+		for j, o := range jobs[:2] {
+			if results[j] == "nar: complete" {
+				served = append(served, o)
+			}
+		}
+		if kind != "deny add" && results[len(results)-1] == "nar: complete" && target != tampered {
+			served = append(served, target)
+		}
+		px.verifyCacheClean(t, checkBlobs(when), when)
 		if t.Failed() {
 			t.FailNow()
 		}
 	}
 
-	cl := newClient(t)
-	cl.MustSubstitute(t, px.URL, px.GatekeeperKey, c.App)
-	assertSameTree(t, string(c.App), cl.Path(c.App))
-	assertSameTree(t, string(c.Leaf), cl.Path(c.Leaf))
-	if got := len(px.stateFiles(t, "blobs")); got != 2 {
-		t.Errorf("after the final substitution <state>/blobs holds %d files, want 2: %v", got, px.stateFiles(t, "blobs"))
+	// Every cold path is served now, and the tampered one never was.
+	for _, o := range cold {
+		if r := fetch(o); r != "nar: complete" {
+			t.Errorf("after the kill loop %s gets %s", o.Path.Name(), r)
+		}
 	}
-	px.verifyCacheClean(t, 2, "after the crash loop")
-	px.expectNoTemp(t, "after the crash loop")
-	px.expectCompleteBlobs(t, up, "after the crash loop", c.Paths()...)
+	if r := fetch(tampered); r == "nar: complete" || tamperedServed.Load() != 0 {
+		t.Errorf("after the kill loop the tampered path gets %s", r)
+	}
+	px.verifyCacheClean(t, checkBlobs("after the kill loop"), "after the kill loop")
+	px.expectNoTemp(t, "after the kill loop")
+	t.Logf("kill loop survived %d SIGKILLs (seed %d): admin writes %v; %d paths served completely before a kill", kills, seed, counts, len(served))
+}
+
+// adminPost sends one admin write; nil means the server answered 2xx.
+func (p *Proxy) adminPost(api, token, body string) error {
+	req, err := http.NewRequest("POST", p.AdminURL+api, strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := httpClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	msg, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("POST %s: %d %s", api, resp.StatusCode, msg)
+	}
+	return nil
+}
+
+// envInt reads a positive integer from the environment, or def.
+func envInt(t testing.TB, name string, def int) int {
+	t.Helper()
+	s := os.Getenv(name)
+	if s == "" {
+		return def
+	}
+	v, err := strconv.Atoi(s)
+	if err != nil || v <= 0 {
+		t.Fatalf("%s=%q: want a positive integer", name, s)
+	}
+	return v
 }
 
 func must[T any](v T, err error) T {

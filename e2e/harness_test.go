@@ -18,6 +18,9 @@
 //	   .CacheNarinfos / .FreshStore        nix path-info through the proxy fills the HOME's narinfo cache
 //	Proxy.RestartWith(t, cfg)              restart on a rewritten config (same addresses and state dir)
 //	assertSameTree(t, a, b)                recursive content/mode/symlink comparison
+//	Upstream.publishSynth(t, rng, name, n) (synth_test.go) a store object made in Go, no nix-build;
+//	   Proxy.fetchSynth(t, obj)            narinfo then NAR, a complete 200 checked against NarHash
+//	ProxyConfig.StateDir                   put the state dir elsewhere (diskfull_test.go: on a tmpfs)
 package e2e
 
 import (
@@ -610,6 +613,7 @@ type ProxyConfig struct {
 	ServeCompression string // top-level serve_compression, if set
 	Extra            string // raw TOML appended at the end (e.g. a [cache] table)
 	Top              string // raw TOML of top-level keys, written before the first table
+	StateDir         string // default <proxy dir>/state
 }
 
 // Proxy is a running `cacheproxy serve`.
@@ -713,6 +717,9 @@ func startProxy(t testing.TB, cfg ProxyConfig) *Proxy {
 	requireBinary(t)
 	dir := t.TempDir()
 	p := &Proxy{Dir: dir, StateDir: filepath.Join(dir, "state"), Addr: freeAddr(t), AdminAddr: freeAddr(t)}
+	if cfg.StateDir != "" {
+		p.StateDir = cfg.StateDir
+	}
 	p.URL, p.AdminURL = "http://"+p.Addr, "http://"+p.AdminAddr
 	p.CfgFile = writeConfig(t, dir, p.Addr, p.AdminAddr, p.StateDir, cfg)
 	p.start(t)

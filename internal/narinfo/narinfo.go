@@ -82,14 +82,17 @@ func Parse(data []byte, storeDir string) (*NarInfo, error) {
 	}
 	n := &NarInfo{}
 	seen := map[string]bool{}
-	text := string(data)
+	// Each line becomes its own string: the fields are substrings of their
+	// lines, so a multi-megabyte unknown line (which the gate drops) is not
+	// kept alive by the short fields taken from its neighbours.
+	text := data
 	lineNo := 0
 	for len(text) > 0 {
 		var line string
-		if i := strings.IndexByte(text, '\n'); i >= 0 {
-			line, text = text[:i], text[i+1:]
+		if i := bytes.IndexByte(text, '\n'); i >= 0 {
+			line, text = string(text[:i]), text[i+1:]
 		} else {
-			line, text = text, ""
+			line, text = string(text), nil
 		}
 		lineNo++
 		if line == "" {
