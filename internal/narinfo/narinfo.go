@@ -158,7 +158,7 @@ func (n *NarInfo) setField(key, value, storeDir string) error {
 	case "Compression":
 		n.Compression = Compression(value)
 	case "FileHash":
-		h, err := ParseSHA256(value)
+		h, err := parseDigest(value)
 		if err != nil {
 			return err
 		}
@@ -170,7 +170,7 @@ func (n *NarInfo) setField(key, value, storeDir string) error {
 		}
 		n.FileSize = v
 	case "NarHash":
-		h, err := ParseSHA256(value)
+		h, err := parseDigest(value)
 		if err != nil {
 			return err
 		}
@@ -282,4 +282,15 @@ func (n *NarInfo) Marshal() []byte {
 // StorePathParsed returns the parsed form of n.StorePath.
 func (n *NarInfo) StorePathParsed(storeDir string) (StorePath, error) {
 	return ParseStorePath(n.StorePath, storeDir)
+}
+
+// parseDigest parses a FileHash or NarHash. All zero bytes is refused: it is
+// no real digest, and the zero SHA256 means "absent" everywhere else (a
+// FileHash of zeros would otherwise silently turn its check off).
+func parseDigest(s string) (SHA256, error) {
+	h, err := ParseSHA256(s)
+	if err == nil && h.IsZero() {
+		return h, errors.New("hash is all zero bytes")
+	}
+	return h, err
 }
