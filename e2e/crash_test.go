@@ -169,22 +169,8 @@ func TestCrashMidDownload(t *testing.T) {
 
 	// The upstream sends half of app's NAR, then stalls until released or
 	// until the proxy's connection goes away.
-	release := make(chan struct{})
-	var once sync.Once
-	releaseFn := func() { once.Do(func() { close(release) }) }
+	releaseFn := up.StallHalfway(t, c.App)
 	defer releaseFn()
-	up.NarHook(t, c.App, func(w http.ResponseWriter, r *http.Request, orig []byte) {
-		half := len(orig) / 2
-		w.Header().Set("Content-Length", fmt.Sprint(len(orig)))
-		w.WriteHeader(200)
-		w.Write(orig[:half])
-		w.(http.Flusher).Flush()
-		select {
-		case <-release:
-			w.Write(orig[half:])
-		case <-r.Context().Done():
-		}
-	})
 
 	cl1 := newClient(t)
 	type result struct {

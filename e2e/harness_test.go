@@ -1217,6 +1217,31 @@ func (u *Upstream) NarURLPath(t testing.TB, p StorePath) string {
 	return "/" + u.Narinfo(t, p).Get("URL")
 }
 
+// StallHalfway makes the upstream send the first half of p's NAR file (with
+// the full Content-Length), then wait until release is called (it sends the
+// rest) or the proxy's connection goes away. release is also called at
+// cleanup.
+func (u *Upstream) StallHalfway(t testing.TB, p StorePath) (release func()) {
+	t.Helper()
+	ch := make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(ch) }) }
+	t.Cleanup(release)
+	u.NarHook(t, p, func(w http.ResponseWriter, r *http.Request, orig []byte) {
+		half := len(orig) / 2
+		w.Header().Set("Content-Length", fmt.Sprint(len(orig)))
+		w.WriteHeader(200)
+		w.Write(orig[:half])
+		w.(http.Flusher).Flush()
+		select {
+		case <-ch:
+			w.Write(orig[half:])
+		case <-r.Context().Done():
+		}
+	})
+	return release
+}
+
 // NarHook makes requests for p's NAR go to h, which gets the real bytes.
 // Other requests are served normally.
 func (u *Upstream) NarHook(t testing.TB, p StorePath, h func(w http.ResponseWriter, r *http.Request, orig []byte)) {

@@ -3,14 +3,12 @@ package e2e
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -158,22 +156,7 @@ func stalledNAR(t *testing.T, top string) (px *Proxy, resp *http.Response, head 
 	px = startProxy(t, ProxyConfig{Upstreams: []UpstreamSpec{up.Spec()}, Attesters: []*Key{rb1Key}, Top: top})
 	px.Attest(t, attestFile(t, rb1Key, c.Paths()...))
 	ni := px.ExpectApproved(t, c.App)
-	ch := make(chan struct{})
-	var once sync.Once
-	release = func() { once.Do(func() { close(ch) }) }
-	t.Cleanup(release)
-	up.NarHook(t, c.App, func(w http.ResponseWriter, r *http.Request, orig []byte) {
-		half := len(orig) / 2
-		w.Header().Set("Content-Length", fmt.Sprint(len(orig)))
-		w.WriteHeader(200)
-		w.Write(orig[:half])
-		w.(http.Flusher).Flush()
-		select {
-		case <-ch:
-			w.Write(orig[half:])
-		case <-r.Context().Done():
-		}
-	})
+	release = up.StallHalfway(t, c.App)
 	resp, err := httpClient.Get(px.URL + narPath(ni))
 	if err != nil {
 		t.Fatalf("GET NAR: %v", err)

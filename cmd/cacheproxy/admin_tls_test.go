@@ -2,16 +2,10 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/big"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -20,45 +14,18 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/server"
+	"github.com/cacheproxy/cacheproxy/internal/testcert"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
 // writeSelfSigned writes a fresh self-signed certificate naming only the
 // DNS name "localhost" (no IP address) and its key as PEM files.
-func writeSelfSigned(t *testing.T, dir, name string) (certFile, keyFile string) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		Subject:      pkix.Name{CommonName: name},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		DNSNames:     []string{"localhost"},
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile, keyFile = filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return certFile, keyFile
+func writeSelfSigned(t *testing.T, name string) (certFile, keyFile string) {
+	p := testcert.Write(t, name, "localhost")
+	return p.CertFile, p.KeyFile
 }
 
 // tlsServer is a server started by startTLSServer.
@@ -79,7 +46,7 @@ func startTLSServer(t *testing.T) tlsServer {
 	os.MkdirAll(up, 0o755)
 	upKey, _ := verify.GenerateKey("upstream-1")
 	rb, _ := verify.GenerateKey("rebuilder-1")
-	certFile, keyFile := writeSelfSigned(t, dir, "admin")
+	certFile, keyFile := writeSelfSigned(t, "admin")
 	mainL, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -148,7 +115,7 @@ func TestAdminCommandsOverTLS(t *testing.T) {
 
 	// Another certificate in admin.tls_cert_file (say, the CLI's copy of
 	// the config is stale) is not trusted, name or no name.
-	otherCert, _ := writeSelfSigned(t, t.TempDir(), "other")
+	otherCert, _ := writeSelfSigned(t, "other")
 	stale := filepath.Join(t.TempDir(), "stale.toml")
 	os.WriteFile(stale, []byte(strings.Replace(srv.cfgText, srv.certFile, otherCert, 1)), 0o600)
 	code, _, errOut = cli(t, "", "deny", "list", "-c", stale)
