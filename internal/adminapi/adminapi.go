@@ -37,6 +37,7 @@ const (
 	PathRetry        = "/admin/v1/retry"
 	PathVerifyCache  = "/admin/v1/verify-cache"
 	PathAudit        = "/admin/v1/audit" // ?since=RFC3339
+	PathRebuildQueue = "/admin/v1/rebuild-queue"
 )
 
 // Error is the body of every non-2xx answer.
@@ -206,6 +207,31 @@ type Rejection struct {
 // Rejections answers GET /admin/v1/rejections.
 type Rejections struct {
 	Rejections []Rejection `json:"rejections"`
+}
+
+// QueueEntry is one path a rebuild could approve: refused now, approved
+// once enough rebuilders attest it.
+type QueueEntry struct {
+	StorePath string `json:"store_path"`
+	// Deriver is the absolute .drv path to build, when a refusal named one
+	// (a reference known only from its dependent's refusal has none).
+	Deriver string `json:"deriver,omitempty"`
+	// Reason is "unattested" (the path was refused so) or
+	// "closure_incomplete" (it is an unattested reference of a path
+	// refused for its closure).
+	Reason string `json:"reason"`
+	// Requests is how many times the path was refused, or, when more, how
+	// many times the paths it keeps from approval were.
+	Requests uint64    `json:"requests"`
+	First    time.Time `json:"first"` // first refusal
+	Last     time.Time `json:"last"`  // latest refusal
+}
+
+// RebuildQueue answers GET /admin/v1/rebuild-queue: most requested first,
+// except that a path's queued dependencies (where a stored narinfo names
+// them) come before it, so a rebuilder can take them in order.
+type RebuildQueue struct {
+	Paths []QueueEntry `json:"paths"`
 }
 
 // BlobFailure is a cached NAR that no longer matched what it was verified against.

@@ -111,6 +111,12 @@ type Rejection struct {
 	Count     uint64    `json:"count"`
 	First     time.Time `json:"first"`
 	Last      time.Time `json:"last"`
+	// Missing is, for closure_incomplete, the references that were not
+	// approved: the rebuild queue lists the rebuildable ones.
+	Missing []policy.MissingRef `json:"missing,omitempty"`
+	// Classification is, for attestation_mismatch, what the attester that
+	// rebuilt something else said of its rebuild (policy.Classification).
+	Classification string `json:"classification,omitempty"`
 }
 
 // BlobMeta indexes one verified blob on disk, with what it was verified

@@ -132,6 +132,14 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 		g.log.Info("approved", decisionAttrs(*d, d.NarInfo.StorePath)...)
 	}
 	rec := g.record(c, *d, out.until)
+	// An approval clears the path's rejection log entry: read it first, for
+	// the time the path waited for its attestation.
+	var waited *cache.Rejection
+	if d.Approved && d.Reason == policy.Attested {
+		if waited, err = g.db.Rejection(hash); err != nil {
+			return outcome{}, err
+		}
+	}
 	before := g.db.Changes()
 	stored, err := g.db.PutRecord(hash, rec, epoch)
 	if err != nil {
@@ -139,6 +147,9 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 	}
 	if stored {
 		g.hot.put(hash, &rec, before, g.db.Changes)
+		if waited != nil {
+			g.m.TimeToAttestation.Observe(rec.Decided.Sub(waited.First).Seconds())
+		}
 	}
 	return outcome{rec: &rec, decision: d}, nil
 }
@@ -334,7 +345,7 @@ func (g *Gate) logRejection(d policy.Decision, hash string) {
 	g.logRefusal(d, hash)
 	storePath, deriver := g.names(d, hash)
 	err := g.db.RecordRejection(cache.Rejection{StorePath: storePath, Reason: string(d.Reason), Detail: d.Detail,
-		Deriver: deriver, Upstream: d.Upstream, Last: g.now()})
+		Deriver: deriver, Upstream: d.Upstream, Last: g.now(), Missing: d.Missing})
 	if err != nil {
 		g.log.Error("record rejection", "path", storePath, "err", err)
 	}

@@ -161,6 +161,17 @@ type Decision struct {
 	Allow           *AllowEntry      `json:"allow,omitempty"`
 	Deny            *DenyEntry       `json:"deny,omitempty"`
 	Quarantine      *Quarantine      `json:"quarantine,omitempty"`
+	// Missing lists, for closure_incomplete, the references that are not
+	// approved (base names, sorted), with why: what a rebuild would have
+	// to attest before the path itself can be approved.
+	Missing []MissingRef `json:"missing,omitempty"`
+}
+
+// MissingRef is one reference that kept a path's closure from approval.
+// Reason is empty when no upstream has the reference at all.
+type MissingRef struct {
+	Ref    string `json:"ref"` // base name "<hash>-<name>"
+	Reason Reason `json:"reason,omitempty"`
 }
 
 // String is the form of the X-Cacheproxy-Decision header.
@@ -337,16 +348,19 @@ func (p Policy) Closure(d Decision, refs map[string]Decision) Decision {
 		}
 		if rd, ok := refs[ref]; !ok || !rd.Approved {
 			r := "not found"
+			m := MissingRef{Ref: ref}
 			if ok {
-				r = string(rd.Reason)
+				r, m.Reason = string(rd.Reason), rd.Reason
 			}
 			missing = append(missing, ref+" ("+r+")")
+			d.Missing = append(d.Missing, m)
 		}
 	}
 	if len(missing) == 0 {
 		return d
 	}
 	sort.Strings(missing)
+	sort.Slice(d.Missing, func(i, j int) bool { return d.Missing[i].Ref < d.Missing[j].Ref })
 	return reject(d, ClosureIncomplete, "references not approved: %s", strings.Join(missing, ", "))
 }
 

@@ -148,3 +148,17 @@ func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, out)
 }
+
+func (s *Server) handleRebuildQueue(w http.ResponseWriter, r *http.Request) {
+	q, err := s.gate.RebuildQueue()
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, "%v", err)
+		return
+	}
+	out := adminapi.RebuildQueue{Paths: make([]adminapi.QueueEntry, len(q))}
+	for i, e := range q {
+		out.Paths[i] = adminapi.QueueEntry{StorePath: e.StorePath, Deriver: e.Deriver, Reason: e.Reason,
+			Requests: e.Requests, First: e.First, Last: e.Last}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
