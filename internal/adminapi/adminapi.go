@@ -148,6 +148,23 @@ type Decision struct {
 	Allow           *AllowEntry `json:"allow,omitempty"`
 	Deny            *DenyEntry  `json:"deny,omitempty"`
 	Quarantine      *Quarantine `json:"quarantine,omitempty"`
+	// Rebuilds are the configured attesters' attestations: which key,
+	// when it was imported, whether it matches the upstream, and the
+	// rebuilder's classification. For a path approved as attested, the
+	// matching ones are the rebuilds that approved it.
+	Rebuilds []Rebuild `json:"rebuilds,omitempty"`
+	// Classification is, when an attestation mismatches, the most
+	// alarming classification among the mismatching ones.
+	Classification string `json:"classification,omitempty"`
+}
+
+// Rebuild is one attester's attestation for a path, as explain shows it.
+type Rebuild struct {
+	Key            string    `json:"key"`
+	Matches        bool      `json:"matches"`
+	NarHash        string    `json:"nar_hash"`
+	Imported       time.Time `json:"imported"`
+	Classification string    `json:"classification,omitempty"`
 }
 
 // String is the form of the X-Cacheproxy-Decision header.
@@ -202,6 +219,10 @@ type Rejection struct {
 	Count     uint64    `json:"count"`
 	First     time.Time `json:"first"`
 	Last      time.Time `json:"last"`
+	// Classification is, for attestation_mismatch, what the mismatching
+	// rebuilder said: "stable" (reproducible there; the upstream serves
+	// something else) or "not_reproducible".
+	Classification string `json:"classification,omitempty"`
 }
 
 // Rejections answers GET /admin/v1/rejections.

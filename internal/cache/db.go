@@ -19,6 +19,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"reflect"
 	"sort"
 	"sync/atomic"
 	"time"
@@ -484,7 +485,9 @@ func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (store
 			if err != nil {
 				return err
 			}
-			if old != nil && old.Sig == a.Sig {
+			// The same signature with another report (the rebuilder
+			// classified its rebuild since) replaces the older one.
+			if old != nil && old.Sig == a.Sig && reflect.DeepEqual(old.Rebuild, a.Rebuild) {
 				audit.count(CountKnown, 1)
 				continue
 			}

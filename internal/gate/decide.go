@@ -122,6 +122,9 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 	}
 	d := out.decision
 	g.m.Decisions.WithLabelValues(decisionLabel(d.Approved), string(d.Reason)).Inc()
+	if d.Reason == policy.AttestationMismatch {
+		g.m.AttestationMismatches.WithLabelValues(classLabel(d.Classification)).Inc()
+	}
 	if !c.policy.Served(*d) || out.unavailable != nil {
 		g.logRejection(*d, hash)
 		return out, nil
@@ -152,6 +155,15 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 		}
 	}
 	return outcome{rec: &rec, decision: d}, nil
+}
+
+// classLabel is the classification label of
+// cacheproxy_attestation_mismatches_total.
+func classLabel(c policy.Classification) string {
+	if c == "" {
+		return "unclassified"
+	}
+	return string(c)
 }
 
 func decisionLabel(approved bool) string {
@@ -345,10 +357,19 @@ func (g *Gate) logRejection(d policy.Decision, hash string) {
 	g.logRefusal(d, hash)
 	storePath, deriver := g.names(d, hash)
 	err := g.db.RecordRejection(cache.Rejection{StorePath: storePath, Reason: string(d.Reason), Detail: d.Detail,
-		Deriver: deriver, Upstream: d.Upstream, Last: g.now(), Missing: d.Missing})
+		Deriver: deriver, Upstream: d.Upstream, Last: g.now(), Missing: d.Missing, Classification: classification(d)})
 	if err != nil {
 		g.log.Error("record rejection", "path", storePath, "err", err)
 	}
+}
+
+// classification is what a rejection records of the rebuilders' verdict:
+// only an attestation_mismatch has one.
+func classification(d policy.Decision) string {
+	if d.Reason != policy.AttestationMismatch {
+		return ""
+	}
+	return string(d.Classification)
 }
 
 // logRefusal writes the log line of one refusal.

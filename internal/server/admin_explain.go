@@ -61,7 +61,12 @@ func answerWire(a gate.Answer, file string) adminapi.Answer {
 
 func decisionWire(d *policy.Decision) *adminapi.Decision {
 	out := &adminapi.Decision{Approved: d.Approved, Reason: string(d.Reason), Detail: d.Detail, Fingerprint: d.Fingerprint,
-		Upstream: d.Upstream, UpstreamSigners: d.UpstreamSigners, Attesters: d.Attesters, Mismatched: d.Mismatched}
+		Upstream: d.Upstream, UpstreamSigners: d.UpstreamSigners, Attesters: d.Attesters, Mismatched: d.Mismatched,
+		Classification: string(d.Classification)}
+	for _, r := range d.Rebuilds {
+		out.Rebuilds = append(out.Rebuilds, adminapi.Rebuild{Key: r.Key, Matches: r.Matches, NarHash: r.NarHash.String(),
+			Imported: r.Imported, Classification: string(r.Classification)})
+	}
 	if d.Allow != nil {
 		out.Allow = &allowWire([]policy.AllowEntry{*d.Allow})[0]
 	}
@@ -79,7 +84,7 @@ func rejectionWire(r *cache.Rejection) *adminapi.Rejection {
 		return nil
 	}
 	return &adminapi.Rejection{StorePath: r.StorePath, Reason: r.Reason, Detail: r.Detail, Deriver: r.Deriver,
-		Upstream: r.Upstream, Count: r.Count, First: r.First, Last: r.Last}
+		Upstream: r.Upstream, Count: r.Count, First: r.First, Last: r.Last, Classification: r.Classification}
 }
 
 func (s *Server) handleRejections(w http.ResponseWriter, r *http.Request) {

@@ -2,9 +2,12 @@ package server
 
 import (
 	"encoding/json"
+	"strings"
 	"testing"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
+	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
 func (f *fixture) rebuildQueue() adminapi.RebuildQueue {
@@ -68,4 +71,102 @@ func TestRebuildQueueAPIAndMetrics(t *testing.T) {
 	if code, _ := f.adminAs("wrong-token-wrong-token-wrong-token-wrong", "GET", adminapi.PathRebuildQueue, ""); code != 401 {
 		t.Fatalf("rebuild-queue without the token: %d", code)
 	}
+}
+
+// pathInfoJSON is a rebuilder's `nix path-info --json` entry for o, as if
+// it had rebuilt narHash/narSize, signed by key, with the "cacheproxy"
+// report (raw JSON, or "" for none).
+func pathInfoJSON(t *testing.T, o *storeObj, narHash narinfo.SHA256, narSize uint64, key verify.SecretKey, report string) string {
+	t.Helper()
+	refs := make([]string, 0, len(o.ni.References))
+	for _, r := range o.ni.References {
+		refs = append(refs, storeDir+"/"+r)
+	}
+	fp, err := narinfo.Fingerprint(storeDir, o.storePath, narHash, narSize, o.ni.References)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := map[string]any{"path": o.storePath, "narHash": narHash.String(), "narSize": narSize, "references": refs,
+		"signatures": []string{key.Sign(fp)}}
+	if report != "" {
+		e["cacheproxy"] = json.RawMessage(report)
+	}
+	raw, err := json.Marshal([]any{e})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(raw)
+}
+
+// A rebuilder that got another NarHash twice says so ("stable"): the path
+// is refused as attestation_mismatch, and the classification shows in the
+// rejection log, explain and the mismatch counter. A matching rebuild
+// shows in explain with its key and time.
+func TestMismatchClassification(t *testing.T) {
+	f := newFixture(t)
+	bad := closureObj(t, "cls-bad-1", 71)
+	good := closureObj(t, "cls-good-1", 72)
+	f.up.publish(bad)
+	f.up.publish(good)
+	other := sha256Str([]byte("what the source really builds"))
+	body := pathInfoJSON(t, bad, other, bad.ni.NarSize, f.rebuilder,
+		`{"classification":"stable","upstreamNarHash":"`+bad.ni.NarHash.String()+`","builds":[{"narHash":"`+other.String()+`","narSize":200},{"narHash":"`+other.String()+`","narSize":200}]}`)
+	if code, out := f.admin("POST", adminapi.PathAttestations, body); code != 200 || !strings.Contains(out, `"stored": 1`) {
+		t.Fatalf("import: %d %s", code, out)
+	}
+	f.expectDecision(bad, 404, "rejected; reason=attestation_mismatch")
+	if n := f.metric("cacheproxy_attestation_mismatches_total", `classification="stable"`); n != 1 {
+		t.Fatalf("stable mismatches %v, want 1", n)
+	}
+	if n := f.metric("cacheproxy_attestation_mismatches_total", `classification="not_reproducible"`); n != 0 {
+		t.Fatalf("not_reproducible mismatches %v, want 0", n)
+	}
+
+	code, out := f.admin("GET", adminapi.PathRejections, "")
+	var rejs adminapi.Rejections
+	if code != 200 || json.Unmarshal([]byte(out), &rejs) != nil || len(rejs.Rejections) != 1 || rejs.Rejections[0].Classification != "stable" {
+		t.Fatalf("rejections: %d %s", code, out)
+	}
+	ex := f.explain(bad.hash)
+	if ex.Decision == nil || ex.Decision.Classification != "stable" || len(ex.Decision.Rebuilds) != 1 ||
+		ex.Decision.Rebuilds[0].Matches || ex.Decision.Rebuilds[0].Classification != "stable" || ex.Decision.Rebuilds[0].NarHash != other.String() {
+		t.Fatalf("explain of the mismatch: %+v", ex.Decision)
+	}
+	if ex.Rejection == nil || ex.Rejection.Classification != "stable" {
+		t.Fatalf("explain's last rejection: %+v", ex.Rejection)
+	}
+	// Not in the rebuild queue: no rebuild can approve it.
+	if q := f.rebuildQueue(); len(q.Paths) != 0 {
+		t.Fatalf("a mismatch queued for rebuild: %+v", q)
+	}
+
+	// The rebuilder re-posts the same signature, now not_reproducible:
+	// the report is replaced, the verdict follows.
+	body = pathInfoJSON(t, bad, other, bad.ni.NarSize, f.rebuilder, `{"classification":"not_reproducible"}`)
+	if code, out := f.admin("POST", adminapi.PathAttestations, body); code != 200 || !strings.Contains(out, `"stored": 1`) {
+		t.Fatalf("re-import: %d %s", code, out)
+	}
+	f.expectDecision(bad, 404, "rejected; reason=attestation_mismatch")
+	if ex := f.explain(bad.hash); ex.Decision.Classification != "not_reproducible" {
+		t.Fatalf("explain after re-import: %+v", ex.Decision)
+	}
+
+	// A matching rebuild approves, and explain names its key and time.
+	f.attest(good)
+	f.expectDecision(good, 200, "approved; reason=attested")
+	ex = f.explain(good.hash)
+	if len(ex.Decision.Rebuilds) != 1 || !ex.Decision.Rebuilds[0].Matches || ex.Decision.Rebuilds[0].Key != "rebuilder-1" ||
+		ex.Decision.Rebuilds[0].Imported.IsZero() || ex.Decision.Classification != "" {
+		t.Fatalf("explain of an attested path: %+v", ex.Decision)
+	}
+}
+
+func (f *fixture) explain(hash string) adminapi.Explain {
+	f.t.Helper()
+	code, body := f.admin("GET", adminapi.PathExplain+hash, "")
+	var ex adminapi.Explain
+	if code != 200 || json.Unmarshal([]byte(body), &ex) != nil {
+		f.t.Fatalf("explain %s: %d %s", hash, code, body)
+	}
+	return ex
 }
