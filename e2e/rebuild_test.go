@@ -1,0 +1,69 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+)
+
+// withReport adds a rebuilder's "cacheproxy" report to every entry of an
+// attestation file (path-info JSON array) and returns the new file.
+func withReport(t *testing.T, file, report string) string {
+	t.Helper()
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var infos []map[string]any
+	if err := json.Unmarshal(raw, &infos); err != nil {
+		t.Fatalf("attestation file %s: %v", file, err)
+	}
+	for _, info := range infos {
+		info["cacheproxy"] = json.RawMessage(report)
+	}
+	out, err := json.Marshal(infos)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(file, out, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return file
+}
+
+// The alarm, classified: the rebuilder built app twice and got the same
+// NarHash both times, but the upstream (its key stolen) serves other bytes.
+// A real Nix client is refused, and explain and rejections say "stable".
+func TestStableMismatchRefusedAndExplained(t *testing.T) {
+	t.Parallel()
+	var att string
+	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) {
+		att = attestFile(t, rb1Key, f.C.App) // the rebuilder saw the real thing
+		ni := f.Up.Narinfo(t, f.C.App)
+		ni.Set("NarHash", fakeNarHash("stable"))
+		f.Up.Resign(ni, upKey)
+		f.Up.PutNarinfo(t, f.C.App, ni)
+	})
+	f.Px.Attest(t, withReport(t, att, `{"classification":"stable","upstreamNarHash":"`+fakeNarHash("stable")+`"}`))
+
+	cl := newClient(t)
+	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil || cl.Has(f.C.App) {
+		t.Fatalf("the client substituted a path whose upstream NarHash differs from a stable rebuild:\n%s", out)
+	}
+	f.Px.ExpectRejected(t, f.C.App, "attestation_mismatch")
+
+	ex := f.Px.MustCLI(t, "explain", string(f.C.App))
+	for _, w := range []string{"classification: stable", "rebuild:    " + rb1Key.Name + ", attested ", "classified stable",
+		"last rejected: attestation_mismatch (stable)"} {
+		if !strings.Contains(ex, w) {
+			t.Errorf("explain lacks %q:\n%s", w, ex)
+		}
+	}
+	if rej := f.Px.MustCLI(t, "rejections"); !strings.Contains(rej, "attestation_mismatch (stable)") {
+		t.Errorf("rejections lack the classification:\n%s", rej)
+	}
+	if v := f.Px.MetricSum(t, "cacheproxy_attestation_mismatches_total", map[string]string{"classification": "stable"}); v < 1 {
+		t.Errorf("cacheproxy_attestation_mismatches_total{classification=stable} = %v, want >= 1", v)
+	}
+}
