@@ -135,6 +135,9 @@ func TestMismatchClassification(t *testing.T) {
 	if ex.Rejection == nil || ex.Rejection.Classification != "stable" {
 		t.Fatalf("explain's last rejection: %+v", ex.Rejection)
 	}
+	if resp, page := f.mustGet("/"); resp.StatusCode != 200 || !strings.Contains(section(t, string(page), "rejections"), "attestation_mismatch (stable)") {
+		t.Fatalf("status page rejections lack the classification: %d\n%s", resp.StatusCode, page)
+	}
 	// Not in the rebuild queue: no rebuild can approve it.
 	if q := f.rebuildQueue(); len(q.Paths) != 0 {
 		t.Fatalf("a mismatch queued for rebuild: %+v", q)
