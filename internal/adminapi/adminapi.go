@@ -37,7 +37,7 @@ const (
 	PathRetry        = "/admin/v1/retry"
 	PathVerifyCache  = "/admin/v1/verify-cache"
 	PathAudit        = "/admin/v1/audit" // ?since=RFC3339
-	PathRebuildQueue = "/admin/v1/rebuild-queue"
+	PathRebuildQueue = "/admin/v1/rebuild-queue" // ?attester=KEYNAME
 )
 
 // Error is the body of every non-2xx answer.

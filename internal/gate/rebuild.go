@@ -1,13 +1,16 @@
 package gate
 
 import (
+	"fmt"
 	"path"
+	"slices"
 	"sort"
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
 // QueueEntry is one path in the rebuild queue: refused now, and approved
@@ -32,7 +35,14 @@ type queueSource struct {
 	rejections []cache.Rejection
 	approved   func(hash string) bool
 	refs       func(hash string) []string
-	storeDir   string
+	// attesters names the configured attester keys with an attestation
+	// for a path: once quorum of them attested it (since its refusal; the
+	// next request decides), or the asking rebuilder's key did, another
+	// rebuild by that rebuilder adds nothing.
+	attesters func(hash string) []string
+	quorum    int
+	exclude   string // the asking rebuilder's key name, or ""
+	storeDir  string
 }
 
 // rebuildQueue lists the rejected paths that a rebuild could approve: those
@@ -86,6 +96,10 @@ func rebuildQueue(src queueSource) []QueueEntry {
 	}
 	hashes := make([]string, 0, len(byHash))
 	for h, q := range byHash {
+		if keys := src.attesters(h); len(keys) >= max(src.quorum, 1) || (src.exclude != "" && slices.Contains(keys, src.exclude)) {
+			delete(byHash, h)
+			continue
+		}
 		q.Requests = max(q.Requests, blocked[h])
 		hashes = append(hashes, h)
 	}
@@ -124,21 +138,47 @@ func rebuildQueue(src queueSource) []QueueEntry {
 }
 
 // RebuildQueue is the rebuild queue now (see rebuildQueue), read from the
-// rejection log (at most cache.MaxRejections paths) and the stored
-// decisions.
-func (g *Gate) RebuildQueue() ([]QueueEntry, error) {
+// rejection log (at most cache.MaxRejections paths), the attestations and
+// the stored decisions. exclude, when not "", is the name of an attester
+// key whose rebuilder asks: paths it attested already are left out.
+func (g *Gate) RebuildQueue(exclude string) ([]QueueEntry, error) {
 	rejs, err := g.db.Rejections()
 	if err != nil {
 		return nil, err
 	}
 	c := g.conf()
-	return rebuildQueue(queueSource{rejections: rejs, storeDir: c.policy.StoreDir,
+	if exclude != "" && !slices.ContainsFunc(c.policy.Attesters, func(k verify.PublicKey) bool { return k.Name == exclude }) {
+		return nil, fmt.Errorf("%w: attester %q is not a key in policy.attesters", ErrInvalid, exclude)
+	}
+	src := g.queueSource(c, rejs)
+	src.exclude = exclude
+	src.refs = func(h string) []string { return g.storedRefs(c, h) }
+	return rebuildQueue(src), nil
+}
+
+func (g *Gate) queueSource(c *conf, rejs []cache.Rejection) queueSource {
+	return queueSource{rejections: rejs, storeDir: c.policy.StoreDir, quorum: c.policy.Quorum,
 		approved: func(h string) bool {
 			rec, err := g.stored(h)
 			return err == nil && rec != nil && rec.Approved
 		},
-		refs: func(h string) []string { return g.storedRefs(c, h) },
-	}), nil
+		attesters: func(h string) []string {
+			ev, _, err := g.db.Evidence(h)
+			if err != nil {
+				return nil
+			}
+			var keys []string
+			for _, a := range ev.Attestations {
+				for _, k := range c.policy.Attesters {
+					if k.String() == a.PublicKey && !slices.Contains(keys, k.Name) {
+						keys = append(keys, k.Name)
+					}
+				}
+			}
+			return keys
+		},
+		refs: func(string) []string { return nil },
+	}
 }
 
 // storedRefs returns the hashes of the references of a path whose narinfo
@@ -172,14 +212,7 @@ func (g *Gate) rebuildQueueLen() (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	q := rebuildQueue(queueSource{rejections: rejs, storeDir: g.conf().policy.StoreDir,
-		approved: func(h string) bool {
-			rec, err := g.stored(h)
-			return err == nil && rec != nil && rec.Approved
-		},
-		refs: func(string) []string { return nil },
-	})
-	return len(q), nil
+	return len(rebuildQueue(g.queueSource(g.conf(), rejs))), nil
 }
 
 // hashOf returns the 32-character hash of an absolute store path.

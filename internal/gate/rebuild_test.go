@@ -27,7 +27,8 @@ func TestRebuildQueueOrder(t *testing.T) {
 				Missing: []policy.MissingRef{{Ref: tool.base(), Reason: policy.Unattested}, {Ref: approvedRef.base(), Reason: policy.Unattested},
 					{Ref: denied.base(), Reason: policy.Denied}}},
 		},
-		approved: func(h string) bool { return h == approvedRef.hash },
+		approved:  func(h string) bool { return h == approvedRef.hash },
+		attesters: func(string) []string { return nil }, quorum: 1,
 		refs: func(h string) []string {
 			if h == app.hash {
 				return []string{lib.hash, "notqueued"}
@@ -67,7 +68,7 @@ func TestRebuildQueueFromRejections(t *testing.T) {
 	for range 3 {
 		wantAnswer(t, "app", f.narinfo(app), Reject, "rejected; reason=closure_incomplete")
 	}
-	q, err := f.g.RebuildQueue()
+	q, err := f.g.RebuildQueue("")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +80,48 @@ func TestRebuildQueueFromRejections(t *testing.T) {
 	}
 	f.attest(leaf)
 	wantAnswer(t, "app after leaf attested", f.narinfo(app), Serve, "approved; reason=attested")
-	if q, err = f.g.RebuildQueue(); err != nil || len(q) != 0 {
+	if q, err = f.g.RebuildQueue(""); err != nil || len(q) != 0 {
 		t.Fatalf("queue after approval %+v %v", q, err)
+	}
+}
+
+// A path leaves the queue once quorum attesters attested it (the next
+// request decides it), and, for one rebuilder, once its own key did.
+func TestRebuildQueueSkipsAttested(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	one, both, none := newObj("one-1.0"), newObj("both-1.0"), newObj("none-1.0")
+	var rejs []cache.Rejection
+	for _, o := range []*obj{one, both, none} {
+		rejs = append(rejs, cache.Rejection{StorePath: o.ni.StorePath, Reason: "unattested", Count: 1, First: t0, Last: t0})
+	}
+	src := queueSource{storeDir: storeDir, rejections: rejs, quorum: 2,
+		approved: func(string) bool { return false },
+		refs:     func(string) []string { return nil },
+		attesters: func(h string) []string {
+			switch h {
+			case one.hash:
+				return []string{"rb-a"}
+			case both.hash:
+				return []string{"rb-a", "rb-b"}
+			}
+			return nil
+		},
+	}
+	paths := func(q []QueueEntry) (out []string) {
+		for _, e := range q {
+			out = append(out, e.StorePath)
+		}
+		return out
+	}
+	if got, want := paths(rebuildQueue(src)), []string{none.ni.StorePath, one.ni.StorePath}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("queue %v, want %v", got, want)
+	}
+	src.exclude = "rb-b"
+	if got, want := paths(rebuildQueue(src)), []string{none.ni.StorePath, one.ni.StorePath}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("queue for rb-b %v, want %v", got, want)
+	}
+	src.exclude = "rb-a"
+	if got, want := paths(rebuildQueue(src)), []string{none.ni.StorePath}; !reflect.DeepEqual(got, want) {
+		t.Fatalf("queue for rb-a %v, want %v", got, want)
 	}
 }

@@ -154,10 +154,12 @@ func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, out)
 }
 
+// handleRebuildQueue lists what a rebuild could approve; ?attester=NAME
+// leaves out what that attester key attested already.
 func (s *Server) handleRebuildQueue(w http.ResponseWriter, r *http.Request) {
-	q, err := s.gate.RebuildQueue()
+	q, err := s.gate.RebuildQueue(r.URL.Query().Get("attester"))
 	if err != nil {
-		writeError(w, http.StatusInternalServerError, "%v", err)
+		writeGateError(w, "", err)
 		return
 	}
 	out := adminapi.RebuildQueue{Paths: make([]adminapi.QueueEntry, len(q))}

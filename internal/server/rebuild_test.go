@@ -51,6 +51,14 @@ func TestRebuildQueueAPIAndMetrics(t *testing.T) {
 	if n := f.metric("cacheproxy_rebuild_queue_paths", ""); n != 1 {
 		t.Fatalf("cacheproxy_rebuild_queue_paths = %v, want 1", n)
 	}
+	// Asked by a rebuilder that did not attest the leaf: still queued; an
+	// unknown attester name is a mistake.
+	if code, body := f.admin("GET", adminapi.PathRebuildQueue+"?attester=rebuilder-1", ""); code != 200 || !strings.Contains(body, leaf.storePath) {
+		t.Fatalf("queue for rebuilder-1: %d %s", code, body)
+	}
+	if code, body := f.admin("GET", adminapi.PathRebuildQueue+"?attester=nobody", ""); code != 400 || !strings.Contains(body, "policy.attesters") {
+		t.Fatalf("queue for an unknown attester: %d %s", code, body)
+	}
 	if n := f.metric("cacheproxy_time_to_attestation_seconds_count", ""); n != 0 {
 		t.Fatalf("time to attestation observed %v times before any attestation", n)
 	}
