@@ -36,7 +36,7 @@ const (
 	PathRejections   = "/admin/v1/rejections"
 	PathRetry        = "/admin/v1/retry"
 	PathVerifyCache  = "/admin/v1/verify-cache"
-	PathAudit        = "/admin/v1/audit" // ?since=RFC3339
+	PathAudit        = "/admin/v1/audit"         // ?since=RFC3339
 	PathRebuildQueue = "/admin/v1/rebuild-queue" // ?attester=KEYNAME
 )
 
