@@ -508,6 +508,16 @@ func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (store
 	return stored, err
 }
 
+// Attestations returns the stored attestations of one path (the rebuild
+// queue's look-up: cheaper than Evidence, which reads the denylist too).
+func (d *DB) Attestations(hash string) (out []policy.Attestation, err error) {
+	err = d.view(func(tx *bolt.Tx) error {
+		out, err = list[policy.Attestation](tx, bucketAttestations, hash+"/")
+		return err
+	})
+	return out, err
+}
+
 // CountAttestations returns the number of stored attestations.
 func (d *DB) CountAttestations() (n int, err error) {
 	err = d.view(func(tx *bolt.Tx) error {

@@ -163,12 +163,12 @@ func (g *Gate) queueSource(c *conf, rejs []cache.Rejection) queueSource {
 			return err == nil && rec != nil && rec.Approved
 		},
 		attesters: func(h string) []string {
-			ev, _, err := g.db.Evidence(h)
+			as, err := g.db.Attestations(h)
 			if err != nil {
 				return nil
 			}
 			var keys []string
-			for _, a := range ev.Attestations {
+			for _, a := range as {
 				for _, k := range c.policy.Attesters {
 					if k.String() == a.PublicKey && !slices.Contains(keys, k.Name) {
 						keys = append(keys, k.Name)

@@ -1,6 +1,7 @@
 package gate
 
 import (
+	"fmt"
 	"reflect"
 	"testing"
 	"time"
@@ -124,4 +125,32 @@ func TestRebuildQueueSkipsAttested(t *testing.T) {
 	if got, want := paths(rebuildQueue(src)), []string{none.ni.StorePath}; !reflect.DeepEqual(got, want) {
 		t.Fatalf("queue for rb-a %v, want %v", got, want)
 	}
+}
+
+// BenchmarkRebuildQueueFull computes the queue over a full rejection log
+// (what each scrape of cacheproxy_rebuild_queue_paths costs), next to
+// reading the log alone.
+func BenchmarkRebuildQueueFull(b *testing.B) {
+	f := newFixture(b, false)
+	t0 := time.Now()
+	for i := range cache.MaxRejections {
+		o := newObj(fmt.Sprintf("bench-%d", i))
+		if err := f.db.RecordRejection(cache.Rejection{StorePath: o.ni.StorePath, Reason: "unattested", Last: t0}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Run("read log", func(b *testing.B) {
+		for range b.N {
+			if _, err := f.db.Rejections(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("queue length", func(b *testing.B) {
+		for range b.N {
+			if n, err := f.g.rebuildQueueLen(); err != nil || n != cache.MaxRejections {
+				b.Fatal(n, err)
+			}
+		}
+	})
 }
