@@ -21,6 +21,8 @@
 //	Upstream.publishSynth(t, rng, name, n) (synth_test.go) a store object made in Go, no nix-build;
 //	   Proxy.fetchSynth(t, obj)            narinfo then NAR, a complete 200 checked against NarHash
 //	ProxyConfig.StateDir                   put the state dir elsewhere (diskfull_test.go: on a tmpfs)
+//	rebuildQueue(t, px) / withReport(t, file, report)   (rebuild_test.go) GET /admin/v1/rebuild-queue;
+//	                                       add a rebuilder's "cacheproxy" report to an attestFile
 package e2e
 
 import (

@@ -384,6 +384,12 @@ func printExplain(w io.Writer, ex adminapi.Explain) {
 		if len(d.Mismatched) > 0 {
 			fmt.Fprintf(w, "  attesters that rebuilt something else: %s\n", strings.Join(d.Mismatched, ", "))
 		}
+		for _, r := range d.Rebuilds {
+			printRebuild(w, r)
+		}
+		if d.Classification != "" {
+			fmt.Fprintf(w, "  classification: %s (%s)\n", d.Classification, classMeaning(d.Classification))
+		}
 		if d.Allow != nil {
 			fmt.Fprintf(w, "  allowlist:  NarHash %s, expires %s, reason %q\n", d.Allow.NarHash, expiry(d.Allow.Expires), d.Allow.Reason)
 		}
@@ -406,8 +412,33 @@ func printExplain(w io.Writer, ex adminapi.Explain) {
 		fmt.Fprintf(w, "  stored decision: %s since %s, NAR cached: %v\n", ex.Stored.Reason, ex.Stored.Decided.Format(time.RFC3339), ex.Stored.Cached)
 	}
 	if ex.Rejection != nil {
-		fmt.Fprintf(w, "  last rejected: %s (%d times, last %s)\n", ex.Rejection.Reason, ex.Rejection.Count, ex.Rejection.Last.Format(time.RFC3339))
+		fmt.Fprintf(w, "  last rejected: %s (%d times, last %s)\n", reasonText(*ex.Rejection), ex.Rejection.Count, ex.Rejection.Last.Format(time.RFC3339))
 	}
+}
+
+// printRebuild shows one attester's rebuild: which key, when its
+// attestation came, and whether it is the upstream's NarHash.
+func printRebuild(w io.Writer, r adminapi.Rebuild) {
+	what := "matches upstream"
+	if !r.Matches {
+		what = "rebuilt " + r.NarHash
+	}
+	fmt.Fprintf(w, "  rebuild:    %s, attested %s, %s", r.Key, r.Imported.Format(time.RFC3339), what)
+	if r.Classification != "" {
+		fmt.Fprintf(w, ", classified %s", r.Classification)
+	}
+	fmt.Fprintln(w)
+}
+
+// classMeaning says what a classification means for the operator.
+func classMeaning(c string) string {
+	switch c {
+	case "stable":
+		return "the rebuild is reproducible and the upstream serves something else: investigate"
+	case "not_reproducible":
+		return "the rebuilder's own builds differ; consider a reviewed allowlist entry"
+	}
+	return "unknown"
 }
 
 // rebuildable reports whether a rebuild and its attestation could approve a
@@ -478,9 +509,18 @@ func cmdRejections(args []string, io cmdIO) error {
 	tw := tabwriter.NewWriter(io.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LAST\tCOUNT\tREASON\tPATH\tDETAIL")
 	for _, r := range resp.Rejections {
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", r.Last.Format(time.RFC3339), r.Count, r.Reason, r.StorePath, r.Detail)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\n", r.Last.Format(time.RFC3339), r.Count, reasonText(r), r.StorePath, r.Detail)
 	}
 	return tw.Flush()
+}
+
+// reasonText is a rejection's reason with its classification, if any:
+// "attestation_mismatch (stable)".
+func reasonText(r adminapi.Rejection) string {
+	if r.Classification == "" {
+		return r.Reason
+	}
+	return r.Reason + " (" + r.Classification + ")"
 }
 
 func cmdRetry(args []string, io cmdIO) error {

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/config"
@@ -138,5 +139,32 @@ func TestExplainEvidenceThenRule(t *testing.T) {
 			t.Fatalf("explain lacks %q after %q:\n%s", w, text[:at], text)
 		}
 		at += i
+	}
+}
+
+// explain names each rebuild (key, attestation time, what it rebuilt) and
+// the classification of a mismatch; the rejections table shows it too.
+func TestExplainShowsRebuilds(t *testing.T) {
+	var out bytes.Buffer
+	at := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	printExplain(&out, adminapi.Explain{Hash: strings.Repeat("a", 32), StorePath: "/nix/store/" + strings.Repeat("a", 32) + "-app-1.0",
+		Decision: &adminapi.Decision{Reason: "attestation_mismatch", Upstream: "https://up", Mismatched: []string{"rebuilder-2"},
+			Attesters: []string{"rebuilder-1"}, Classification: "stable",
+			Rebuilds: []adminapi.Rebuild{{Key: "rebuilder-1", Matches: true, Imported: at},
+				{Key: "rebuilder-2", NarHash: "sha256:other", Imported: at, Classification: "stable"}}},
+		Rejection: &adminapi.Rejection{Reason: "attestation_mismatch", Classification: "stable", Count: 2, Last: at}})
+	text := out.String()
+	for _, w := range []string{
+		"rebuild:    rebuilder-1, attested 2026-03-01T12:00:00Z, matches upstream\n",
+		"rebuild:    rebuilder-2, attested 2026-03-01T12:00:00Z, rebuilt sha256:other, classified stable\n",
+		"classification: stable (the rebuild is reproducible and the upstream serves something else",
+		"last rejected: attestation_mismatch (stable) (2 times",
+	} {
+		if !strings.Contains(text, w) {
+			t.Errorf("explain lacks %q:\n%s", w, text)
+		}
+	}
+	if got := reasonText(adminapi.Rejection{Reason: "unattested"}); got != "unattested" {
+		t.Errorf("reasonText without classification: %q", got)
 	}
 }

@@ -36,7 +36,8 @@ const (
 	PathRejections   = "/admin/v1/rejections"
 	PathRetry        = "/admin/v1/retry"
 	PathVerifyCache  = "/admin/v1/verify-cache"
-	PathAudit        = "/admin/v1/audit" // ?since=RFC3339
+	PathAudit        = "/admin/v1/audit"         // ?since=RFC3339
+	PathRebuildQueue = "/admin/v1/rebuild-queue" // ?attester=KEYNAME
 )
 
 // Error is the body of every non-2xx answer.
@@ -147,6 +148,23 @@ type Decision struct {
 	Allow           *AllowEntry `json:"allow,omitempty"`
 	Deny            *DenyEntry  `json:"deny,omitempty"`
 	Quarantine      *Quarantine `json:"quarantine,omitempty"`
+	// Rebuilds are the configured attesters' attestations: which key,
+	// when it was imported, whether it matches the upstream, and the
+	// rebuilder's classification. For a path approved as attested, the
+	// matching ones are the rebuilds that approved it.
+	Rebuilds []Rebuild `json:"rebuilds,omitempty"`
+	// Classification is, when an attestation mismatches, the most
+	// alarming classification among the mismatching ones.
+	Classification string `json:"classification,omitempty"`
+}
+
+// Rebuild is one attester's attestation for a path, as explain shows it.
+type Rebuild struct {
+	Key            string    `json:"key"`
+	Matches        bool      `json:"matches"`
+	NarHash        string    `json:"nar_hash"`
+	Imported       time.Time `json:"imported"`
+	Classification string    `json:"classification,omitempty"`
 }
 
 // String is the form of the X-Cacheproxy-Decision header.
@@ -201,11 +219,40 @@ type Rejection struct {
 	Count     uint64    `json:"count"`
 	First     time.Time `json:"first"`
 	Last      time.Time `json:"last"`
+	// Classification is, for attestation_mismatch, what the mismatching
+	// rebuilder said: "stable" (reproducible there; the upstream serves
+	// something else) or "not_reproducible".
+	Classification string `json:"classification,omitempty"`
 }
 
 // Rejections answers GET /admin/v1/rejections.
 type Rejections struct {
 	Rejections []Rejection `json:"rejections"`
+}
+
+// QueueEntry is one path a rebuild could approve: refused now, approved
+// once enough rebuilders attest it.
+type QueueEntry struct {
+	StorePath string `json:"store_path"`
+	// Deriver is the absolute .drv path to build, when a refusal named one
+	// (a reference known only from its dependent's refusal has none).
+	Deriver string `json:"deriver,omitempty"`
+	// Reason is "unattested" (the path was refused so) or
+	// "closure_incomplete" (it is an unattested reference of a path
+	// refused for its closure).
+	Reason string `json:"reason"`
+	// Requests is how many times the path was refused, or, when more, how
+	// many times the paths it keeps from approval were.
+	Requests uint64    `json:"requests"`
+	First    time.Time `json:"first"` // first refusal
+	Last     time.Time `json:"last"`  // latest refusal
+}
+
+// RebuildQueue answers GET /admin/v1/rebuild-queue: most requested first,
+// except that a path's queued dependencies (where a stored narinfo names
+// them) come before it, so a rebuilder can take them in order.
+type RebuildQueue struct {
+	Paths []QueueEntry `json:"paths"`
 }
 
 // BlobFailure is a cached NAR that no longer matched what it was verified against.

@@ -33,7 +33,36 @@ type Claim struct {
 	Deriver    string   // basename or ""
 	Sigs       []string // "keyname:base64", in input order
 	CA         string   // normalized narinfo form ("fixed:r:sha256:<nix32>", ...) or ""
+	// Rebuild is the optional "cacheproxy" object of a path-info JSON
+	// entry: what the rebuilder said of its rebuild. No signature covers
+	// it.
+	Rebuild *Rebuild
 }
+
+// Rebuild is a rebuilder's report on how it got a claim's NarHash:
+//
+//	"cacheproxy": {"classification": "stable" | "not_reproducible",
+//	               "upstreamNarHash": "sha256:…",
+//	               "builds": [{"narHash": "sha256:…", "narSize": N}, …]}
+//
+// Every field is optional; unknown fields are refused.
+type Rebuild struct {
+	Classification  string         // "stable", "not_reproducible" or ""
+	UpstreamNarHash narinfo.SHA256 // zero when not given
+	Builds          []Build
+}
+
+// Build is one build's result on the rebuilder.
+type Build struct {
+	NarHash narinfo.SHA256
+	NarSize uint64
+}
+
+// Classifications a rebuilder may give.
+const (
+	ClassStable          = "stable"           // two builds agreed: the upstream serves something else
+	ClassNotReproducible = "not_reproducible" // two builds differed
+)
 
 // Fingerprint returns the Nix fingerprint the claim's signatures are over.
 func (c Claim) Fingerprint(storeDir string) (string, error) {

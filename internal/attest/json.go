@@ -338,8 +338,105 @@ func addEntry(r *Result, abs string, f map[string]json.RawMessage, storeDir stri
 		}
 		c.CA = ca.String()
 	}
+	if raw, ok := f["cacheproxy"]; ok && !isNull(raw) {
+		if describe(raw) != "an object" {
+			return fmt.Errorf("cacheproxy: want an object, got %s", describe(raw))
+		}
+		if c.Rebuild, err = parseRebuildJSON(raw); err != nil {
+			return fmt.Errorf("cacheproxy.%w", err)
+		}
+	}
 	r.Claims = append(r.Claims, c)
 	return nil
+}
+
+// parseRebuildJSON reads the "cacheproxy" object a rebuilder adds to an
+// entry (see Rebuild). Errors start with the field they are about.
+func parseRebuildJSON(raw json.RawMessage) (*Rebuild, error) {
+	ms, err := decodeObject(raw)
+	if err != nil {
+		return nil, fmt.Errorf("classification: %w", err)
+	}
+	rb := &Rebuild{}
+	for _, m := range ms {
+		switch m.Key {
+		case "classification":
+			if json.Unmarshal(m.Value, &rb.Classification) != nil {
+				return nil, fmt.Errorf("classification: want a string, got %s", describe(m.Value))
+			}
+			if rb.Classification != ClassStable && rb.Classification != ClassNotReproducible {
+				return nil, fmt.Errorf("classification: %q is neither %q nor %q", rb.Classification, ClassStable, ClassNotReproducible)
+			}
+		case "upstreamNarHash":
+			if rb.UpstreamNarHash, err = parseSHA256JSON(m.Value); err != nil {
+				return nil, fmt.Errorf("upstreamNarHash: %w", err)
+			}
+		case "builds":
+			var items []json.RawMessage
+			if isNull(m.Value) || json.Unmarshal(m.Value, &items) != nil {
+				return nil, fmt.Errorf("builds: want an array, got %s", describe(m.Value))
+			}
+			for i, it := range items {
+				if describe(it) != "an object" {
+					return nil, fmt.Errorf("builds[%d]: want an object with narHash and narSize, got %s", i, describe(it))
+				}
+				b, err := parseBuildJSON(it)
+				if err != nil {
+					return nil, fmt.Errorf("builds[%d].%w", i, err)
+				}
+				rb.Builds = append(rb.Builds, b)
+			}
+		default:
+			return nil, fmt.Errorf("%s: unknown field (want classification, upstreamNarHash, builds)", m.Key)
+		}
+	}
+	return rb, nil
+}
+
+func parseBuildJSON(raw json.RawMessage) (Build, error) {
+	var b Build
+	ms, err := decodeObject(raw)
+	if err != nil {
+		return b, fmt.Errorf("narHash: %w", err)
+	}
+	var hasHash, hasSize bool
+	for _, m := range ms {
+		switch m.Key {
+		case "narHash":
+			if b.NarHash, err = parseSHA256JSON(m.Value); err != nil {
+				return b, fmt.Errorf("narHash: %w", err)
+			}
+			hasHash = true
+		case "narSize":
+			if b.NarSize, err = parseUint(m.Value); err != nil {
+				return b, fmt.Errorf("narSize: %w", err)
+			}
+			hasSize = true
+		default:
+			return b, fmt.Errorf("%s: unknown field (want narHash, narSize)", m.Key)
+		}
+	}
+	switch {
+	case !hasHash:
+		return b, errors.New("narHash: missing")
+	case !hasSize:
+		return b, errors.New("narSize: missing")
+	}
+	return b, nil
+}
+
+// parseSHA256JSON accepts a sha256 hash in any form parseHashJSON does.
+func parseSHA256JSON(raw json.RawMessage) (narinfo.SHA256, error) {
+	var h narinfo.SHA256
+	algo, digest, err := parseHashJSON(raw)
+	if err != nil {
+		return h, err
+	}
+	if algo != "sha256" {
+		return h, fmt.Errorf("algorithm is %s, want sha256", algo)
+	}
+	copy(h[:], digest)
+	return h, nil
 }
 
 // parseUint accepts a JSON number that is a non-negative integer.

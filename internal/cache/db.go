@@ -19,6 +19,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"reflect"
 	"sort"
 	"sync/atomic"
 	"time"
@@ -111,6 +112,12 @@ type Rejection struct {
 	Count     uint64    `json:"count"`
 	First     time.Time `json:"first"`
 	Last      time.Time `json:"last"`
+	// Missing is, for closure_incomplete, the references that were not
+	// approved: the rebuild queue lists the rebuildable ones.
+	Missing []policy.MissingRef `json:"missing,omitempty"`
+	// Classification is, for attestation_mismatch, what the attester that
+	// rebuilt something else said of its rebuild (policy.Classification).
+	Classification string `json:"classification,omitempty"`
 }
 
 // BlobMeta indexes one verified blob on disk, with what it was verified
@@ -478,7 +485,9 @@ func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (store
 			if err != nil {
 				return err
 			}
-			if old != nil && old.Sig == a.Sig {
+			// The same signature with another report (the rebuilder
+			// classified its rebuild since) replaces the older one.
+			if old != nil && old.Sig == a.Sig && reflect.DeepEqual(old.Rebuild, a.Rebuild) {
 				audit.count(CountKnown, 1)
 				continue
 			}
@@ -497,6 +506,16 @@ func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (store
 		return appendAudit(tx, audit)
 	})
 	return stored, err
+}
+
+// Attestations returns the stored attestations of one path (the rebuild
+// queue's look-up: cheaper than Evidence, which reads the denylist too).
+func (d *DB) Attestations(hash string) (out []policy.Attestation, err error) {
+	err = d.view(func(tx *bolt.Tx) error {
+		out, err = list[policy.Attestation](tx, bucketAttestations, hash+"/")
+		return err
+	})
+	return out, err
 }
 
 // CountAttestations returns the number of stored attestations.

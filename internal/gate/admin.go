@@ -81,7 +81,8 @@ func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) 
 				storeIdx = append(storeIdx, len(results))
 				results = append(results, AttestResult{Path: c.StorePath, Key: key.Name})
 				toStore = append(toStore, policy.Attestation{StorePath: c.StorePath, NarHash: c.NarHash, NarSize: c.NarSize,
-					References: c.References, Deriver: c.Deriver, KeyName: key.Name, PublicKey: key.String(), Sig: sig, Imported: now})
+					References: c.References, Deriver: c.Deriver, KeyName: key.Name, PublicKey: key.String(), Sig: sig, Imported: now,
+					Rebuild: rebuildReport(c.Rebuild)})
 			}
 		}
 		if !found {
@@ -109,6 +110,18 @@ func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) 
 	}
 	g.refreshGauges()
 	return results, nil
+}
+
+// rebuildReport is the policy's copy of a rebuilder's report.
+func rebuildReport(r *attest.Rebuild) *policy.Rebuild {
+	if r == nil {
+		return nil
+	}
+	out := &policy.Rebuild{Classification: policy.Classification(r.Classification), UpstreamNarHash: r.UpstreamNarHash}
+	for _, b := range r.Builds {
+		out.Builds = append(out.Builds, policy.Build{NarHash: b.NarHash, NarSize: b.NarSize})
+	}
+	return out
 }
 
 // Pin returns the first upstream narinfo for hash that passes rules 1–2

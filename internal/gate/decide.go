@@ -122,6 +122,9 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 	}
 	d := out.decision
 	g.m.Decisions.WithLabelValues(decisionLabel(d.Approved), string(d.Reason)).Inc()
+	if d.Reason == policy.AttestationMismatch {
+		g.m.AttestationMismatches.WithLabelValues(classLabel(d.Classification)).Inc()
+	}
 	if !c.policy.Served(*d) || out.unavailable != nil {
 		g.logRejection(*d, hash)
 		return out, nil
@@ -132,6 +135,14 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 		g.log.Info("approved", decisionAttrs(*d, d.NarInfo.StorePath)...)
 	}
 	rec := g.record(c, *d, out.until)
+	// An approval clears the path's rejection log entry: read it first, for
+	// the time the path waited for its attestation.
+	var waited *cache.Rejection
+	if d.Approved && d.Reason == policy.Attested {
+		if waited, err = g.db.Rejection(hash); err != nil {
+			return outcome{}, err
+		}
+	}
 	before := g.db.Changes()
 	stored, err := g.db.PutRecord(hash, rec, epoch)
 	if err != nil {
@@ -139,8 +150,20 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 	}
 	if stored {
 		g.hot.put(hash, &rec, before, g.db.Changes)
+		if waited != nil {
+			g.m.TimeToAttestation.Observe(rec.Decided.Sub(waited.First).Seconds())
+		}
 	}
 	return outcome{rec: &rec, decision: d}, nil
+}
+
+// classLabel is the classification label of
+// cacheproxy_attestation_mismatches_total.
+func classLabel(c policy.Classification) string {
+	if c == "" {
+		return "unclassified"
+	}
+	return string(c)
 }
 
 func decisionLabel(approved bool) string {
@@ -334,10 +357,19 @@ func (g *Gate) logRejection(d policy.Decision, hash string) {
 	g.logRefusal(d, hash)
 	storePath, deriver := g.names(d, hash)
 	err := g.db.RecordRejection(cache.Rejection{StorePath: storePath, Reason: string(d.Reason), Detail: d.Detail,
-		Deriver: deriver, Upstream: d.Upstream, Last: g.now()})
+		Deriver: deriver, Upstream: d.Upstream, Last: g.now(), Missing: d.Missing, Classification: classification(d)})
 	if err != nil {
 		g.log.Error("record rejection", "path", storePath, "err", err)
 	}
+}
+
+// classification is what a rejection records of the rebuilders' verdict:
+// only an attestation_mismatch has one.
+func classification(d policy.Decision) string {
+	if d.Reason != policy.AttestationMismatch {
+		return ""
+	}
+	return string(d.Classification)
 }
 
 // logRefusal writes the log line of one refusal.

@@ -138,6 +138,7 @@ func New(o Options) (*Gate, error) {
 	}
 	g.settingsMetrics(s)
 	g.refreshGauges()
+	g.m.SetRebuildQueue(g.rebuildQueueLen)
 	return g, nil
 }
 

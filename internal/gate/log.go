@@ -23,6 +23,9 @@ func decisionAttrs(d policy.Decision, storePath string) []any {
 	if len(d.Mismatched) > 0 {
 		a = append(a, "mismatched", strings.Join(d.Mismatched, ","))
 	}
+	if c := classification(d); c != "" {
+		a = append(a, "classification", c)
+	}
 	if e := d.Allow; e != nil {
 		g := []any{"nar_hash", e.NarHash.String(), "reason", e.Reason}
 		if !e.Expires.IsZero() {

@@ -74,6 +74,9 @@ type OverviewRejection struct {
 	Upstream  string
 	Count     uint64
 	Last      time.Time
+	// Classification is, for attestation_mismatch, the rebuilder's
+	// verdict: stable (the alarm) or not_reproducible.
+	Classification string
 }
 
 // OverviewUpstream is one upstream's health.
@@ -176,7 +179,8 @@ func (g *Gate) Overview() (Overview, error) {
 	}
 	for _, r := range rejs {
 		st.Rejections = append(st.Rejections, OverviewRejection{StorePath: r.StorePath, Reason: r.Reason,
-			Deriver: r.Deriver, Upstream: publicUpstreamName(ups, r.Upstream), Count: r.Count, Last: r.Last})
+			Deriver: r.Deriver, Upstream: publicUpstreamName(ups, r.Upstream), Count: r.Count, Last: r.Last,
+			Classification: r.Classification})
 	}
 	for _, u := range ups {
 		st.Upstreams = append(st.Upstreams, OverviewUpstream{Name: publicUpstreamName(ups, u.Name()), Up: u.Client.Up()})

@@ -41,9 +41,21 @@ type Metrics struct {
 	ServedBytes      *prometheus.CounterVec
 	Attestations     prometheus.Gauge
 	AllowEntries     prometheus.Gauge
+	// TimeToAttestation is the time from a path's first rejection to its
+	// approval by attestation: how long the rebuild loop takes.
+	TimeToAttestation prometheus.Histogram
+	// AttestationMismatches counts attestation_mismatch decisions by what
+	// the mismatching rebuilder classified its rebuild as.
+	AttestationMismatches *prometheus.CounterVec
 
-	diskFree atomic.Pointer[func() (int64, error)] // read at each scrape; see SetDiskFree
+	diskFree     atomic.Pointer[func() (int64, error)] // read at each scrape; see SetDiskFree
+	rebuildQueue atomic.Pointer[func() (int, error)]   // read at each scrape; see SetRebuildQueue
 }
+
+// Classifications are the label values of
+// cacheproxy_attestation_mismatches_total: what the rebuilder said of its
+// rebuild (policy.Classification), or unclassified when it said nothing.
+var Classifications = []string{"stable", "not_reproducible", "unclassified"}
 
 // New creates the collectors, every alerting series present at zero.
 func New() *Metrics {
@@ -103,12 +115,30 @@ func New() *Metrics {
 			Name: "cacheproxy_allowlist_entries", Help: "Allowlist entries.",
 		}),
 	}
+	m.TimeToAttestation = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "cacheproxy_time_to_attestation_seconds",
+		Help: "Time from a path's first rejection to its approval by attestation.",
+		// Minutes (a rebuilder polling the queue) to weeks (a rebuild
+		// nobody ran).
+		Buckets: []float64{60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 4 * 86400, 7 * 86400, 14 * 86400, 28 * 86400},
+	})
+	m.AttestationMismatches = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cacheproxy_attestation_mismatches_total",
+		Help: "attestation_mismatch decisions, by the mismatching rebuilder's classification (stable, not_reproducible, unclassified).",
+	}, []string{"classification"})
+	for _, c := range Classifications {
+		m.AttestationMismatches.WithLabelValues(c)
+	}
+	rebuildQueue := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cacheproxy_rebuild_queue_paths", Help: "Rejected paths a rebuild could approve (GET /admin/v1/rebuild-queue).",
+	}, m.readRebuildQueue)
 	diskFree := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "cacheproxy_disk_free_bytes", Help: "Free bytes on the state dir's file system, as downloads see it (NaN when unknown).",
 	}, m.readDiskFree)
 	m.reg.MustRegister(m.Decisions, m.VerifyFailures, m.HTTPRequests, m.HTTPDuration,
 		m.UpstreamRequests, m.UpstreamDuration, m.CacheHits, m.CacheMisses, m.CacheSize,
 		m.CacheMaxSize, m.DiskReserve, diskFree, m.Evictions, m.ScrubFailures, m.UpstreamUp, m.ServedBytes, m.Attestations, m.AllowEntries,
+		m.TimeToAttestation, m.AttestationMismatches, rebuildQueue,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	// Expose every series an operator alerts on from the start, at zero,
@@ -161,6 +191,22 @@ func (m *Metrics) readDiskFree() float64 {
 	fn := m.diskFree.Load()
 	if fn == nil {
 		return math.NaN()
+	}
+	n, err := (*fn)()
+	if err != nil {
+		return math.NaN()
+	}
+	return float64(n)
+}
+
+// SetRebuildQueue sets how cacheproxy_rebuild_queue_paths is read at each
+// scrape. Its cost is bounded by the rejection log's size.
+func (m *Metrics) SetRebuildQueue(n func() (int, error)) { m.rebuildQueue.Store(&n) }
+
+func (m *Metrics) readRebuildQueue() float64 {
+	fn := m.rebuildQueue.Load()
+	if fn == nil {
+		return 0
 	}
 	n, err := (*fn)()
 	if err != nil {

@@ -88,6 +88,52 @@ type Attestation struct {
 	PublicKey  string         `json:"public_key"` // "name:base64"
 	Sig        string         `json:"sig"`
 	Imported   time.Time      `json:"imported"`
+	// Rebuild is what the rebuilder said of how it got NarHash, when it
+	// said anything. No signature covers it: it is as trustworthy as the
+	// admin token that imported it, and it only ever labels a mismatch,
+	// never approves anything.
+	Rebuild *Rebuild `json:"rebuild,omitempty"`
+}
+
+// Classification is a rebuilder's verdict on an attestation whose NarHash
+// differs from the upstream's.
+type Classification string
+
+const (
+	// Stable: two builds here gave the same NarHash, so the derivation is
+	// reproducible and the upstream serves something else: the alarm.
+	Stable Classification = "stable"
+	// NotReproducible: two builds here differed; the mismatch says little
+	// about the upstream.
+	NotReproducible Classification = "not_reproducible"
+)
+
+// Classifications lists the valid classifications, most alarming first.
+var Classifications = []Classification{Stable, NotReproducible}
+
+// Rebuild is a rebuilder's report on one rebuild, kept with its
+// attestation.
+type Rebuild struct {
+	Classification  Classification `json:"classification,omitempty"`
+	UpstreamNarHash narinfo.SHA256 `json:"upstream_nar_hash,omitzero"` // what the upstream served when it compared
+	Builds          []Build        `json:"builds,omitempty"`           // each build's result, in build order
+}
+
+// Build is the result of one build of a path on a rebuilder.
+type Build struct {
+	NarHash narinfo.SHA256 `json:"nar_hash"`
+	NarSize uint64         `json:"nar_size"`
+}
+
+// RebuildEvidence is one configured attester's attestation for a path, as
+// a decision shows it: who rebuilt it, when that was imported, whether it
+// matches what the upstream serves, and what the rebuilder said of it.
+type RebuildEvidence struct {
+	Key            string         `json:"key"`
+	Matches        bool           `json:"matches"`
+	NarHash        narinfo.SHA256 `json:"nar_hash"`
+	Imported       time.Time      `json:"imported"`
+	Classification Classification `json:"classification,omitempty"`
 }
 
 // AllowEntry approves one store path, pinned to the fingerprint (NarHash,
@@ -161,6 +207,23 @@ type Decision struct {
 	Allow           *AllowEntry      `json:"allow,omitempty"`
 	Deny            *DenyEntry       `json:"deny,omitempty"`
 	Quarantine      *Quarantine      `json:"quarantine,omitempty"`
+	// Missing lists, for closure_incomplete, the references that are not
+	// approved (base names, sorted), with why: what a rebuild would have
+	// to attest before the path itself can be approved.
+	Missing []MissingRef `json:"missing,omitempty"`
+	// Rebuilds are the configured attesters' attestations for the path
+	// (those with a signature that verifies, matching or not).
+	Rebuilds []RebuildEvidence `json:"rebuilds,omitempty"`
+	// Classification is, when an attestation mismatches, the most alarming
+	// classification among the mismatching ones ("" when none said).
+	Classification Classification `json:"classification,omitempty"`
+}
+
+// MissingRef is one reference that kept a path's closure from approval.
+// Reason is empty when no upstream has the reference at all.
+type MissingRef struct {
+	Ref    string `json:"ref"` // base name "<hash>-<name>"
+	Reason Reason `json:"reason,omitempty"`
 }
 
 // String is the form of the X-Cacheproxy-Decision header.
@@ -247,11 +310,19 @@ func (p Policy) Decide(in Input, ev Evidence, now time.Time) Decision {
 			continue // no longer configured
 		}
 		afp, err := narinfo.Fingerprint(p.StoreDir, a.StorePath, a.NarHash, a.NarSize, a.References)
+		ev := RebuildEvidence{Key: key.Name, NarHash: a.NarHash, Imported: a.Imported}
+		if a.Rebuild != nil {
+			ev.Classification = a.Rebuild.Classification
+		}
 		switch {
 		case err != nil || afp != fp:
 			d.Mismatched = appendOnce(d.Mismatched, key.Name)
+			d.Rebuilds = append(d.Rebuilds, ev)
+			d.Classification = moreAlarming(d.Classification, ev.Classification)
 		case key.Verify(fp, a.Sig):
 			d.Attesters = appendOnce(d.Attesters, key.Name)
+			ev.Matches = true
+			d.Rebuilds = append(d.Rebuilds, ev)
 		}
 	}
 	allow := ev.Allow
@@ -337,17 +408,31 @@ func (p Policy) Closure(d Decision, refs map[string]Decision) Decision {
 		}
 		if rd, ok := refs[ref]; !ok || !rd.Approved {
 			r := "not found"
+			m := MissingRef{Ref: ref}
 			if ok {
-				r = string(rd.Reason)
+				r, m.Reason = string(rd.Reason), rd.Reason
 			}
 			missing = append(missing, ref+" ("+r+")")
+			d.Missing = append(d.Missing, m)
 		}
 	}
 	if len(missing) == 0 {
 		return d
 	}
 	sort.Strings(missing)
+	sort.Slice(d.Missing, func(i, j int) bool { return d.Missing[i].Ref < d.Missing[j].Ref })
 	return reject(d, ClosureIncomplete, "references not approved: %s", strings.Join(missing, ", "))
+}
+
+// moreAlarming returns whichever classification calls for more attention:
+// stable, then not_reproducible, then none.
+func moreAlarming(a, b Classification) Classification {
+	for _, c := range Classifications {
+		if a == c || b == c {
+			return c
+		}
+	}
+	return a
 }
 
 func (p Policy) attester(pub string) (verify.PublicKey, bool) {

@@ -432,6 +432,46 @@ func TestDecide(t *testing.T) {
 					t.Errorf("Mismatched = %v, Attesters = %v", d.Mismatched, d.Attesters)
 				}
 			}},
+		{name: "mismatch/classification: stable beats not_reproducible", raw: f.raw(nil),
+			ev: Evidence{Attestations: []Attestation{
+				f.att(f.a, func(a *Attestation) {
+					a.NarHash = otherNarHash
+					a.Rebuild = &Rebuild{Classification: NotReproducible}
+				}),
+				f.att(f.b, func(a *Attestation) {
+					a.NarHash = otherNarHash
+					a.Rebuild = &Rebuild{Classification: Stable}
+				}),
+			}},
+			reason: AttestationMismatch,
+			check: func(t *testing.T, d Decision) {
+				if d.Classification != Stable || len(d.Rebuilds) != 2 || d.Rebuilds[0].Matches || d.Rebuilds[0].Classification != NotReproducible {
+					t.Errorf("Classification = %q, Rebuilds = %+v", d.Classification, d.Rebuilds)
+				}
+			}},
+		{name: "mismatch/matching rebuilds shown with key and time", raw: f.raw(nil),
+			ev: Evidence{Attestations: []Attestation{
+				f.att(f.b, func(a *Attestation) { a.Imported = time.Unix(100, 0) }),
+				f.att(f.a, func(a *Attestation) {
+					a.NarHash = otherNarHash
+					a.Rebuild = &Rebuild{Classification: NotReproducible}
+				}),
+			}},
+			reason: AttestationMismatch,
+			check: func(t *testing.T, d Decision) {
+				if d.Classification != NotReproducible || len(d.Rebuilds) != 2 || !d.Rebuilds[0].Matches || d.Rebuilds[0].Key != f.b.Name ||
+					!d.Rebuilds[0].Imported.Equal(time.Unix(100, 0)) {
+					t.Errorf("Classification = %q, Rebuilds = %+v", d.Classification, d.Rebuilds)
+				}
+			}},
+		{name: "mismatch/unclassified", raw: f.raw(nil),
+			ev:     Evidence{Attestations: []Attestation{f.att(f.a, func(a *Attestation) { a.NarHash = otherNarHash })}},
+			reason: AttestationMismatch,
+			check: func(t *testing.T, d Decision) {
+				if d.Classification != "" {
+					t.Errorf("Classification = %q", d.Classification)
+				}
+			}},
 		{name: "mismatch/other NarSize", raw: f.raw(nil),
 			ev:     Evidence{Attestations: []Attestation{f.att(f.a, func(a *Attestation) { a.NarSize = 1 })}},
 			reason: AttestationMismatch},

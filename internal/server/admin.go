@@ -45,6 +45,7 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("POST "+adminapi.PathRetry, s.handleRetry)
 	mux.HandleFunc("POST "+adminapi.PathVerifyCache, s.handleVerifyCache)
 	mux.HandleFunc("GET "+adminapi.PathAudit, s.handleAudit)
+	mux.HandleFunc("GET "+adminapi.PathRebuildQueue, s.handleRebuildQueue)
 	return s.instrument("admin", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		who, ok := s.caller(r)
 		if !ok {

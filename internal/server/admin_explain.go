@@ -61,7 +61,12 @@ func answerWire(a gate.Answer, file string) adminapi.Answer {
 
 func decisionWire(d *policy.Decision) *adminapi.Decision {
 	out := &adminapi.Decision{Approved: d.Approved, Reason: string(d.Reason), Detail: d.Detail, Fingerprint: d.Fingerprint,
-		Upstream: d.Upstream, UpstreamSigners: d.UpstreamSigners, Attesters: d.Attesters, Mismatched: d.Mismatched}
+		Upstream: d.Upstream, UpstreamSigners: d.UpstreamSigners, Attesters: d.Attesters, Mismatched: d.Mismatched,
+		Classification: string(d.Classification)}
+	for _, r := range d.Rebuilds {
+		out.Rebuilds = append(out.Rebuilds, adminapi.Rebuild{Key: r.Key, Matches: r.Matches, NarHash: r.NarHash.String(),
+			Imported: r.Imported, Classification: string(r.Classification)})
+	}
 	if d.Allow != nil {
 		out.Allow = &allowWire([]policy.AllowEntry{*d.Allow})[0]
 	}
@@ -79,7 +84,7 @@ func rejectionWire(r *cache.Rejection) *adminapi.Rejection {
 		return nil
 	}
 	return &adminapi.Rejection{StorePath: r.StorePath, Reason: r.Reason, Detail: r.Detail, Deriver: r.Deriver,
-		Upstream: r.Upstream, Count: r.Count, First: r.First, Last: r.Last}
+		Upstream: r.Upstream, Count: r.Count, First: r.First, Last: r.Last, Classification: r.Classification}
 }
 
 func (s *Server) handleRejections(w http.ResponseWriter, r *http.Request) {
@@ -145,6 +150,22 @@ func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request) {
 		if len(rec.PreviousDeny) > 0 {
 			out.Records[i].PreviousDeny = denyWire(rec.PreviousDeny)
 		}
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// handleRebuildQueue lists what a rebuild could approve; ?attester=NAME
+// leaves out what that attester key attested already.
+func (s *Server) handleRebuildQueue(w http.ResponseWriter, r *http.Request) {
+	q, err := s.gate.RebuildQueue(r.URL.Query().Get("attester"))
+	if err != nil {
+		writeGateError(w, "", err)
+		return
+	}
+	out := adminapi.RebuildQueue{Paths: make([]adminapi.QueueEntry, len(q))}
+	for i, e := range q {
+		out.Paths[i] = adminapi.QueueEntry{StorePath: e.StorePath, Deriver: e.Deriver, Reason: e.Reason,
+			Requests: e.Requests, First: e.First, Last: e.Last}
 	}
 	writeJSON(w, http.StatusOK, out)
 }
