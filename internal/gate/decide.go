@@ -148,16 +148,26 @@ func decisionLabel(approved bool) string {
 	return "rejected"
 }
 
-// decide asks the upstreams in order and returns the first approved
-// decision; failing that, the first rejection, marked unavailable when an
-// upstream failed transiently (it might have approved); failing that, not
-// found or unavailable. It stores nothing of the path itself; with store
-// set, the closure walk stores what it decides about references.
+// decide returns the first approved decision in upstream order; failing
+// that, the first rejection, marked unavailable when an upstream failed
+// transiently (it might have approved); failing that, not found or
+// unavailable. It stores nothing of the path itself; with store set, the
+// closure walk stores what it decides about references.
+//
+// Every upstream is asked at once (askAll), but the answers are taken in
+// configured order, so the result is the one asking them one after the
+// other would give: an answer is acted on as soon as every earlier
+// upstream's answer is known. An approval from upstream i does not wait for
+// upstreams after i; a slow upstream before i is waited for (its answer
+// could be the one served), unless it is marked down, which answers at once.
 func (g *Gate) decide(ctx context.Context, hash string, visiting map[string]bool, store bool) (outcome, error) {
 	var first *policy.Decision
 	var unavailable error
-	for _, u := range g.upstreams {
-		raw, err := g.fetchNarInfo(ctx, u, hash)
+	var ev *policy.Evidence
+	answers := g.askAll(ctx, hash)
+	for i, u := range g.upstreams {
+		a := <-answers[i]
+		raw, err := a.raw, a.err
 		switch {
 		case errors.Is(err, upstream.ErrNotFound):
 			continue
@@ -165,11 +175,14 @@ func (g *Gate) decide(ctx context.Context, hash string, visiting map[string]bool
 			unavailable = errors.Join(unavailable, err)
 			continue
 		}
-		ev, _, err := g.db.Evidence(hash)
-		if err != nil {
-			return outcome{}, err
+		if ev == nil {
+			e, _, err := g.db.Evidence(hash)
+			if err != nil {
+				return outcome{}, err
+			}
+			ev = &e
 		}
-		d := g.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, ev, g.now())
+		d := g.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, *ev, g.now())
 		var until time.Time
 		if d.Reason == policy.Allowlisted && d.Allow != nil {
 			until = d.Allow.Expires
@@ -196,6 +209,42 @@ func (g *Gate) decide(ctx context.Context, hash string, visiting map[string]bool
 		}
 	}
 	return outcome{decision: first, unavailable: unavailable}, nil
+}
+
+// narinfoAnswer is one upstream's answer for a narinfo.
+type narinfoAnswer struct {
+	raw []byte
+	err error
+}
+
+// askAll sends the narinfo request to every upstream at once and returns
+// one channel per upstream, in configured order, that delivers its answer.
+// Each request goes through its upstream's client, so max_connections and
+// down-marking apply as to any other request. A request whose answer is no
+// longer needed (an earlier upstream approved) is left to finish rather
+// than cancelled: cancelling would close its connection, and the next
+// decision would pay a new connection (and TLS handshake) to that upstream;
+// its answer still counts for the upstream's health.
+func (g *Gate) askAll(ctx context.Context, hash string) []chan narinfoAnswer {
+	answers := make([]chan narinfoAnswer, len(g.upstreams))
+	for i, u := range g.upstreams {
+		answers[i] = make(chan narinfoAnswer, 1) // never blocks a request nobody waits for
+		if i == 0 {
+			continue // asked below, once the others are on their way
+		}
+		go func() {
+			raw, err := g.fetchNarInfo(ctx, u, hash)
+			answers[i] <- narinfoAnswer{raw, err}
+		}()
+	}
+	if len(g.upstreams) > 0 {
+		// The first upstream's answer is always needed first: ask it on
+		// this goroutine (for a single upstream, the common case, there is
+		// no goroutine at all).
+		raw, err := g.fetchNarInfo(ctx, g.upstreams[0], hash)
+		answers[0] <- narinfoAnswer{raw, err}
+	}
+	return answers
 }
 
 // fetchNarInfo asks one upstream for a narinfo, timing and counting the
