@@ -297,3 +297,33 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// An entry larger than MaxEntrySize is refused by name, without being held
+// whole, in every shape.
+func TestEntryTooLarge(t *testing.T) {
+	const p = "/nix/store/5r8cswd6jchqkwx3dn2xapsahpjxj0js-app-0.1"
+	const h = `"sha256-+fjdEr0gKyeb5anph/WVOm2m8f9Qa1khFnCXXpOE59I="`
+	ok := `{"path":"/nix/store/icsd4d6bjhg7nlbcx4q63nvmq00l0k51-leaf-1.0","narHash":` + h + `,"narSize":1,"references":[]}`
+	big := `"k-1:` + strings.Repeat("A", MaxEntrySize) + `"`
+	cases := map[string]struct {
+		in   string
+		want []string
+	}{
+		"array":   {`[` + ok + `,{"path":"` + p + `","narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + big + `]}]`, []string{"entry 2", "larger than 8 MiB"}},
+		"object":  {`{"` + p + `":{"narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + big + `]}}`, []string{"entry 1", "larger than 8 MiB"}},
+		"narinfo": {string(read(t, "closure.narinfo")) + "\nStorePath: " + p + "\nSig: " + strings.Repeat("A", MaxEntrySize) + "\n", []string{"narinfo 6", "larger than 8 MiB"}},
+	}
+	for name, c := range cases {
+		_, err := Parse([]byte(c.in), storeDir)
+		for _, w := range c.want {
+			if err == nil || !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: error %v does not mention %q", name, err, w)
+			}
+		}
+	}
+	// Just under the bound is fine.
+	sig := `"k-1:` + strings.Repeat("A", MaxEntrySize-300) + `"`
+	if cs, err := Parse([]byte(`[{"path":"`+p+`","narHash":`+h+`,"narSize":1,"references":[],"signatures":[`+sig+`]}]`), storeDir); err != nil || len(cs) != 1 {
+		t.Fatalf("entry just under the bound: %v", err)
+	}
+}
