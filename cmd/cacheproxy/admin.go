@@ -133,20 +133,18 @@ func cmdAttest(args []string, cio cmdIO) error {
 	}
 	total := map[string]int{}
 	for _, f := range files {
-		var raw []byte
-		if f == "-" {
-			raw, err = io.ReadAll(cio.stdin)
-		} else {
-			raw, err = os.ReadFile(f)
+		// The file is sent as it is read: an import of any size needs no
+		// more memory here than in the server.
+		var in io.Reader = cio.stdin
+		if f != "-" {
+			file, err := os.Open(f)
+			if err != nil {
+				return fmt.Errorf("read %s: %w", f, err)
+			}
+			defer file.Close()
+			in = file
 		}
-		if err != nil {
-			return fmt.Errorf("read %s: %w", f, err)
-		}
-		var resp adminapi.AttestResponse
-		if err := c.Do(context.Background(), http.MethodPost, adminapi.PathAttestations, raw, &resp); err != nil {
-			return fmt.Errorf("%s: %w", f, err)
-		}
-		for _, r := range resp.Results {
+		_, err := c.ImportAttestations(context.Background(), in, func(r adminapi.AttestResult) {
 			total[r.Status]++
 			if r.Status != adminapi.AttestStored && r.Status != adminapi.AttestKnown {
 				key := r.Key
@@ -155,6 +153,9 @@ func cmdAttest(args []string, cio cmdIO) error {
 				}
 				fmt.Fprintf(cio.stdout, "%s\t%s\tkeys: %s\n", r.Status, r.Path, key)
 			}
+		})
+		if err != nil {
+			return fmt.Errorf("%s: %w", f, err)
 		}
 	}
 	fmt.Fprintf(cio.stdout, "stored %d, already known %d, no attester signature %d, bad signature %d\n",

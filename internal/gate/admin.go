@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"path"
+	"runtime"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/attest"
@@ -48,14 +51,133 @@ type AttestResult struct {
 // that verify over the claim's own fingerprint. Whether that fingerprint
 // matches what an upstream serves is decided per request by the policy.
 func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
-	now := g.now()
 	var results []AttestResult
-	var toStore []policy.Attestation
-	var storeIdx []int
-	for _, c := range claims {
+	i := 0
+	err := g.AttestStream(func() (attest.Claim, error) {
+		if i == len(claims) {
+			return attest.Claim{}, io.EOF
+		}
+		i++
+		return claims[i-1], nil
+	}, func(r AttestResult) { results = append(results, r) })
+	if err != nil {
+		return nil, err
+	}
+	return results, nil
+}
+
+// AttestBatch is how many claims an import verifies as one unit of work
+// and stores in one transaction.
+const AttestBatch = 1000
+
+// attestJob is one batch of an import on its way through the pipeline.
+type attestJob struct {
+	seq      int
+	claims   []attest.Claim
+	results  []AttestResult
+	toStore  []policy.Attestation
+	storeIdx []int // results[storeIdx[i]] is the outcome of toStore[i]
+	err      error
+}
+
+// AttestStream imports the claims next returns until io.EOF, with what
+// Attest does to each, and calls report with each outcome, in input order.
+// An import of any size holds a few batches in memory: next is read while
+// earlier batches are verified (on every core) and stored (one transaction
+// per AttestBatch claims). An error from next (input that does not parse)
+// ends the import: the batches read in full before it are stored, the
+// claims of the batch it interrupted are not, so input of up to AttestBatch
+// claims is imported whole or not at all.
+func (g *Gate) AttestStream(next func() (attest.Claim, error), report func(AttestResult)) error {
+	workers := runtime.GOMAXPROCS(0)
+	jobs := make(chan *attestJob, workers)
+	verified := make(chan *attestJob, workers)
+	inFlight := make(chan struct{}, 2*workers+2) // bounds the batches held at once
+	quit := make(chan struct{})                  // closed when storing failed: stop reading
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range jobs {
+				g.verifyClaims(j)
+				verified <- j
+			}
+		}()
+	}
+	go func() { wg.Wait(); close(verified) }()
+	stored := make(chan error, 1)
+	go func() {
+		// Workers finish batches out of order; they are stored in order.
+		pending := map[int]*attestJob{}
+		nextSeq := 0
+		var err error
+		for j := range verified {
+			pending[j.seq] = j
+			for j := pending[nextSeq]; j != nil; j = pending[nextSeq] {
+				delete(pending, nextSeq)
+				nextSeq++
+				if err == nil {
+					if err = j.err; err == nil {
+						err = g.storeAttestations(j, report)
+					}
+					if err != nil {
+						close(quit)
+					}
+				}
+				<-inFlight
+			}
+		}
+		stored <- err
+	}()
+
+	var readErr error
+	job := &attestJob{}
+	send := func() bool {
+		select {
+		case inFlight <- struct{}{}:
+		case <-quit:
+			return false
+		}
+		jobs <- job
+		job = &attestJob{seq: job.seq + 1, claims: make([]attest.Claim, 0, AttestBatch)}
+		return true
+	}
+	for {
+		c, err := next()
+		if err == io.EOF {
+			if len(job.claims) > 0 {
+				send()
+			}
+			break
+		}
+		if err != nil {
+			readErr = err
+			break
+		}
+		job.claims = append(job.claims, c)
+		if len(job.claims) == AttestBatch && !send() {
+			break
+		}
+	}
+	close(jobs)
+	err := <-stored
+	g.refreshGauges()
+	if err != nil {
+		return err
+	}
+	return readErr
+}
+
+// verifyClaims checks the signatures of one batch: the CPU-heavy part of
+// an import, run on several batches at once.
+func (g *Gate) verifyClaims(j *attestJob) {
+	now := g.now()
+	for _, c := range j.claims {
 		fp, err := c.Fingerprint(g.policy.StoreDir)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err)
+			j.err = fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err)
+			return
 		}
 		found := false
 		for _, sig := range c.Sigs {
@@ -66,12 +188,12 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 				}
 				found = true
 				if !key.Verify(fp, sig) {
-					results = append(results, AttestResult{Path: c.StorePath, Key: key.Name, Outcome: AttestBadSignature})
+					j.results = append(j.results, AttestResult{Path: c.StorePath, Key: key.Name, Outcome: AttestBadSignature})
 					continue
 				}
-				storeIdx = append(storeIdx, len(results))
-				results = append(results, AttestResult{Path: c.StorePath, Key: key.Name})
-				toStore = append(toStore, policy.Attestation{StorePath: c.StorePath, NarHash: c.NarHash, NarSize: c.NarSize,
+				j.storeIdx = append(j.storeIdx, len(j.results))
+				j.results = append(j.results, AttestResult{Path: c.StorePath, Key: key.Name})
+				j.toStore = append(j.toStore, policy.Attestation{StorePath: c.StorePath, NarHash: c.NarHash, NarSize: c.NarSize,
 					References: c.References, Deriver: c.Deriver, KeyName: key.Name, PublicKey: key.String(), Sig: sig, Imported: now})
 			}
 		}
@@ -83,21 +205,32 @@ func (g *Gate) Attest(claims []attest.Claim) ([]AttestResult, error) {
 				name, _, _ := strings.Cut(sig, ":")
 				names = append(names, name)
 			}
-			results = append(results, AttestResult{Path: c.StorePath, Key: strings.Join(names, ","), Outcome: AttestNoAttester})
+			j.results = append(j.results, AttestResult{Path: c.StorePath, Key: strings.Join(names, ","), Outcome: AttestNoAttester})
 		}
 	}
-	stored, err := g.db.PutAttestations(toStore)
-	if err != nil {
-		return nil, fmt.Errorf("store attestations: %w", err)
+	j.claims = nil // done with; the batch waits for its turn to be stored
+}
+
+// storeAttestations stores one verified batch in one transaction and
+// reports its outcomes.
+func (g *Gate) storeAttestations(j *attestJob, report func(AttestResult)) error {
+	var stored []bool
+	if len(j.toStore) > 0 {
+		var err error
+		if stored, err = g.db.PutAttestations(j.toStore); err != nil {
+			return fmt.Errorf("store attestations: %w", err)
+		}
 	}
 	for i, ok := range stored {
-		results[storeIdx[i]].Outcome = AttestKnown
+		j.results[j.storeIdx[i]].Outcome = AttestKnown
 		if ok {
-			results[storeIdx[i]].Outcome = AttestStored
+			j.results[j.storeIdx[i]].Outcome = AttestStored
 		}
 	}
-	g.refreshGauges()
-	return results, nil
+	for _, r := range j.results {
+		report(r)
+	}
+	return nil
 }
 
 // Pin returns the first upstream narinfo for hash that passes rules 1–2
