@@ -127,6 +127,7 @@ type fixture struct {
 	rebuilder verify.SecretKey
 	db        *cache.DB
 	blobs     *cache.Blobs
+	dir       string // the state dir
 }
 
 func newFixture(t testing.TB, requireClosure bool) *fixture {
@@ -168,7 +169,7 @@ func newFixtureTTL(t testing.TB, requireClosure bool, negativeTTL time.Duration)
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { g.Close(); blobs.Close(); db.Close() })
-	return &fixture{t: t, g: g, up: up, rebuilder: rb, db: db, blobs: blobs}
+	return &fixture{t: t, g: g, up: up, rebuilder: rb, db: db, blobs: blobs, dir: dir}
 }
 
 // attest stores a rebuilder attestation for each object.
