@@ -24,6 +24,7 @@ package attest
 import (
 	"crypto/ed25519"
 	"encoding/base64"
+	"io"
 	"os"
 	"reflect"
 	"sort"
@@ -298,32 +299,55 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
-// An entry larger than MaxEntrySize is refused by name, without being held
-// whole, in every shape.
+// An entry larger than the bound is refused by name, without being held
+// whole, in every shape. (The bound is lowered here: MaxEntrySize itself
+// is 8 MiB, slow to fill under -race.)
 func TestEntryTooLarge(t *testing.T) {
+	const limit = 16 << 10
 	const p = "/nix/store/5r8cswd6jchqkwx3dn2xapsahpjxj0js-app-0.1"
 	const h = `"sha256-+fjdEr0gKyeb5anph/WVOm2m8f9Qa1khFnCXXpOE59I="`
 	ok := `{"path":"/nix/store/icsd4d6bjhg7nlbcx4q63nvmq00l0k51-leaf-1.0","narHash":` + h + `,"narSize":1,"references":[]}`
-	big := `"k-1:` + strings.Repeat("A", MaxEntrySize) + `"`
+	big := `"k-1:` + strings.Repeat("A", limit) + `"`
+	parse := func(in string, limit int) ([]Claim, error) {
+		d, err := newDecoder(strings.NewReader(in), storeDir, limit)
+		if err != nil {
+			return nil, err
+		}
+		var cs []Claim
+		for {
+			c, err := d.Next()
+			if err == io.EOF {
+				return cs, nil
+			}
+			if err != nil {
+				return nil, err
+			}
+			cs = append(cs, c)
+		}
+	}
 	cases := map[string]struct {
 		in   string
 		want []string
 	}{
-		"array":   {`[` + ok + `,{"path":"` + p + `","narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + big + `]}]`, []string{"entry 2", "larger than 8 MiB"}},
-		"object":  {`{"` + p + `":{"narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + big + `]}}`, []string{"entry 1", "larger than 8 MiB"}},
-		"narinfo": {string(read(t, "closure.narinfo")) + "\nStorePath: " + p + "\nSig: " + strings.Repeat("A", MaxEntrySize) + "\n", []string{"narinfo 6", "larger than 8 MiB"}},
+		"array":   {`[` + ok + `,{"path":"` + p + `","narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + big + `]}]`, []string{"entry 2", "larger than 16384 bytes"}},
+		"object":  {`{"` + p + `":{"narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + big + `]}}`, []string{"entry 1", "larger than 16384 bytes"}},
+		"narinfo": {string(read(t, "closure.narinfo")) + "\nStorePath: " + p + "\nSig: " + strings.Repeat("A", limit) + "\n", []string{"narinfo 6", "larger than 16384 bytes"}},
 	}
 	for name, c := range cases {
-		_, err := Parse([]byte(c.in), storeDir)
+		_, err := parse(c.in, limit)
 		for _, w := range c.want {
 			if err == nil || !strings.Contains(err.Error(), w) {
 				t.Errorf("%s: error %v does not mention %q", name, err, w)
 			}
 		}
 	}
-	// Just under the bound is fine.
-	sig := `"k-1:` + strings.Repeat("A", MaxEntrySize-300) + `"`
-	if cs, err := Parse([]byte(`[{"path":"`+p+`","narHash":`+h+`,"narSize":1,"references":[],"signatures":[`+sig+`]}]`), storeDir); err != nil || len(cs) != 1 {
-		t.Fatalf("entry just under the bound: %v", err)
+	// Just under the bound is fine, and many entries each under it too.
+	sig := `"k-1:` + strings.Repeat("A", limit-300) + `"`
+	entry := `{"path":"` + p + `","narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + sig + `]}`
+	if cs, err := parse(`[`+entry+`,`+entry+`,`+entry+`]`, limit); err != nil || len(cs) != 3 {
+		t.Fatalf("entries just under the bound: %v", err)
+	}
+	if !strings.Contains(errEntryTooLarge.Error(), "bound") || sizeText(MaxEntrySize) != "8 MiB" {
+		t.Fatal(sizeText(MaxEntrySize))
 	}
 }

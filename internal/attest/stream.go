@@ -21,7 +21,15 @@ const MaxEntrySize = 8 << 20
 // errEntryTooLarge is what the input reader returns once an entry runs past
 // MaxEntrySize: the JSON decoder passes it on, so the entry is never held
 // whole.
-var errEntryTooLarge = fmt.Errorf("larger than %d MiB", MaxEntrySize>>20)
+var errEntryTooLarge = errors.New("larger than the bound on one entry")
+
+// sizeText names an entry bound for error messages.
+func sizeText(n int) string {
+	if n >= 1<<20 && n%(1<<20) == 0 {
+		return fmt.Sprintf("%d MiB", n>>20)
+	}
+	return fmt.Sprintf("%d bytes", n)
+}
 
 // Decoder reads claims from an input one entry at a time, so that an
 // import of any size needs memory for one entry (MaxEntrySize), not for the
@@ -36,6 +44,7 @@ type Decoder struct {
 	dec      *json.Decoder // JSON forms
 	base     int64         // offset in the input where dec began reading
 	n        int           // entries begun
+	maxEntry int           // MaxEntrySize but in tests
 	err      error         // sticky
 	// Invalid lists the absolute store paths the input reports as not valid
 	// in the rebuilder's store, so far.
@@ -60,13 +69,18 @@ func NewDecoder(r io.Reader, storeDir string) (*Decoder, error) {
 	if err := narinfo.CheckStoreDir(storeDir); err != nil {
 		return nil, fmt.Errorf("attestations: %w", err)
 	}
+	return newDecoder(r, storeDir, MaxEntrySize)
+}
+
+// newDecoder is NewDecoder with another bound on entries (for tests).
+func newDecoder(r io.Reader, storeDir string, maxEntry int) (*Decoder, error) {
 	in := &entryReader{r: r, stop: -1}
-	d := &Decoder{storeDir: storeDir, in: in, br: bufio.NewReaderSize(in, 64<<10)}
+	d := &Decoder{storeDir: storeDir, in: in, br: bufio.NewReaderSize(in, 64<<10), maxEntry: maxEntry}
+	// The shape is told by the first byte that is not white space.
+	in.limit(int64(d.maxEntry))
 	if bom, err := d.br.Peek(3); err == nil && string(bom) == "\xef\xbb\xbf" {
 		d.br.Discard(3)
 	}
-	// The shape is told by the first byte that is not white space.
-	in.limit(MaxEntrySize)
 detect:
 	for {
 		c, err := d.br.ReadByte()
@@ -74,7 +88,7 @@ detect:
 			return nil, errors.New("attestations: empty input")
 		}
 		if err != nil {
-			return nil, fmt.Errorf("attestations: read: %w", tooLarge(err, "leading white space"))
+			return nil, fmt.Errorf("attestations: read: %w", d.tooLarge(err, "leading white space"))
 		}
 		switch c {
 		case ' ', '\t', '\r':
@@ -166,7 +180,7 @@ func (e *entryReader) limit(n int64) { e.stop = e.read + n }
 // allow lets the JSON decoder read up to MaxEntrySize bytes past where it
 // is now (its read-ahead counts against that): enough for any entry that
 // is within the bound, and never more.
-func (d *Decoder) allow() { d.in.stop = d.base + d.dec.InputOffset() + MaxEntrySize + 1 }
+func (d *Decoder) allow() { d.in.stop = d.base + d.dec.InputOffset() + int64(d.maxEntry) + 1 }
 
 // startEntry begins entry d.n+1.
 func (d *Decoder) startEntry() {
@@ -175,16 +189,16 @@ func (d *Decoder) startEntry() {
 }
 
 // tooLarge turns errEntryTooLarge into a message naming what was too large.
-func tooLarge(err error, what string) error {
+func (d *Decoder) tooLarge(err error, what string) error {
 	if errors.Is(err, errEntryTooLarge) {
-		return fmt.Errorf("%s is %w", what, errEntryTooLarge)
+		return fmt.Errorf("%s is larger than %s (%w)", what, sizeText(d.maxEntry), errEntryTooLarge)
 	}
 	return err
 }
 
 func (d *Decoder) jsonErr(err error, what string) error {
 	if errors.Is(err, errEntryTooLarge) {
-		return tooLarge(err, what)
+		return d.tooLarge(err, what)
 	}
 	if err == io.EOF {
 		err = io.ErrUnexpectedEOF
@@ -414,9 +428,9 @@ func (d *Decoder) nextNarinfo() (Claim, error) {
 	var block bytes.Buffer
 	startLine := 0
 	for {
-		line, err := d.readLine(MaxEntrySize - block.Len())
+		line, err := d.readLine(d.maxEntry - block.Len())
 		if err != nil && err != io.EOF {
-			return Claim{}, fmt.Errorf("narinfo %d (starting at line %d): %w", d.n+1, max(startLine, d.lineNo), tooLarge(err, "the block"))
+			return Claim{}, fmt.Errorf("narinfo %d (starting at line %d): %w", d.n+1, max(startLine, d.lineNo), d.tooLarge(err, "the block"))
 		}
 		eof := err == io.EOF
 		if line != nil {
