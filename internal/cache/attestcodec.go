@@ -23,7 +23,9 @@ import (
 // a path's evidence cheaper. Values written as JSON by earlier versions
 // (they start with '{') are still read.
 //
-// Layout, after the version byte attestV1: StorePath (string), NarHash (32
+// Layout, after the version byte attestV1: StorePath (tag 1, the store dir
+// and the name as strings, the hash being the key's; tag 0, the whole path
+// as a string), NarHash (32
 // bytes), NarSize (uvarint), references (uvarint count, then each a base
 // name), Deriver (base name), Sig, Imported (varint unix nanoseconds).
 // Strings are a uvarint length and the bytes. A base name is tag 1, the 20
@@ -35,7 +37,17 @@ const attestV1 = 1
 func encodeAttestation(a policy.Attestation) []byte {
 	b := make([]byte, 0, 256+len(a.References)*40)
 	b = append(b, attestV1)
-	b = appendString(b, a.StorePath)
+	// The store path's hash is the key's first part: the value holds the
+	// store dir and the name.
+	hash := hashOf(a.StorePath)
+	if dir, rest, ok := strings.Cut(a.StorePath, "/"+hash+"-"); ok && len(hash) == narinfo.HashLen && !strings.Contains(rest, "/") {
+		b = append(b, 1)
+		b = appendString(b, dir)
+		b = appendString(b, rest)
+	} else {
+		b = append(b, 0)
+		b = appendString(b, a.StorePath)
+	}
 	b = append(b, a.NarHash[:]...)
 	b = binary.AppendUvarint(b, a.NarSize)
 	b = binary.AppendUvarint(b, uint64(len(a.References)))
@@ -105,7 +117,14 @@ func decodeAttestation(key, v []byte) (policy.Attestation, error) {
 	if ver := d.byte(); ver != attestV1 {
 		return a, fmt.Errorf("unknown attestation encoding %d (%d bytes)", ver, len(v))
 	}
-	a.StorePath = d.string()
+	switch d.byte() {
+	case 1:
+		hash, _, _ := strings.Cut(string(key), "/")
+		dir := d.string()
+		a.StorePath = dir + "/" + hash + "-" + d.string()
+	default:
+		a.StorePath = d.string()
+	}
 	copy(a.NarHash[:], d.bytes(32))
 	a.NarSize = d.uvarint()
 	if n := d.uvarint(); n > 0 && d.err == nil {
