@@ -351,3 +351,21 @@ func TestEntryTooLarge(t *testing.T) {
 		t.Fatal(sizeText(MaxEntrySize))
 	}
 }
+
+// entryFields relies on the decoder for syntax, but stays inside the bytes
+// whatever it is given.
+func TestEntryFieldsBounded(t *testing.T) {
+	obj := `{ "path" : "/nix/store/x", "a\"b":{"c":[1,"]}"]} ,"n":12 , "t":true}`
+	f, err := entryFields([]byte(obj))
+	if err != nil || len(f) != 4 || string(f["a\"b"]) != `{"c":[1,"]}"]}` || string(f["n"]) != "12" || string(f["t"]) != "true" {
+		t.Fatalf("%q %v", f, err)
+	}
+	for i := range obj {
+		entryFields([]byte(obj[:i])) // must not panic
+	}
+	for _, bad := range []string{`{"a" 1}`, `{"a":1 "b":2}`, `{a:1}`, `{"a":}`} {
+		if _, err := entryFields([]byte(bad)); err == nil {
+			t.Errorf("%s: no error", bad)
+		}
+	}
+}

@@ -112,19 +112,28 @@ func checkStoreDirField(raw json.RawMessage, storeDir string) error {
 // rather than through json.Decoder's tokens (several times slower).
 func entryFields(raw json.RawMessage) (map[string]json.RawMessage, error) {
 	t := bytes.TrimSpace(raw)
-	if len(t) == 0 || t[0] != '{' || !json.Valid(t) {
-		if len(t) > 0 && t[0] == '{' {
-			return nil, errors.New("invalid JSON")
-		}
+	if len(t) == 0 || t[0] != '{' {
 		return nil, fmt.Errorf("want a JSON object, got %s", describe(raw))
 	}
+	// The syntax was checked once, by the decoder; these checks only keep
+	// the walk inside the bytes should that ever not hold.
+	bad := errors.New("invalid JSON object")
 	f := make(map[string]json.RawMessage, 8)
 	i := skipSpace(t, 1)
+	if i >= len(t) {
+		return nil, bad
+	}
 	if t[i] == '}' {
 		return f, nil
 	}
 	for {
+		if i >= len(t) || t[i] != '"' {
+			return nil, bad
+		}
 		end := stringEnd(t, i)
+		if end > len(t) || end-i < 2 {
+			return nil, bad
+		}
 		var key string
 		if bytes.IndexByte(t[i:end], '\\') >= 0 {
 			if err := json.Unmarshal(t[i:end], &key); err != nil {
@@ -134,17 +143,32 @@ func entryFields(raw json.RawMessage) (map[string]json.RawMessage, error) {
 			key = string(t[i+1 : end-1])
 		}
 		i = skipSpace(t, end)
-		i = skipSpace(t, i+1) // ':'
+		if i >= len(t) || t[i] != ':' {
+			return nil, bad
+		}
+		i = skipSpace(t, i+1)
+		if i >= len(t) {
+			return nil, bad
+		}
 		vend := valueEnd(t, i)
+		if vend <= i || vend > len(t) {
+			return nil, bad
+		}
 		if _, dup := f[key]; dup {
 			return nil, fmt.Errorf("key %q appears more than once", key)
 		}
 		f[key] = t[i:vend:vend]
 		i = skipSpace(t, vend)
+		if i >= len(t) {
+			return nil, bad
+		}
 		if t[i] == '}' {
 			return f, nil
 		}
-		i = skipSpace(t, i+1) // ','
+		if t[i] != ',' {
+			return nil, bad
+		}
+		i = skipSpace(t, i+1)
 	}
 }
 
