@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -153,29 +152,23 @@ func cmdAttest(args []string, cio cmdIO) error {
 	if err != nil {
 		return err
 	}
-	route := adminapi.PathAttestations
-	if reason != "" {
-		route += "?" + url.Values{"reason": {reason}}.Encode()
-	}
 	if len(files) == 0 {
 		return usageErr("name at least one FILE, or - for standard input")
 	}
 	total := map[string]int{}
 	for _, f := range files {
-		var raw []byte
-		if f == "-" {
-			raw, err = io.ReadAll(cio.stdin)
-		} else {
-			raw, err = os.ReadFile(f)
+		// The file is sent as it is read: an import of any size needs no
+		// more memory here than in the server.
+		var in io.Reader = cio.stdin
+		if f != "-" {
+			file, err := os.Open(f)
+			if err != nil {
+				return fmt.Errorf("read %s: %w", f, err)
+			}
+			defer file.Close()
+			in = file
 		}
-		if err != nil {
-			return fmt.Errorf("read %s: %w", f, err)
-		}
-		var resp adminapi.AttestResponse
-		if err := c.Do(context.Background(), http.MethodPost, route, raw, &resp); err != nil {
-			return fmt.Errorf("%s: %w", f, err)
-		}
-		for _, r := range resp.Results {
+		_, err := c.ImportAttestations(context.Background(), in, reason, func(r adminapi.AttestResult) {
 			total[r.Status]++
 			if r.Status != adminapi.AttestStored && r.Status != adminapi.AttestKnown {
 				key := r.Key
@@ -184,6 +177,9 @@ func cmdAttest(args []string, cio cmdIO) error {
 				}
 				fmt.Fprintf(cio.stdout, "%s\t%s\tkeys: %s\n", r.Status, r.Path, key)
 			}
+		})
+		if err != nil {
+			return fmt.Errorf("%s: %w", f, err)
 		}
 	}
 	fmt.Fprintf(cio.stdout, "stored %d, already known %d, no attester signature %d, bad signature %d\n",

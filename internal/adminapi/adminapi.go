@@ -419,27 +419,51 @@ func CATLS(caFile string) (*tls.Config, error) {
 // ErrUnreachable wraps a failure to reach the server at all.
 var ErrUnreachable = errors.New("admin API unreachable")
 
-// Do sends one call; body is JSON-encoded unless it is []byte; out, when
-// non-nil, receives the JSON answer.
+// Do sends one call; body is JSON-encoded unless it is []byte or an
+// io.Reader (sent as it is read); out, when non-nil, receives the JSON
+// answer.
 func (c *Client) Do(ctx context.Context, method, path string, body, out any) error {
-	var rd io.Reader
-	switch b := body.(type) {
-	case nil:
-	case []byte:
-		rd = bytes.NewReader(b)
-	default:
-		raw, err := json.Marshal(b)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(raw)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, c.Base+path, rd)
+	resp, err := c.send(ctx, method, path, body)
 	if err != nil {
 		return err
 	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
+	if err != nil {
+		return fmt.Errorf("read admin answer: %w", err)
+	}
+	if out != nil {
+		if err := json.Unmarshal(raw, out); err != nil {
+			return fmt.Errorf("decode admin answer: %w", err)
+		}
+	}
+	return nil
+}
+
+// send sends one call and returns a 2xx answer; any other status is
+// returned as an error with the server's message.
+func (c *Client) send(ctx context.Context, method, path string, body any) (*http.Response, error) {
+	var rd io.Reader
+	raw := false
+	switch b := body.(type) {
+	case nil:
+	case []byte:
+		rd, raw = bytes.NewReader(b), true
+	case io.Reader:
+		rd, raw = b, true
+	default:
+		enc, err := json.Marshal(b)
+		if err != nil {
+			return nil, err
+		}
+		rd = bytes.NewReader(enc)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.Base+path, rd)
+	if err != nil {
+		return nil, err
+	}
 	req.Header.Set("Authorization", "Bearer "+c.Token)
-	if _, ok := body.([]byte); !ok && body != nil {
+	if !raw && body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.HTTP.Do(req)
@@ -449,26 +473,74 @@ func (c *Client) Do(ctx context.Context, method, path string, body, out any) err
 		// state dir the server holds instead of naming the problem.
 		var cve *tls.CertificateVerificationError
 		if errors.As(err, &cve) || errors.Is(err, errNotPinned) {
-			return fmt.Errorf("admin server at %s is not trusted: %v", c.Base, err)
+			return nil, fmt.Errorf("admin server at %s is not trusted: %v", c.Base, err)
 		}
-		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.Base, err)
-	}
-	defer resp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, 256<<20))
-	if err != nil {
-		return fmt.Errorf("read admin answer: %w", err)
+		return nil, fmt.Errorf("%w at %s: %v", ErrUnreachable, c.Base, err)
 	}
 	if resp.StatusCode/100 != 2 {
+		defer resp.Body.Close()
+		raw, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 		var e Error
 		if json.Unmarshal(raw, &e) == nil && e.Error != "" {
-			return fmt.Errorf("%s", e.Error)
+			return nil, fmt.Errorf("%s", e.Error)
 		}
-		return fmt.Errorf("admin API answered %s", resp.Status)
+		return nil, fmt.Errorf("admin API answered %s", resp.Status)
 	}
-	if out != nil {
-		if err := json.Unmarshal(raw, out); err != nil {
-			return fmt.Errorf("decode admin answer: %w", err)
+	return resp, nil
+}
+
+// ImportAttestations sends an import as it reads body, and reads the
+// answer one result at a time: each goes to each, and the counts are
+// returned. Neither the input nor the answer is held whole, whatever the
+// size of the import.
+func (c *Client) ImportAttestations(ctx context.Context, body io.Reader, reason string, each func(AttestResult)) (counts map[string]int, err error) {
+	route := PathAttestations
+	if reason != "" {
+		route += "?" + url.Values{"reason": {reason}}.Encode()
+	}
+	resp, err := c.send(ctx, http.MethodPost, route, body)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	dec := json.NewDecoder(resp.Body)
+	bad := func(err error) error { return fmt.Errorf("decode admin answer: %w", err) }
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil, bad(fmt.Errorf("want an object (%v)", err))
+	}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, bad(err)
+		}
+		switch tok {
+		case "results":
+			if tok, err := dec.Token(); err != nil || tok != json.Delim('[') {
+				return nil, bad(fmt.Errorf("results: want an array (%v)", err))
+			}
+			for dec.More() {
+				var r AttestResult
+				if err := dec.Decode(&r); err != nil {
+					return nil, bad(err)
+				}
+				each(r)
+			}
+			if _, err := dec.Token(); err != nil {
+				return nil, bad(err)
+			}
+		case "counts":
+			if err := dec.Decode(&counts); err != nil {
+				return nil, bad(err)
+			}
+		default:
+			var skip json.RawMessage
+			if err := dec.Decode(&skip); err != nil {
+				return nil, bad(err)
+			}
 		}
 	}
-	return nil
+	if _, err := dec.Token(); err != nil {
+		return nil, bad(err)
+	}
+	return counts, nil
 }

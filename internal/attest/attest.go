@@ -14,10 +14,9 @@ package attest
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
+	"io"
 	"sort"
-	"strings"
 	"unicode/utf8"
 
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
@@ -115,72 +114,26 @@ func Parse(data []byte, storeDir string) ([]Claim, error) {
 	return r.Claims, nil
 }
 
-// ParseResult is Parse that also returns the paths reported invalid.
+// ParseResult is Parse that also returns the paths reported invalid. It
+// holds every claim in memory; an import of any size reads them one at a
+// time with a Decoder instead.
 func ParseResult(data []byte, storeDir string) (*Result, error) {
-	if err := narinfo.CheckStoreDir(storeDir); err != nil {
-		return nil, fmt.Errorf("attestations: %w", err)
-	}
-	data = trimBOM(data)
-	if len(bytes.TrimSpace(data)) == 0 {
-		return nil, errors.New("attestations: empty input")
-	}
-	var (
-		r   *Result
-		err error
-	)
-	switch Detect(data) {
-	case FormatJSONArray:
-		r, err = parseJSONArray(data, storeDir)
-	case FormatJSONObject:
-		r, err = parseJSONObject(data, storeDir)
-	default:
-		r, err = parseNarinfos(data, storeDir)
-	}
+	d, err := NewDecoder(bytes.NewReader(data), storeDir)
 	if err != nil {
-		return nil, fmt.Errorf("attestations: %w", err)
-	}
-	return r, nil
-}
-
-// parseNarinfos splits narinfo text on blank lines and parses each block.
-func parseNarinfos(data []byte, storeDir string) (*Result, error) {
-	r := &Result{}
-	var block []string
-	startLine, lineNo, n := 0, 0, 0
-	flush := func() error {
-		if len(block) == 0 {
-			return nil
-		}
-		n++
-		ni, err := narinfo.Parse([]byte(strings.Join(block, "\n")+"\n"), storeDir)
-		block = block[:0]
-		if err != nil {
-			return fmt.Errorf("narinfo %d (starting at line %d): %w", n, startLine, err)
-		}
-		c, err := claimFromNarinfo(ni)
-		if err != nil {
-			return fmt.Errorf("narinfo %d (%s): %w", n, ni.StorePath, err)
-		}
-		r.Claims = append(r.Claims, c)
-		return nil
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		lineNo++
-		if strings.TrimSpace(line) == "" {
-			if err := flush(); err != nil {
-				return nil, err
-			}
-			continue
-		}
-		if len(block) == 0 {
-			startLine = lineNo
-		}
-		block = append(block, line)
-	}
-	if err := flush(); err != nil {
 		return nil, err
 	}
-	return r, nil
+	r := &Result{}
+	for {
+		c, err := d.Next()
+		if err == io.EOF {
+			r.Invalid = d.Invalid
+			return r, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		r.Claims = append(r.Claims, c)
+	}
 }
 
 func claimFromNarinfo(ni *narinfo.NarInfo) (Claim, error) {

@@ -24,6 +24,7 @@ package attest
 import (
 	"crypto/ed25519"
 	"encoding/base64"
+	"io"
 	"os"
 	"reflect"
 	"sort"
@@ -296,4 +297,75 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+// An entry larger than the bound is refused by name, without being held
+// whole, in every shape. (The bound is lowered here: MaxEntrySize itself
+// is 8 MiB, slow to fill under -race.)
+func TestEntryTooLarge(t *testing.T) {
+	const limit = 16 << 10
+	const p = "/nix/store/5r8cswd6jchqkwx3dn2xapsahpjxj0js-app-0.1"
+	const h = `"sha256-+fjdEr0gKyeb5anph/WVOm2m8f9Qa1khFnCXXpOE59I="`
+	ok := `{"path":"/nix/store/icsd4d6bjhg7nlbcx4q63nvmq00l0k51-leaf-1.0","narHash":` + h + `,"narSize":1,"references":[]}`
+	big := `"k-1:` + strings.Repeat("A", limit) + `"`
+	parse := func(in string, limit int) ([]Claim, error) {
+		d, err := newDecoder(strings.NewReader(in), storeDir, limit)
+		if err != nil {
+			return nil, err
+		}
+		var cs []Claim
+		for {
+			c, err := d.Next()
+			if err == io.EOF {
+				return cs, nil
+			}
+			if err != nil {
+				return nil, err
+			}
+			cs = append(cs, c)
+		}
+	}
+	cases := map[string]struct {
+		in   string
+		want []string
+	}{
+		"array":   {`[` + ok + `,{"path":"` + p + `","narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + big + `]}]`, []string{"entry 2", "larger than 16384 bytes"}},
+		"object":  {`{"` + p + `":{"narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + big + `]}}`, []string{"entry 1", "larger than 16384 bytes"}},
+		"narinfo": {string(read(t, "closure.narinfo")) + "\nStorePath: " + p + "\nSig: " + strings.Repeat("A", limit) + "\n", []string{"narinfo 6", "larger than 16384 bytes"}},
+	}
+	for name, c := range cases {
+		_, err := parse(c.in, limit)
+		for _, w := range c.want {
+			if err == nil || !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: error %v does not mention %q", name, err, w)
+			}
+		}
+	}
+	// Just under the bound is fine, and many entries each under it too.
+	sig := `"k-1:` + strings.Repeat("A", limit-300) + `"`
+	entry := `{"path":"` + p + `","narHash":` + h + `,"narSize":1,"references":[],"signatures":[` + sig + `]}`
+	if cs, err := parse(`[`+entry+`,`+entry+`,`+entry+`]`, limit); err != nil || len(cs) != 3 {
+		t.Fatalf("entries just under the bound: %v", err)
+	}
+	if !strings.Contains(errEntryTooLarge.Error(), "bound") || sizeText(MaxEntrySize) != "8 MiB" {
+		t.Fatal(sizeText(MaxEntrySize))
+	}
+}
+
+// entryFields relies on the decoder for syntax, but stays inside the bytes
+// whatever it is given.
+func TestEntryFieldsBounded(t *testing.T) {
+	obj := `{ "path" : "/nix/store/x", "a\"b":{"c":[1,"]}"]} ,"n":12 , "t":true}`
+	f, err := entryFields([]byte(obj))
+	if err != nil || len(f) != 4 || string(f["a\"b"]) != `{"c":[1,"]}"]}` || string(f["n"]) != "12" || string(f["t"]) != "true" {
+		t.Fatalf("%q %v", f, err)
+	}
+	for i := range obj {
+		entryFields([]byte(obj[:i])) // must not panic
+	}
+	for _, bad := range []string{`{"a" 1}`, `{"a":1 "b":2}`, `{a:1}`, `{"a":}`} {
+		if _, err := entryFields([]byte(bad)); err == nil {
+			t.Errorf("%s: no error", bad)
+		}
+	}
 }

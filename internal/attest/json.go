@@ -95,116 +95,6 @@ func describe(raw []byte) string {
 
 func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }
 
-func parseJSONArray(data []byte, storeDir string) (*Result, error) {
-	dec := json.NewDecoder(bytes.NewReader(data))
-	var entries []json.RawMessage
-	if err := dec.Decode(&entries); err != nil {
-		return nil, fmt.Errorf("invalid JSON: %w", err)
-	}
-	if err := expectEOF(dec); err != nil {
-		return nil, err
-	}
-	r := &Result{}
-	for i, raw := range entries {
-		fields, err := entryFields(raw)
-		if err != nil {
-			return nil, fmt.Errorf("entry %d: %w", i+1, err)
-		}
-		p, ok := fields["path"]
-		if !ok {
-			return nil, fmt.Errorf("entry %d: path: missing", i+1)
-		}
-		var ps string
-		if err := json.Unmarshal(p, &ps); err != nil {
-			return nil, fmt.Errorf("entry %d: path: want a string, got %s", i+1, describe(p))
-		}
-		abs, err := resolvePath(ps, storeDir)
-		if err != nil {
-			return nil, fmt.Errorf("entry %d: path: %w", i+1, err)
-		}
-		if err := addEntry(r, abs, fields, storeDir); err != nil {
-			return nil, fmt.Errorf("entry %d (%s): %w", i+1, abs, err)
-		}
-	}
-	return r, nil
-}
-
-// parseJSONObject handles the object keyed by store path (Nix 2.19-2.32) and the
-// versioned envelope {"version": N, "storeDir": ..., "info": {<basename>: ...}}
-// of `nix path-info --json --json-format 2` (Nix >= 2.33).
-func parseJSONObject(data []byte, storeDir string) (*Result, error) {
-	top, err := decodeObject(data)
-	if err != nil {
-		return nil, err
-	}
-	var infoRaw json.RawMessage
-	envelope := false
-	for _, m := range top {
-		if m.Key == "info" {
-			infoRaw, envelope = m.Value, true
-		}
-	}
-	entries := top
-	if envelope {
-		for _, m := range top {
-			switch m.Key {
-			case "version":
-				v, err := parseUint(m.Value)
-				if err != nil {
-					return nil, fmt.Errorf("version: %w", err)
-				}
-				if v < 1 || v > 3 {
-					return nil, fmt.Errorf("version: path-info JSON version %d is not supported (want 1, 2 or 3)", v)
-				}
-			case "storeDir":
-				if err := checkStoreDirField(m.Value, storeDir); err != nil {
-					return nil, err
-				}
-			}
-		}
-		if entries, err = decodeObject(infoRaw); err != nil {
-			return nil, fmt.Errorf("info: %w", err)
-		}
-	}
-	r := &Result{}
-	for i, m := range entries {
-		if !envelope && (m.Key == "version" || m.Key == "storeDir") {
-			// Metadata some Nix versions put next to the paths, not a path.
-			if m.Key == "storeDir" {
-				if err := checkStoreDirField(m.Value, storeDir); err != nil {
-					return nil, err
-				}
-			}
-			continue
-		}
-		abs, err := resolvePath(m.Key, storeDir)
-		if err != nil {
-			return nil, fmt.Errorf("entry %d: key: %w", i+1, err)
-		}
-		if isNull(m.Value) {
-			r.Invalid = append(r.Invalid, abs)
-			continue
-		}
-		fields, err := entryFields(m.Value)
-		if err != nil {
-			return nil, fmt.Errorf("entry %d (%s): %w", i+1, abs, err)
-		}
-		if p, ok := fields["path"]; ok {
-			var ps string
-			if json.Unmarshal(p, &ps) != nil {
-				return nil, fmt.Errorf("entry %d (%s): path: want a string, got %s", i+1, abs, describe(p))
-			}
-			if pa, err := resolvePath(ps, storeDir); err != nil || pa != abs {
-				return nil, fmt.Errorf("entry %d (%s): path: %q disagrees with the key", i+1, abs, ps)
-			}
-		}
-		if err := addEntry(r, abs, fields, storeDir); err != nil {
-			return nil, fmt.Errorf("entry %d (%s): %w", i+1, abs, err)
-		}
-	}
-	return r, nil
-}
-
 func checkStoreDirField(raw json.RawMessage, storeDir string) error {
 	var sd string
 	if err := json.Unmarshal(raw, &sd); err != nil {
@@ -216,16 +106,120 @@ func checkStoreDirField(raw json.RawMessage, storeDir string) error {
 	return nil
 }
 
+// entryFields splits one entry, a JSON value the streaming decoder has
+// already checked for syntax, into its members, refusing duplicate keys.
+// It is on the path of every imported entry, so it walks the bytes itself
+// rather than through json.Decoder's tokens (several times slower).
 func entryFields(raw json.RawMessage) (map[string]json.RawMessage, error) {
-	ms, err := decodeObject(raw)
-	if err != nil {
-		return nil, err
+	t := bytes.TrimSpace(raw)
+	if len(t) == 0 || t[0] != '{' {
+		return nil, fmt.Errorf("want a JSON object, got %s", describe(raw))
 	}
-	f := make(map[string]json.RawMessage, len(ms))
-	for _, m := range ms {
-		f[m.Key] = m.Value
+	// The syntax was checked once, by the decoder; these checks only keep
+	// the walk inside the bytes should that ever not hold.
+	bad := errors.New("invalid JSON object")
+	f := make(map[string]json.RawMessage, 8)
+	i := skipSpace(t, 1)
+	if i >= len(t) {
+		return nil, bad
 	}
-	return f, nil
+	if t[i] == '}' {
+		return f, nil
+	}
+	for {
+		if i >= len(t) || t[i] != '"' {
+			return nil, bad
+		}
+		end := stringEnd(t, i)
+		if end > len(t) || end-i < 2 {
+			return nil, bad
+		}
+		var key string
+		if bytes.IndexByte(t[i:end], '\\') >= 0 {
+			if err := json.Unmarshal(t[i:end], &key); err != nil {
+				return nil, fmt.Errorf("invalid JSON: %w", err)
+			}
+		} else {
+			key = string(t[i+1 : end-1])
+		}
+		i = skipSpace(t, end)
+		if i >= len(t) || t[i] != ':' {
+			return nil, bad
+		}
+		i = skipSpace(t, i+1)
+		if i >= len(t) {
+			return nil, bad
+		}
+		vend := valueEnd(t, i)
+		if vend <= i || vend > len(t) {
+			return nil, bad
+		}
+		if _, dup := f[key]; dup {
+			return nil, fmt.Errorf("key %q appears more than once", key)
+		}
+		f[key] = t[i:vend:vend]
+		i = skipSpace(t, vend)
+		if i >= len(t) {
+			return nil, bad
+		}
+		if t[i] == '}' {
+			return f, nil
+		}
+		if t[i] != ',' {
+			return nil, bad
+		}
+		i = skipSpace(t, i+1)
+	}
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// stringEnd returns the index just past the JSON string starting at b[i].
+func stringEnd(b []byte, i int) int {
+	for j := i + 1; j < len(b); j++ {
+		switch b[j] {
+		case '\\':
+			j++
+		case '"':
+			return j + 1
+		}
+	}
+	return len(b)
+}
+
+// valueEnd returns the index just past the (valid) JSON value at b[i].
+func valueEnd(b []byte, i int) int {
+	switch b[i] {
+	case '"':
+		return stringEnd(b, i)
+	case '{', '[':
+		depth := 0
+		for j := i; j < len(b); j++ {
+			switch b[j] {
+			case '"':
+				j = stringEnd(b, j) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return j + 1
+				}
+			}
+		}
+		return len(b)
+	default:
+		j := i
+		for j < len(b) && b[j] != ',' && b[j] != '}' && b[j] != ']' && b[j] != ' ' && b[j] != '\t' && b[j] != '\n' && b[j] != '\r' {
+			j++
+		}
+		return j
+	}
 }
 
 // resolvePath accepts an absolute store path (format 1) or a basename (format 2)
@@ -251,65 +245,70 @@ func resolveBase(s, storeDir string) (string, error) {
 	return abs[len(storeDir)+1:], nil
 }
 
-// addEntry turns one path-info object into a claim, or records an invalid path.
-// Fields not listed here (registrationTime, ultimate, closureSize, url, ...) are
-// ignored: they are not part of what an attester vouches for.
-func addEntry(r *Result, abs string, f map[string]json.RawMessage, storeDir string) error {
+// entryClaim turns one path-info object into a claim, or reports (valid
+// false) a path the input marks invalid. Fields not listed here
+// (registrationTime, ultimate, closureSize, url, ...) are ignored: they are
+// not part of what an attester vouches for.
+func entryClaim(abs string, f map[string]json.RawMessage, storeDir string) (c Claim, valid bool, err error) {
 	if v, ok := f["valid"]; ok {
 		var valid bool
 		if err := json.Unmarshal(v, &valid); err != nil {
-			return fmt.Errorf("valid: want a boolean, got %s", describe(v))
+			return c, false, fmt.Errorf("valid: want a boolean, got %s", describe(v))
 		}
 		if !valid {
-			r.Invalid = append(r.Invalid, abs)
-			return nil
+			return c, false, nil
 		}
 	}
 	if v, ok := f["storeDir"]; ok {
 		if err := checkStoreDirField(v, storeDir); err != nil {
-			return err
+			return c, false, err
 		}
 	}
+	c, err = claimFields(abs, f, storeDir)
+	return c, err == nil, err
+}
+
+func claimFields(abs string, f map[string]json.RawMessage, storeDir string) (Claim, error) {
 	c := Claim{StorePath: abs}
 
 	raw, ok := f["narHash"]
 	if !ok {
-		return errors.New("narHash: missing")
+		return Claim{}, errors.New("narHash: missing")
 	}
 	algo, digest, err := parseHashJSON(raw)
 	if err != nil {
-		return fmt.Errorf("narHash: %w", err)
+		return Claim{}, fmt.Errorf("narHash: %w", err)
 	}
 	if algo != "sha256" {
-		return fmt.Errorf("narHash: algorithm is %s, want sha256", algo)
+		return Claim{}, fmt.Errorf("narHash: algorithm is %s, want sha256", algo)
 	}
 	copy(c.NarHash[:], digest)
 
 	raw, ok = f["narSize"]
 	if !ok {
-		return errors.New("narSize: missing")
+		return Claim{}, errors.New("narSize: missing")
 	}
 	if c.NarSize, err = parseUint(raw); err != nil {
-		return fmt.Errorf("narSize: %w", err)
+		return Claim{}, fmt.Errorf("narSize: %w", err)
 	}
 	if c.NarSize == 0 {
-		return errors.New("narSize: is zero")
+		return Claim{}, errors.New("narSize: is zero")
 	}
 
 	raw, ok = f["references"]
 	if !ok {
 		// Nix always prints it; without it the fingerprint would silently claim
 		// "no references".
-		return errors.New("references: missing")
+		return Claim{}, errors.New("references: missing")
 	}
 	var refs []string
 	if isNull(raw) || json.Unmarshal(raw, &refs) != nil {
-		return fmt.Errorf("references: want an array of strings, got %s", describe(raw))
+		return Claim{}, fmt.Errorf("references: want an array of strings, got %s", describe(raw))
 	}
 	for i, ref := range refs {
 		b, err := resolveBase(ref, storeDir)
 		if err != nil {
-			return fmt.Errorf("references[%d]: %w", i, err)
+			return Claim{}, fmt.Errorf("references[%d]: %w", i, err)
 		}
 		refs[i] = b
 	}
@@ -318,36 +317,35 @@ func addEntry(r *Result, abs string, f map[string]json.RawMessage, storeDir stri
 	if raw, ok := f["deriver"]; ok && !isNull(raw) {
 		var d string
 		if err := json.Unmarshal(raw, &d); err != nil {
-			return fmt.Errorf("deriver: want a string or null, got %s", describe(raw))
+			return Claim{}, fmt.Errorf("deriver: want a string or null, got %s", describe(raw))
 		}
 		if c.Deriver, err = resolveBase(d, storeDir); err != nil {
-			return fmt.Errorf("deriver: %w", err)
+			return Claim{}, fmt.Errorf("deriver: %w", err)
 		}
 	}
 
 	if raw, ok := f["signatures"]; ok && !isNull(raw) {
 		if c.Sigs, err = parseSigs(raw); err != nil {
-			return fmt.Errorf("signatures: %w", err)
+			return Claim{}, fmt.Errorf("signatures: %w", err)
 		}
 	}
 
 	if raw, ok := f["ca"]; ok && !isNull(raw) {
 		ca, err := parseCAJSON(raw)
 		if err != nil {
-			return fmt.Errorf("ca: %w", err)
+			return Claim{}, fmt.Errorf("ca: %w", err)
 		}
 		c.CA = ca.String()
 	}
 	if raw, ok := f["cacheproxy"]; ok && !isNull(raw) {
 		if describe(raw) != "an object" {
-			return fmt.Errorf("cacheproxy: want an object, got %s", describe(raw))
+			return Claim{}, fmt.Errorf("cacheproxy: want an object, got %s", describe(raw))
 		}
 		if c.Rebuild, err = parseRebuildJSON(raw); err != nil {
-			return fmt.Errorf("cacheproxy.%w", err)
+			return Claim{}, fmt.Errorf("cacheproxy.%w", err)
 		}
 	}
-	r.Claims = append(r.Claims, c)
-	return nil
+	return c, nil
 }
 
 // parseRebuildJSON reads the "cacheproxy" object a rebuilder adds to an

@@ -35,7 +35,7 @@ var (
 	bucketRecords      = []byte("records")            // hash -> Record (a stored decision, served as stored)
 	bucketRecordNames  = []byte("record_names")       // "<hash>-<name>" of each record -> its NarHash (32 bytes); deny patterns scan it
 	bucketRecordRefs   = []byte("record_refs")        // reference hash "/" dependent hash -> nothing; decisions that rest on a reference's
-	bucketAttestations = []byte("attestations")       // hash "/" public key -> policy.Attestation
+	bucketAttestations = []byte("attestations")       // hash "/" public key -> policy.Attestation (attestcodec.go)
 	bucketAllow        = []byte("allowlist")          // hash -> policy.AllowEntry
 	bucketDeny         = []byte("denylist")           // pattern -> policy.DenyEntry
 	bucketQuarantine   = []byte("quarantine")         // hash -> policy.Quarantine
@@ -45,10 +45,11 @@ var (
 	bucketMeta         = []byte("meta")               // counters
 	keyRejectionCount  = []byte("rejections")
 	keyAuditCount      = []byte("audit")
-	keyEpoch           = []byte("epoch")    // moves on with every change of evidence
-	keySettings        = []byte("settings") // digest of the decision settings of the last start
-	keyHealth          = []byte("healthz")  // written by the health probe
-	bucketBlobs        = []byte("blobs")    // blob name -> BlobMeta
+	keyEpoch           = []byte("epoch")        // moves on with every change of evidence
+	keySettings        = []byte("settings")     // digest of the decision settings of the last start
+	keyHealth          = []byte("healthz")      // written by the health probe
+	keyAttestCount     = []byte("attestations") // number of keys in bucketAttestations
+	bucketBlobs        = []byte("blobs")        // blob name -> BlobMeta
 	allBuckets         = [][]byte{bucketRecords, bucketRecordNames, bucketRecordRefs, bucketAttestations, bucketAllow,
 		bucketDeny, bucketQuarantine, bucketRejections, bucketRejectOrder, bucketAudit, bucketMeta, bucketBlobs}
 )
@@ -454,7 +455,7 @@ func (d *DB) CountRecords() (n int, err error) {
 func (d *DB) Evidence(hash string) (ev policy.Evidence, epoch int64, err error) {
 	err = d.view(func(tx *bolt.Tx) error {
 		epoch = readCount(tx, keyEpoch)
-		if ev.Attestations, err = list[policy.Attestation](tx, bucketAttestations, hash+"/"); err != nil {
+		if ev.Attestations, err = attestationsOf(tx, hash); err != nil {
 			return err
 		}
 		if ev.Allow, err = get[policy.AllowEntry](tx, bucketAllow, hash); err != nil {
@@ -469,6 +470,21 @@ func (d *DB) Evidence(hash string) (ev policy.Evidence, epoch int64, err error) 
 	return ev, epoch, err
 }
 
+// attestationsOf reads the attestations of one store path hash.
+func attestationsOf(tx *bolt.Tx, hash string) ([]policy.Attestation, error) {
+	var out []policy.Attestation
+	c := tx.Bucket(bucketAttestations).Cursor()
+	prefix := []byte(hash + "/")
+	for k, v := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
+		a, err := decodeAttestation(k, v)
+		if err != nil {
+			return nil, fmt.Errorf("decode %s/%s: %w", bucketAttestations, k, err)
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
 // PutAttestations stores verified attestations in one transaction and drops
 // the stored decisions of their paths. An attestation by the same key for the
 // same path replaces the older one (the attester rebuilt again). stored[i]
@@ -476,25 +492,43 @@ func (d *DB) Evidence(hash string) (ev policy.Evidence, epoch int64, err error) 
 // stored and already_known counts and is recorded in the same transaction.
 func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (stored []bool, err error) {
 	stored = make([]bool, len(as))
+	// In key order, the batch's writes go to neighbouring pages.
+	order := make([]int, len(as))
+	keys := make([]string, len(as))
+	for i, a := range as {
+		order[i], keys[i] = i, hashOf(a.StorePath)+"/"+a.PublicKey
+	}
+	sort.SliceStable(order, func(x, y int) bool { return keys[order[x]] < keys[order[y]] })
 	err = d.update(func(tx *bolt.Tx) error {
+		if _, err := countAttestations(tx, 0); err != nil { // before any change: see countAttestations
+			return err
+		}
+		b := tx.Bucket(bucketAttestations)
+		// Imports insert at random places in the tree: fuller pages keep
+		// the file smaller at the cost of a few more splits.
+		b.FillPercent = attestFill
 		var changed []string
-		for i, a := range as {
-			hash := hashOf(a.StorePath)
-			key := hash + "/" + a.PublicKey
-			old, err := get[policy.Attestation](tx, bucketAttestations, key)
-			if err != nil {
+		added := int64(0)
+		for _, i := range order {
+			a, key := as[i], []byte(keys[i])
+			if old := b.Get(key); old != nil {
+				o, err := decodeAttestation(key, old)
+				if err != nil {
+					return fmt.Errorf("decode %s/%s: %w", bucketAttestations, key, err)
+				}
+				// The same signature with another report (the rebuilder
+				// classified its rebuild since) replaces the older one.
+				if o.Sig == a.Sig && reflect.DeepEqual(o.Rebuild, a.Rebuild) {
+					audit.count(CountKnown, 1)
+					continue
+				}
+			} else {
+				added++
+			}
+			if err := b.Put(key, encodeAttestation(a)); err != nil {
 				return err
 			}
-			// The same signature with another report (the rebuilder
-			// classified its rebuild since) replaces the older one.
-			if old != nil && old.Sig == a.Sig && reflect.DeepEqual(old.Rebuild, a.Rebuild) {
-				audit.count(CountKnown, 1)
-				continue
-			}
-			if err := put(tx, bucketAttestations, key, a); err != nil {
-				return err
-			}
-			changed = append(changed, hash)
+			changed = append(changed, hashOf(a.StorePath))
 			stored[i] = true
 			audit.count(CountStored, 1)
 		}
@@ -502,6 +536,9 @@ func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (store
 			if _, err := d.forget(tx, changed); err != nil {
 				return err
 			}
+		}
+		if _, err := countAttestations(tx, added); err != nil {
+			return err
 		}
 		return appendAudit(tx, audit)
 	})
@@ -512,17 +549,42 @@ func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (store
 // queue's look-up: cheaper than Evidence, which reads the denylist too).
 func (d *DB) Attestations(hash string) (out []policy.Attestation, err error) {
 	err = d.view(func(tx *bolt.Tx) error {
-		out, err = list[policy.Attestation](tx, bucketAttestations, hash+"/")
+		out, err = attestationsOf(tx, hash)
 		return err
 	})
 	return out, err
 }
 
+// attestFill is the attestation bucket's fill percent (bbolt's default is
+// 0.5, for sequential inserts).
+const attestFill = 0.9
+
+// countAttestations adds delta to the stored count of attestations and
+// returns it. A state file from before the count was kept is counted once,
+// which in a write transaction must happen before it changes the bucket
+// (Stats counts committed pages).
+func countAttestations(tx *bolt.Tx, delta int64) (int64, error) {
+	if tx.Bucket(bucketMeta).Get(keyAttestCount) == nil {
+		n := int64(tx.Bucket(bucketAttestations).Stats().KeyN)
+		if !tx.Writable() {
+			return n, nil
+		}
+		if err := tx.Bucket(bucketMeta).Put(keyAttestCount, binary.BigEndian.AppendUint64(nil, uint64(n))); err != nil {
+			return 0, err
+		}
+	}
+	if delta == 0 {
+		return readCount(tx, keyAttestCount), nil
+	}
+	return addCount(tx, keyAttestCount, delta)
+}
+
 // CountAttestations returns the number of stored attestations.
 func (d *DB) CountAttestations() (n int, err error) {
 	err = d.view(func(tx *bolt.Tx) error {
-		n = tx.Bucket(bucketAttestations).Stats().KeyN
-		return nil
+		c, err := countAttestations(tx, 0)
+		n = int(c)
+		return err
 	})
 	return n, err
 }

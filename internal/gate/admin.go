@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"path"
+	"runtime"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/attest"
@@ -50,20 +53,141 @@ type AttestResult struct {
 // that verify over the claim's own fingerprint. Whether that fingerprint
 // matches what an upstream serves is decided per request by the policy.
 func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) {
-	cf := g.conf()
-	now := g.now()
-	paths := make([]string, len(claims))
-	for i, c := range claims {
-		paths[i] = c.StorePath
-	}
-	rec := g.auditRecord(by, cache.ActionAttest, paths)
 	var results []AttestResult
-	var toStore []policy.Attestation
-	var storeIdx []int
-	for _, c := range claims {
+	i := 0
+	err := g.AttestStream(by, func() (attest.Claim, error) {
+		if i == len(claims) {
+			return attest.Claim{}, io.EOF
+		}
+		i++
+		return claims[i-1], nil
+	}, func(r AttestResult) { results = append(results, r) })
+	if err != nil {
+		return nil, err
+	}
+	return results, nil
+}
+
+// AttestBatch is how many claims an import verifies as one unit of work
+// and stores in one transaction.
+const AttestBatch = 1000
+
+// attestJob is one batch of an import on its way through the pipeline.
+type attestJob struct {
+	seq      int
+	claims   []attest.Claim
+	results  []AttestResult
+	toStore  []policy.Attestation
+	storeIdx []int // results[storeIdx[i]] is the outcome of toStore[i]
+	err      error
+	// For the audit trail: the batch's paths and how many signatures
+	// failed or came from no configured attester.
+	paths           []string
+	bad, noAttester int
+}
+
+// AttestStream imports the claims next returns until io.EOF, with what
+// Attest does to each, and calls report with each outcome, in input order.
+// An import of any size holds a few batches in memory: next is read while
+// earlier batches are verified (on every core) and stored (one transaction
+// per AttestBatch claims, each one change in the audit trail). An error
+// from next ends the import: the batches read in full before it are
+// stored, the claims of the batch it interrupted are not. Callers that must
+// import all or nothing check the input first (the admin API does).
+func (g *Gate) AttestStream(by Change, next func() (attest.Claim, error), report func(AttestResult)) error {
+	cf := g.conf() // one set of attesters for the whole import
+	workers := runtime.GOMAXPROCS(0)
+	jobs := make(chan *attestJob, workers)
+	verified := make(chan *attestJob, workers)
+	inFlight := make(chan struct{}, 2*workers+2) // bounds the batches held at once
+	quit := make(chan struct{})                  // closed when storing failed: stop reading
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range jobs {
+				g.verifyClaims(cf, j)
+				verified <- j
+			}
+		}()
+	}
+	go func() { wg.Wait(); close(verified) }()
+	stored := make(chan error, 1)
+	go func() {
+		// Workers finish batches out of order; they are stored in order.
+		pending := map[int]*attestJob{}
+		nextSeq := 0
+		var err error
+		for j := range verified {
+			pending[j.seq] = j
+			for j := pending[nextSeq]; j != nil; j = pending[nextSeq] {
+				delete(pending, nextSeq)
+				nextSeq++
+				if err == nil {
+					if err = j.err; err != nil {
+						g.refused(g.auditRecord(by, cache.ActionAttest, j.paths), err)
+					} else {
+						err = g.storeAttestations(by, j, report)
+					}
+					if err != nil {
+						close(quit)
+					}
+				}
+				<-inFlight
+			}
+		}
+		stored <- err
+	}()
+
+	var readErr error
+	job := &attestJob{}
+	send := func() bool {
+		select {
+		case inFlight <- struct{}{}:
+		case <-quit:
+			return false
+		}
+		jobs <- job
+		job = &attestJob{seq: job.seq + 1, claims: make([]attest.Claim, 0, AttestBatch)}
+		return true
+	}
+	for {
+		c, err := next()
+		if err == io.EOF {
+			if len(job.claims) > 0 {
+				send()
+			}
+			break
+		}
+		if err != nil {
+			readErr = g.refused(g.auditRecord(by, cache.ActionAttest, nil), err)
+			break
+		}
+		job.claims = append(job.claims, c)
+		if len(job.claims) == AttestBatch && !send() {
+			break
+		}
+	}
+	close(jobs)
+	err := <-stored
+	g.refreshGauges()
+	if err != nil {
+		return err
+	}
+	return readErr
+}
+
+// verifyClaims checks the signatures of one batch: the CPU-heavy part of
+// an import, run on several batches at once.
+func (g *Gate) verifyClaims(cf *conf, j *attestJob) {
+	now := g.now()
+	for _, c := range j.claims {
+		j.paths = append(j.paths, c.StorePath)
 		fp, err := c.Fingerprint(cf.policy.StoreDir)
 		if err != nil {
-			return nil, g.refused(rec, fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err))
+			j.err = fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err)
+			return
 		}
 		found := false
 		for _, sig := range c.Sigs {
@@ -74,13 +198,13 @@ func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) 
 				}
 				found = true
 				if !key.Verify(fp, sig) {
-					results = append(results, AttestResult{Path: c.StorePath, Key: key.Name, Outcome: AttestBadSignature})
-					rec.Count(cache.CountBadSignature, 1)
+					j.results = append(j.results, AttestResult{Path: c.StorePath, Key: key.Name, Outcome: AttestBadSignature})
+					j.bad++
 					continue
 				}
-				storeIdx = append(storeIdx, len(results))
-				results = append(results, AttestResult{Path: c.StorePath, Key: key.Name})
-				toStore = append(toStore, policy.Attestation{StorePath: c.StorePath, NarHash: c.NarHash, NarSize: c.NarSize,
+				j.storeIdx = append(j.storeIdx, len(j.results))
+				j.results = append(j.results, AttestResult{Path: c.StorePath, Key: key.Name})
+				j.toStore = append(j.toStore, policy.Attestation{StorePath: c.StorePath, NarHash: c.NarHash, NarSize: c.NarSize,
 					References: c.References, Deriver: c.Deriver, KeyName: key.Name, PublicKey: key.String(), Sig: sig, Imported: now,
 					Rebuild: rebuildReport(c.Rebuild)})
 			}
@@ -93,23 +217,40 @@ func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) 
 				name, _, _ := strings.Cut(sig, ":")
 				names = append(names, name)
 			}
-			results = append(results, AttestResult{Path: c.StorePath, Key: strings.Join(names, ","), Outcome: AttestNoAttester})
-			rec.Count(cache.CountNoAttester, 1)
+			j.results = append(j.results, AttestResult{Path: c.StorePath, Key: strings.Join(names, ","), Outcome: AttestNoAttester})
+			j.noAttester++
 		}
 	}
-	stored, err := g.db.PutAttestations(toStore, rec)
+	j.claims = nil // done with; the batch waits for its turn to be stored
+}
+
+// storeAttestations stores one verified batch in one transaction and
+// reports its outcomes.
+func (g *Gate) storeAttestations(by Change, j *attestJob, report func(AttestResult)) error {
+	// Each batch is one change in the audit trail, recorded in the
+	// transaction that stores it.
+	rec := g.auditRecord(by, cache.ActionAttest, j.paths)
+	if j.bad > 0 {
+		rec.Count(cache.CountBadSignature, j.bad)
+	}
+	if j.noAttester > 0 {
+		rec.Count(cache.CountNoAttester, j.noAttester)
+	}
+	stored, err := g.db.PutAttestations(j.toStore, rec)
 	if err != nil {
-		return nil, g.refused(rec, fmt.Errorf("store attestations: %w", err))
+		return g.refused(rec, fmt.Errorf("store attestations: %w", err))
 	}
 	g.logChange(rec)
 	for i, ok := range stored {
-		results[storeIdx[i]].Outcome = AttestKnown
+		j.results[j.storeIdx[i]].Outcome = AttestKnown
 		if ok {
-			results[storeIdx[i]].Outcome = AttestStored
+			j.results[j.storeIdx[i]].Outcome = AttestStored
 		}
 	}
-	g.refreshGauges()
-	return results, nil
+	for _, r := range j.results {
+		report(r)
+	}
+	return nil
 }
 
 // rebuildReport is the policy's copy of a rebuilder's report.

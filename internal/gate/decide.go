@@ -173,23 +173,32 @@ func decisionLabel(approved bool) string {
 	return "rejected"
 }
 
-// decide asks the upstreams in order and returns the first approved
-// decision; failing that, the first rejection, marked unavailable when an
-// upstream failed transiently (it might have approved); failing that, not
-// found or unavailable. It stores nothing of the path itself; with store
-// set, the closure walk stores what it decides about references.
+// decide returns the first approved decision in upstream order; failing
+// that, the first rejection, marked unavailable when an upstream failed
+// transiently (it might have approved); failing that, not found or
+// unavailable. It stores nothing of the path itself; with store set, the
+// closure walk stores what it decides about references.
+//
+// Every upstream is asked at once (askAll), but the answers are taken in
+// configured order, so the result is the one asking them one after the
+// other would give: an answer is acted on as soon as every earlier
+// upstream's answer is known. An approval from upstream i does not wait for
+// upstreams after i; a slow upstream before i is waited for (its answer
+// could be the one served), unless it is marked down, which answers at once.
+// An upstream whose narinfo is stored with the path's decision (decided
+// under other settings) answers from the store.
 func (g *Gate) decide(ctx context.Context, c *conf, hash string, visiting map[string]bool, store bool) (outcome, error) {
 	var first *policy.Decision
 	var unavailable error
+	var ev *policy.Evidence
 	prior, err := g.priorNarInfo(c, hash)
 	if err != nil {
 		return outcome{}, err
 	}
-	for _, u := range c.upstreams {
-		raw, err := prior[u.Name()], error(nil)
-		if raw == nil {
-			raw, err = g.fetchNarInfo(ctx, u, hash)
-		}
+	answers := g.askAll(ctx, c, hash, prior)
+	for i, u := range c.upstreams {
+		a := <-answers[i]
+		raw, err := a.raw, a.err
 		switch {
 		case errors.Is(err, upstream.ErrNotFound):
 			continue
@@ -197,11 +206,14 @@ func (g *Gate) decide(ctx context.Context, c *conf, hash string, visiting map[st
 			unavailable = errors.Join(unavailable, err)
 			continue
 		}
-		ev, _, err := g.db.Evidence(hash)
-		if err != nil {
-			return outcome{}, err
+		if ev == nil {
+			e, _, err := g.db.Evidence(hash)
+			if err != nil {
+				return outcome{}, err
+			}
+			ev = &e
 		}
-		d := c.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, ev, g.now())
+		d := c.policy.Decide(policy.Input{Hash: hash, Raw: raw, Upstream: u.Name(), UpstreamKeys: u.Keys}, *ev, g.now())
 		var until time.Time
 		if d.Reason == policy.Allowlisted && d.Allow != nil {
 			until = d.Allow.Expires
@@ -228,6 +240,46 @@ func (g *Gate) decide(ctx context.Context, c *conf, hash string, visiting map[st
 		}
 	}
 	return outcome{decision: first, unavailable: unavailable}, nil
+}
+
+// narinfoAnswer is one upstream's answer for a narinfo.
+type narinfoAnswer struct {
+	raw []byte
+	err error
+}
+
+// askAll sends the narinfo request to every upstream at once and returns
+// one channel per upstream, in configured order, that delivers its answer.
+// Each request goes through its upstream's client, so max_connections and
+// down-marking apply as to any other request. A request whose answer is no
+// longer needed (an earlier upstream approved) is left to finish rather
+// than cancelled: cancelling would close its connection, and the next
+// decision would pay a new connection (and TLS handshake) to that upstream;
+// its answer still counts for the upstream's health.
+func (g *Gate) askAll(ctx context.Context, c *conf, hash string, prior map[string][]byte) []chan narinfoAnswer {
+	answers := make([]chan narinfoAnswer, len(c.upstreams))
+	for i, u := range c.upstreams {
+		answers[i] = make(chan narinfoAnswer, 1) // never blocks a request nobody waits for
+		if raw := prior[u.Name()]; raw != nil {
+			answers[i] <- narinfoAnswer{raw: raw}
+			continue
+		}
+		if i == 0 {
+			continue // asked below, once the others are on their way
+		}
+		go func() {
+			raw, err := g.fetchNarInfo(ctx, u, hash)
+			answers[i] <- narinfoAnswer{raw, err}
+		}()
+	}
+	if len(c.upstreams) > 0 && len(answers[0]) == 0 {
+		// The first upstream's answer is always needed first: ask it on
+		// this goroutine (for a single upstream, the common case, there is
+		// no goroutine at all).
+		raw, err := g.fetchNarInfo(ctx, c.upstreams[0], hash)
+		answers[0] <- narinfoAnswer{raw, err}
+	}
+	return answers
 }
 
 // fetchNarInfo asks one upstream for a narinfo, timing and counting the

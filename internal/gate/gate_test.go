@@ -133,6 +133,7 @@ type fixture struct {
 	db        *cache.DB
 	blobs     *cache.Blobs
 	logs      *lockedBuffer
+	dir       string // the state dir
 }
 
 // lockedBuffer collects the gate's log lines.
@@ -193,7 +194,7 @@ func newFixtureTTL(t testing.TB, requireClosure bool, negativeTTL time.Duration)
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { g.Close(); blobs.Close(); db.Close() })
-	return &fixture{t: t, g: g, up: up, rebuilder: rb, db: db, blobs: blobs, logs: logs}
+	return &fixture{t: t, g: g, up: up, rebuilder: rb, db: db, blobs: blobs, logs: logs, dir: dir}
 }
 
 // attest stores a rebuilder attestation for each object.

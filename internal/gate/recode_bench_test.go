@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -41,14 +40,14 @@ func BenchmarkRecode(b *testing.B) {
 	var out bytes.Buffer
 	b.SetBytes(int64(len(nar)))
 	for b.Loop() {
-		start := cpuTime(b)
+		start := cpuTime()
 		if err := verifyFile(e, xzFile, nil); err != nil {
 			b.Fatal(err)
 		}
-		plain += cpuTime(b) - start
+		plain += cpuTime() - start
 
 		out.Reset()
-		start = cpuTime(b)
+		start = cpuTime()
 		enc := encs.get(&out)
 		if err := verifyFile(e, xzFile, enc); err != nil {
 			b.Fatal(err)
@@ -56,7 +55,7 @@ func BenchmarkRecode(b *testing.B) {
 		if err := enc.Close(); err != nil {
 			b.Fatal(err)
 		}
-		recode += cpuTime(b) - start
+		recode += cpuTime() - start
 	}
 	n := float64(b.N)
 	b.ReportMetric(float64(len(nar))/(plain.Seconds()/n)/1e6, "verify-MB/cpu-s")
@@ -88,15 +87,6 @@ func BenchmarkRecode(b *testing.B) {
 
 // zeroSum is the SHA-256 of nothing.
 var zeroSum = sha256.Sum256(nil)
-
-// cpuTime is the CPU time (user + system) this process used so far.
-func cpuTime(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
 
 // verifyFile runs data through a Verifier in 256 KiB writes (narstream's
 // read size), copying the NAR to out when it is not nil.

@@ -17,13 +17,11 @@ import (
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 )
 
-// Bounds on admin input. An attestation import may be a closure's
-// path-info JSON of tens of thousands of paths; every other request is a
-// short JSON object. A field longer than its bound is refused with a 400
+// Bounds on admin input (attestation imports: maxAttestBody). Every
+// request but an attestation import is a short JSON object. A field longer than its bound is refused with a 400
 // before anything is written (bbolt refuses keys over 32 KiB, which would
 // otherwise surface as a 500).
 const (
-	maxAdminBody   = 256 << 20
 	maxJSONBody    = 4 << 20
 	maxFieldLen    = 1024    // a store path, pattern or hash
 	maxReasonLen   = 4 << 10 // a free-text reason

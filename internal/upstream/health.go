@@ -205,6 +205,17 @@ func (c *Client) admit(ctx context.Context, rel string) error {
 	return nil
 }
 
+// stillUp fails a request that waited for a connection slot while the
+// upstream was marked down: the requests ahead of it timed out, and it
+// would too. (Many wait at once when every narinfo decision asks every
+// upstream and a later one black-holes.) The probe is left to admit.
+func (c *Client) stillUp(rel string) error {
+	if c.dir != "" || c.Up() {
+		return nil
+	}
+	return c.downError(rel)
+}
+
 func (c *Client) downError(rel string) error {
 	h := &c.health
 	h.mu.Lock()

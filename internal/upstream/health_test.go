@@ -94,6 +94,38 @@ func TestMaxConnections(t *testing.T) {
 	}
 }
 
+// A request that waited for a slot while the requests ahead of it marked
+// the upstream down fails at once, without a request of its own.
+func TestWaiterFailsWhenMarkedDown(t *testing.T) {
+	release := make(chan struct{})
+	var hits atomic.Int64
+	srv, _ := server(t, nil, func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		select { // a black hole
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	defer close(release)
+	c := newClient(t, Options{URL: srv.URL, MaxConnections: 1, DownAfter: 1, Timeout: 200 * time.Millisecond, ProbeBackoff: time.Hour})
+	first := make(chan error, 1)
+	go func() {
+		_, err := c.Get(t.Context(), "a.narinfo", 100)
+		first <- err
+	}()
+	for hits.Load() == 0 { // the first request holds the only slot
+		time.Sleep(time.Millisecond)
+	}
+	_, err := c.Get(t.Context(), "b.narinfo", 100) // waits for the slot
+	if e := <-first; !errors.Is(e, ErrTimeout) {
+		t.Fatalf("first request: %v", e)
+	}
+	assertDown(t, err)
+	if n := hits.Load(); n != 1 {
+		t.Fatalf("%d requests reached the upstream, want 1", n)
+	}
+}
+
 // An open NAR holds its slot until Close; waiting for a slot ends with the
 // caller's context and is not an upstream failure.
 func TestOpenHoldsSlot(t *testing.T) {

@@ -317,6 +317,9 @@ func (c *Client) Get(ctx context.Context, rel string, maxBytes int64) ([]byte, e
 		return nil, err
 	}
 	defer release()
+	if err := c.stillUp(rel); err != nil {
+		return nil, err
+	}
 
 	var (
 		body []byte
@@ -387,6 +390,10 @@ func (c *Client) Open(ctx context.Context, rel string) (body io.ReadCloser, size
 	}
 	release, err := c.acquire(ctx, rel)
 	if err != nil {
+		return nil, 0, err
+	}
+	if err := c.stillUp(rel); err != nil {
+		release()
 		return nil, 0, err
 	}
 
