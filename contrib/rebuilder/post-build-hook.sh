@@ -123,7 +123,7 @@ case $status in
 	exit 1
 	;;
 esac
-if grep -q -e '"status": "no_attester_signature"' -e '"status": "bad_signature"' "$tmp/answer"; then
+if grep -q -e '"status": *"no_attester_signature"' -e '"status": *"bad_signature"' "$tmp/answer"; then
 	log "some signatures were not stored (is this key in policy.attesters?):"
 	cat "$tmp/answer" >&2
 	exit 1

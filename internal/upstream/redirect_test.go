@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // netrcFor writes a netrc file giving credentials for 127.0.0.1.
@@ -49,7 +50,7 @@ func TestRedirectSameOrigin(t *testing.T) {
 			io.WriteString(w, "end of chain")
 		}
 	})
-	c := newClient(t, Options{URL: srv.URL, NetrcFile: netrcFor(t), DownAfter: 1})
+	c := newClient(t, Options{URL: srv.URL, NetrcFile: netrcFor(t), DownAfter: 1, Timeout: 10 * time.Second}) // no timeout is tested here: a loaded CI machine may take longer than testTimeout
 
 	for _, rel := range []string{"old/x.narinfo", "absolute/x.narinfo"} {
 		body, err := c.Get(t.Context(), rel, 100)
@@ -111,7 +112,7 @@ func TestRedirectOtherOrigin(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			target = tc.target
-			c := newClient(t, Options{URL: srv.URL, NetrcFile: netrcFor(t), DownAfter: 1})
+			c := newClient(t, Options{URL: srv.URL, NetrcFile: netrcFor(t), DownAfter: 1, Timeout: 10 * time.Second}) // no timeout is tested here: a loaded CI machine may take longer than testTimeout
 			_, err := c.Get(t.Context(), "x.narinfo", 100)
 			assertUnavailable(t, err, http.StatusFound)
 			if !errors.Is(err, ErrRedirectRefused) {
