@@ -12,8 +12,8 @@
 # - "fleet-system", which references every other path: its closure is the
 #   whole corpus.
 #
-# `list` is a file of candidate host files (one absolute path a line, made
-# by fleet.sh); it is read at build time (builds are unsandboxed here), not
+# `list` is a file of candidate host files ("SIZE PATH" a line, made by
+# fleet.sh); it is read at build time (builds are unsandboxed here), not
 # copied into the store. `tag` makes the store paths unique to one corpus.
 { list, tag, nSmall ? 125, smallKiB ? 32, bigMiB ? [ 50 65 80 100 120 ], randPct ? 30 }:
 let
@@ -30,17 +30,16 @@ let
       set -eu
       mkdir -p $out/nix-support
       echo "$TAG $REFS" > $out/nix-support/propagated-refs
-      # fill DIR BUDGET_BYTES START: copy host files from line START of
-      # $LIST on, keeping their paths, until BUDGET bytes are copied.
+      # fill DIR BUDGET_BYTES START MIN_SIZE: copy host files (keeping
+      # their paths) from line START of $LIST on, skipping files smaller
+      # than MIN_SIZE, until BUDGET bytes are copied. One awk and two tars
+      # per path: a fork per file made a big path take minutes.
       fill() {
-        dir=$1; budget=$2; n=0
-        mkdir -p "$dir"
-        tail -n +"$3" "$LIST" | while IFS= read -r f; do
-          [ "$n" -lt "$budget" ] || break
-          [ -f "$f" ] && [ -r "$f" ] || continue
-          cp --parents "$f" "$dir" 2>/dev/null || continue
-          n=$((n + $(stat -c %s "$f")))
-        done
+        mkdir -p "$1"
+        tail -n +"$3" "$LIST" |
+          awk -v b="$2" -v m="$4" '$1 >= m { n += $1; print substr($0, index($0, " ") + 1); if (n >= b) exit }' >"$1.files"
+        tar -cf - --files-from="$1.files" --ignore-failed-read 2>/dev/null | tar -xf - -C "$1" || true
+        rm -f "$1.files"
       }
       ${script}
     '' ];
@@ -51,7 +50,7 @@ let
       refs = if i == 0 then [ ] else
         [ (builtins.elemAt small (i - 1)) ] ++ (if i >= 4 then [ (builtins.elemAt small (i / 2)) ] else [ ]);
     in mk "pkg-${toString i}" refs ''
-      fill $out/share ${toString (kib * 1024)} ${toString (1 + i * 53)}
+      fill $out/share ${toString (kib * 1024)} ${toString (1 + i * 53)} 0
       echo "pkg ${toString i}" > $out/share/README
     '') nSmall;
   big = builtins.genList (j:
@@ -62,7 +61,7 @@ let
     in mk "blob-${toString j}" refs ''
       mkdir -p $out/lib $out/data
       head -c ${toString rnd}M /dev/urandom > $out/data/random.bin
-      fill $out/lib ${toString ((mib - rnd) * 1024 * 1024)} ${toString (1 + j * 997)}
+      fill $out/lib ${toString ((mib - rnd) * 1024 * 1024)} ${toString (1 + j * 997)} 262144
     '') (builtins.length bigMiB);
 in mk "fleet-system" (small ++ big) ''
   echo "fleet system" > $out/README

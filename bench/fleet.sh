@@ -169,10 +169,10 @@ if [[ ! -e $C/done ]]; then
 	log "building the corpus in $C (once; xz compression takes a while)"
 	# Candidate host files, shuffled the same way every time so that each
 	# path gets a mix of text, data and shared objects.
-	find /usr/lib /usr/share -xdev -type f -size -8M -readable 2>/dev/null | LC_ALL=C sort |
+	find /usr/lib /usr/share -xdev -type f -size -8M -readable -printf '%s %p\n' 2>/dev/null | LC_ALL=C sort -k2 |
 		shuf --random-source=<(yes) >"$C/list"
 	bigs=$(printf '%s ' $BIG_MIB)
-	nix-build "${NO_SUBST[@]}" -o "$C/result" "$REPO/bench/corpus.nix" \
+	nix-build "${NO_SUBST[@]}" --max-jobs "$(nproc)" -o "$C/result" "$REPO/bench/corpus.nix" \
 		--argstr list "$C/list" --argstr tag "$CORPUS_KEY" --arg nSmall "$N_SMALL" \
 		--arg smallKiB "$SMALL_KIB" --arg bigMiB "[ $bigs]" --arg randPct "$RAND_PCT" \
 		>"$C/build.log" 2>&1 || die "nix-build corpus: $(tail -5 "$C/build.log")"
