@@ -31,7 +31,10 @@
 # nix copy runs per side, best kept, 3), COLD_RUNS (cold runs, fresh state
 # each, best kept, default RUNS), VARIANTS ("xz zstd"), REV=<git rev> builds
 # that commit, CORPUS_DIR (where corpora are cached, /var/tmp), KEEP=1 keeps
-# the temp dir.
+# the temp dir, PROFILE_DIR=DIR saves CPU profiles of the server (admin API
+# /debug/pprof/profile, PROFILE_SECS long, default 10) taken at the start of
+# each variant's first cold, warm and nix copy run, and a heap profile at
+# the end of each variant (`go tool pprof -top DIR/xz-cold.pprof`).
 set -euo pipefail
 
 SMALL_RUN=${FLEET_SMALL:-0}
@@ -285,6 +288,8 @@ start_proxy() {
 	PROXY_PID=$!
 	PIDS+=("$PROXY_PID")
 	PROXY_URL=http://127.0.0.1:$port
+	ADMIN_URL=http://127.0.0.1:$aport
+	TOKEN_FILE=$T/$name-state/admin-token
 	wait_http "$PROXY_URL/healthz" "$PROXY_PID" "$T/$name.log"
 	wait_port "$aport"
 	"$CP" allow add -c "$PROXY_CFG" --reason bench "${PATHS[@]}" >/dev/null ||
@@ -377,6 +382,28 @@ nix_copy() {
 	echo "$secs"
 }
 
+# profile NAME [heap]: with PROFILE_DIR set, a CPU profile of the running
+# server over the next PROFILE_SECS seconds (in the background), or its heap
+# profile now.
+PROF_PIDS=()
+profile() {
+	[[ -n ${PROFILE_DIR:-} ]] || return 0
+	mkdir -p "$PROFILE_DIR"
+	local auth="Authorization: Bearer $(cat "$TOKEN_FILE")"
+	if [[ ${2:-} == heap ]]; then
+		curl -fsS -H "$auth" -o "$PROFILE_DIR/$1.pprof" "$ADMIN_URL/debug/pprof/heap" ||
+			log "WARNING: no heap profile $1 (does this cacheproxy serve /debug/pprof/ on the admin API?)"
+		return 0
+	fi
+	curl -fsS -H "$auth" -o "$PROFILE_DIR/$1.pprof" "$ADMIN_URL/debug/pprof/profile?seconds=${PROFILE_SECS:-10}" &
+	PROF_PIDS+=($!)
+}
+profile_wait() {
+	local p
+	for p in "${PROF_PIDS[@]}"; do wait "$p" || log "WARNING: a CPU profile failed (does this cacheproxy serve /debug/pprof/ on the admin API?)"; done
+	PROF_PIDS=()
+}
+
 # ---------------------------------------------------------------- measuring
 # One results line per figure: VARIANT FIGURE CACHEPROXY REFERENCE.
 : >"$T/results"
@@ -396,11 +423,13 @@ for v in $VARIANTS; do
 		start_proxy "$v" "$NG" "$extra"
 		fetch_narinfos "$PROXY_URL" "$T/$v-ni"
 		nar_list "$PROXY_URL" "$T/$v-ni" "$T/$v-proxy.curl"
+		((r > 1)) || profile "$v-cold"
 		secs=$(fetch_all "$T/$v-proxy.curl")
 		echo "$secs" >>"$T/$v.cold"
 		floor=$(verify_floor "$codec")
 		echo "$floor" >>"$T/$v.floor"
 		log "$v cold run $r: cacheproxy ${secs}s, $codec -dc | sha256sum ${floor}s"
+		profile_wait
 	done
 	result "$v cold $(best "$T/$v.cold") $(best "$T/$v.floor")"
 
@@ -411,10 +440,12 @@ for v in $VARIANTS; do
 	fetch_narinfos "$(nginx_url "$ref_codec")" "$T/$v-ng-ni"
 	nar_list "$(nginx_url "$ref_codec")" "$T/$v-ng-ni" "$T/$v-nginx.curl"
 	: >"$T/$v.warm" && : >"$T/$v.warmref"
+	profile "$v-warm"
 	for r in $(seq "$RUNS"); do
 		fetch_all "$T/$v-proxy.curl" >>"$T/$v.warm"
 		fetch_all "$T/$v-nginx.curl" >>"$T/$v.warmref"
 	done
+	profile_wait
 	log "$v warm: cacheproxy $(best "$T/$v.warm")s, nginx $(best "$T/$v.warmref")s"
 	result "$v warm $(best "$T/$v.warm") $(best "$T/$v.warmref")"
 
@@ -426,7 +457,9 @@ for v in $VARIANTS; do
 	GK_PUB=$("$CP" pubkey -c "$PROXY_CFG")
 	: >"$T/$v.copy" && : >"$T/$v.copyref"
 	for r in $(seq "$RUNS"); do
+		((r > 1)) || profile "$v-copy"
 		nix_copy "$v cacheproxy" "$PROXY_URL" "$GK_PUB $UP_PUB" >>"$T/$v.copy"
+		profile_wait
 		nix_copy "$v nginx" "$NG" "$UP_PUB" >>"$T/$v.copyref"
 	done
 	log "$v nix copy: cacheproxy $(best "$T/$v.copy")s, nginx $(best "$T/$v.copyref")s"
@@ -439,6 +472,7 @@ for v in $VARIANTS; do
 		result "$v copyxz $(best "$T/$v.copy") $(best "$T/$v.copyxz")"
 	fi
 
+	profile "$v-heap" heap
 	rss=$(awk '/^VmHWM:/ { print $2 }' "/proc/$PROXY_PID/status")
 	result "$v rss $rss 0"
 	stop_pid "$PROXY_PID"
