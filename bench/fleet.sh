@@ -33,7 +33,7 @@
 # that commit, CORPUS_DIR (where corpora are cached, /var/tmp), KEEP=1 keeps
 # the temp dir, PROFILE_DIR=DIR saves CPU profiles of the server (admin API
 # /debug/pprof/profile, PROFILE_SECS long, default 10) taken at the start of
-# each variant's first cold, warm and nix copy run, and a heap profile at
+# each variant's first cold, warm, narinfo and nix copy run, and a heap profile at
 # the end of each variant (`go tool pprof -top DIR/xz-cold.pprof`).
 set -euo pipefail
 
@@ -449,7 +449,9 @@ for v in $VARIANTS; do
 	log "$v warm: cacheproxy $(best "$T/$v.warm")s, nginx $(best "$T/$v.warmref")s"
 	result "$v warm $(best "$T/$v.warm") $(best "$T/$v.warmref")"
 
+	profile "$v-narinfo"
 	p_rate=$(narinfo_rate "$v cacheproxy" "$PROXY_URL")
+	profile_wait
 	n_rate=$(narinfo_rate "$v nginx" "$NG")
 	log "$v narinfo: cacheproxy $p_rate/s, nginx $n_rate/s"
 	result "$v narinfo $p_rate $n_rate"
