@@ -9,8 +9,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/pprof"
 	"path"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/gate"
@@ -44,6 +47,7 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("POST "+adminapi.PathVerifyCache, s.handleVerifyCache)
 	mux.HandleFunc("GET "+adminapi.PathAudit, s.handleAudit)
 	mux.HandleFunc("GET "+adminapi.PathRebuildQueue, s.handleRebuildQueue)
+	s.handleProfiles(mux)
 	return s.instrument("admin", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		who, ok := s.caller(r)
 		if !ok {
@@ -229,4 +233,27 @@ func (s *Server) pathsRequest(w http.ResponseWriter, r *http.Request, action str
 		return nil, "", false
 	}
 	return hashes, req.Reason, true
+}
+
+// handleProfiles serves Go's runtime profiles (CPU, heap, allocations,
+// goroutines, execution trace) under /debug/pprof/ on the admin API, behind
+// its token: that is how bench/README.md finds where time and memory go in
+// a running server. They never go on the main listener: a profile shows
+// internals and a CPU profile costs CPU for as long as it runs.
+func (s *Server) handleProfiles(mux *http.ServeMux) {
+	// A CPU profile or trace writes nothing until it ends: its write
+	// deadline must outlast the seconds asked for.
+	timed := func(h http.HandlerFunc) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			if sec, err := strconv.Atoi(r.FormValue("seconds")); err == nil && sec > 0 && s.Limits.Write > 0 {
+				extendWrite(w, s.Limits.Write+time.Duration(sec)*time.Second)
+			}
+			h(w, r)
+		}
+	}
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/profile", timed(pprof.Profile))
+	mux.HandleFunc("GET /debug/pprof/trace", timed(pprof.Trace))
 }

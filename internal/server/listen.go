@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -84,6 +85,17 @@ type limitedConn struct {
 	l        *limitListener
 	overflow bool
 	once     sync.Once
+}
+
+// ReadFrom keeps cached NARs on sendfile: net/http sends a file body
+// through the connection's io.ReaderFrom (*net.TCPConn's is sendfile), and
+// an embedded net.Conn does not promote it. Without this every cached NAR
+// went through user space in 32 KiB writes.
+func (c *limitedConn) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.Conn.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{c.Conn}, r)
 }
 
 func (c *limitedConn) Close() error {

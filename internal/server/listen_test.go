@@ -2,11 +2,14 @@ package server
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -124,5 +127,73 @@ func TestConnectionCap(t *testing.T) {
 			t.Fatalf("freed connections were not reused: %d", code)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// readFromSpy is a real TCP connection that notes whether a body was
+// handed to its ReadFrom (for *net.TCPConn, sendfile).
+type readFromSpy struct {
+	*net.TCPConn
+	used chan int64
+}
+
+func (c *readFromSpy) ReadFrom(r io.Reader) (int64, error) {
+	n, err := c.TCPConn.ReadFrom(r)
+	c.used <- n
+	return n, err
+}
+
+type spyListener struct {
+	net.Listener
+	used chan int64
+}
+
+func (l spyListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &readFromSpy{TCPConn: c.(*net.TCPConn), used: l.used}, nil
+}
+
+// The connection cap must not cost cached NARs their sendfile: net/http
+// only uses it when the connection itself is an io.ReaderFrom.
+func TestConnectionCapKeepsSendfile(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	used := make(chan int64, 1)
+	body := bytes.Repeat([]byte("nar "), 64<<10)
+	file := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(file, body, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer close(served)
+		http.ServeFile(w, r, file)
+	})}
+	go srv.Serve(newLimitListener(spyListener{Listener: inner, used: used}, 4, 1))
+	t.Cleanup(func() { srv.Close() })
+
+	resp, err := http.Get("http://" + inner.Addr().String() + "/blob")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("body: %d bytes, %v", len(got), err)
+	}
+	<-served // the handler has returned, and with it any ReadFrom
+	select {
+	case n := <-used:
+		// net/http writes the first 512 bytes itself (content sniffing).
+		if n < int64(len(body))-512 {
+			t.Fatalf("the connection's ReadFrom sent %d of %d bytes", n, len(body))
+		}
+	default:
+		t.Fatal("the file went out without the connection's ReadFrom (no sendfile)")
 	}
 }

@@ -1,0 +1,557 @@
+#!/usr/bin/env bash
+# bench/fleet.sh — fleet benchmark for cacheproxy: a real Nix closure
+# (bench/corpus.nix: 131 store paths with references, ~550 MB of NAR, many
+# small paths and five of 50-120 MB) published by Nix as signed xz and zstd
+# caches, served by nginx on loopback as the upstream. Measures, side by side
+# in one run, cacheproxy against a reference and prints the ratios:
+#
+#   - cold fetch of every NAR (PAR at a time) vs `xz -dc | sha256sum` /
+#     `zstd -dc | sha256sum` over the same files at the same parallelism;
+#   - warm fetch of every NAR vs nginx serving the same files;
+#   - narinfo hits/s vs nginx (wrk, CONNS connections);
+#   - `nix copy` of the whole closure (warm, fresh destination store and
+#     HOME each time) vs the same from nginx;
+#   - peak RSS of the server over the run (VmHWM).
+#
+# No timed assertions: it exits 0 whenever the setup worked. Needs root, Nix
+# (nix-build, nix-store, nix), Go; installs nginx wrk zstd xz-utils curl
+# from Debian when missing. Loopback only. See bench/README.md.
+#
+# Usage: bench/fleet.sh [--small] [--zstd-serve|--no-zstd-serve] [--serve]
+#   --small          a tiny corpus (14 paths, ~20 MB) and short runs: a quick
+#                    check of the harness (also FLEET_SMALL=1)
+#   --zstd-serve     also run the variant with serve_compression = "zstd" over
+#                    the xz upstream (default: when `cacheproxy check-config`
+#                    accepts the key; --no-zstd-serve skips it)
+#   --serve          afterwards run bench/serve.sh (single 256 MiB NAR, none,
+#                    openssl reference) with the same binary
+#   --corpus-only    build (or find) the corpus, print its figures, stop
+# Environment: PAR (NAR fetches in flight, default 4), CONNS (wrk narinfo
+# connections, 32), DURATION (seconds per wrk run, 10), RUNS (warm fetch and
+# nix copy runs per side, best kept, 3), COLD_RUNS (cold runs, fresh state
+# each, best kept, default RUNS), VARIANTS ("xz zstd"; also xz-memlimit: xz
+# with the server under GOMEMLIMIT=$MEMLIMIT, default 40MiB), REV=<git rev> builds
+# that commit, CORPUS_DIR (where corpora are cached, /var/tmp), KEEP=1 keeps
+# the temp dir, PROFILE_DIR=DIR saves CPU profiles of the server (admin API
+# /debug/pprof/profile, PROFILE_SECS long, default 10) taken at the start of
+# each variant's first cold, warm, narinfo and nix copy run, and a heap profile at
+# the end of each variant (`go tool pprof -top DIR/xz-cold.pprof`).
+set -euo pipefail
+
+SMALL_RUN=${FLEET_SMALL:-0}
+CORPUS_ONLY=0
+ZSTD_SERVE=${ZSTD_SERVE:-auto}
+WITH_SERVE=0
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+for a in "$@"; do
+	case $a in
+	--small) SMALL_RUN=1 ;;
+	--zstd-serve) ZSTD_SERVE=1 ;;
+	--no-zstd-serve) ZSTD_SERVE=0 ;;
+	--serve) WITH_SERVE=1 ;;
+	--corpus-only) CORPUS_ONLY=1 ;;
+	-h | --help) usage; exit 0 ;;
+	*) echo "fleet.sh: unknown argument $a (see --help)" >&2; exit 2 ;;
+	esac
+done
+
+if [[ $SMALL_RUN == 1 ]]; then
+	N_SMALL=12 SMALL_KIB=4 BIG_MIB="6 10" RAND_PCT=30
+	DURATION=${DURATION:-3}
+	RUNS=${RUNS:-1}
+else
+	N_SMALL=125 SMALL_KIB=32 BIG_MIB="50 65 80 100 120" RAND_PCT=30
+	DURATION=${DURATION:-10}
+	RUNS=${RUNS:-3}
+fi
+PAR=${PAR:-4}
+CONNS=${CONNS:-32}
+COLD_RUNS=${COLD_RUNS:-$RUNS}
+VARIANTS=${VARIANTS:-xz zstd}
+MEMLIMIT=${MEMLIMIT:-40MiB}
+CORPUS_DIR=${CORPUS_DIR:-/var/tmp}
+X_NIX=(--extra-experimental-features nix-command)
+NO_SUBST=(--option substituters '')
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+log() { printf '[fleet %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "FAIL: $*"; exit 1; }
+
+# ---------------------------------------------------------------- tools
+need_pkgs=()
+command -v nginx >/dev/null || need_pkgs+=(nginx)
+command -v wrk >/dev/null || need_pkgs+=(wrk)
+command -v zstd >/dev/null || need_pkgs+=(zstd)
+command -v xz >/dev/null || need_pkgs+=(xz-utils)
+command -v curl >/dev/null || need_pkgs+=(curl)
+if ((${#need_pkgs[@]})); then
+	[[ $(id -u) == 0 ]] || die "missing ${need_pkgs[*]}; run as root to install them"
+	log "installing ${need_pkgs[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get install -y "${need_pkgs[@]}" >/dev/null 2>&1 ||
+		{ apt-get update >/dev/null && apt-get install -y "${need_pkgs[@]}" >/dev/null; }
+fi
+for t in nix-build nix-store nix go nginx wrk zstd xz curl sha256sum awk shuf; do
+	command -v "$t" >/dev/null || die "$t is not on PATH"
+done
+[[ $(id -u) == 0 ]] || die "run as root (Nix builds into /nix/store without a daemon, nginx runs as root)"
+export NIX_REMOTE=${NIX_REMOTE:-local}
+
+# ---------------------------------------------------------------- cleanup
+T=$(mktemp -d /var/tmp/cacheproxy-fleet.XXXXXX)
+chmod 755 "$T"
+PIDS=()
+stop_pid() {
+	local p=$1
+	kill "$p" 2>/dev/null || return 0
+	for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
+	kill -9 "$p" 2>/dev/null || true
+}
+cleanup() {
+	local p
+	for p in "${PIDS[@]}"; do stop_pid "$p"; done
+	if [[ ${KEEP:-0} == 1 ]]; then log "kept $T"; else rm -rf "$T"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Ports below Linux's ephemeral range (32768-60999), so that no client
+# connection of this very benchmark can hold the port we pick.
+free_port() {
+	local p
+	while :; do
+		p=$((10000 + RANDOM % 20000))
+		(exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+	done
+}
+wait_port() { # PORT
+	for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+	die "nothing listens on 127.0.0.1:$1"
+}
+wait_http() { # URL [PID LOG]: waits for a 200, gives up early if PID died
+	for _ in $(seq 100); do
+		curl -fs -o /dev/null "$1" && return 0
+		if [[ -n ${2:-} ]] && ! kill -0 "$2" 2>/dev/null; then die "server for $1 exited: $(tail -5 "$3")"; fi
+		sleep 0.1
+	done
+	die "$1 never answered"
+}
+now() { date +%s.%N; }
+since() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.3f\n", e - s }'; }
+best() { sort -g "$1" | head -1; }
+field() { awk -v k="$1:" '$1 == k { print $2 }' "$2"; }
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+LOAD_START=$(load)
+
+# ---------------------------------------------------------------- build
+if [[ -n ${REV:-} ]]; then
+	mkdir -p "$T/src"
+	git -C "$REPO" archive "$REV" | tar -x -C "$T/src"
+	BUILT="$REV ($(git -C "$REPO" rev-parse --short "$REV"))"
+	SRC=$T/src
+else
+	BUILT="work tree at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+	[[ -z $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]] || BUILT+=" + uncommitted changes"
+	SRC=$REPO
+fi
+log "building cacheproxy from $BUILT"
+(cd "$SRC" && go build -o "$T/cacheproxy" ./cmd/cacheproxy)
+CP=$T/cacheproxy
+
+# ---------------------------------------------------------------- corpus
+# Built once per corpus definition (corpus.nix, its parameters) and kept in
+# CORPUS_DIR/cacheproxy-fleet-corpus-<key>: the key pair, the store paths,
+# and the signed xz and zstd caches. Delete that dir to rebuild (the store
+# paths go with `nix-store --delete $(cat DIR/paths)` after removing DIR/result).
+CORPUS_KEY=$({
+	cat "$REPO/bench/corpus.nix"
+	echo "v1 $N_SMALL $SMALL_KIB $BIG_MIB $RAND_PCT"
+} | sha256sum | cut -c1-12)
+C=$CORPUS_DIR/cacheproxy-fleet-corpus-$CORPUS_KEY
+if [[ ! -e $C/done ]]; then
+	rm -rf "$C"
+	mkdir -p "$C"
+	log "building the corpus in $C (once; xz compression takes a while)"
+	# Candidate host files, shuffled the same way every time so that each
+	# path gets a mix of text, data and shared objects.
+	find /usr/lib /usr/share -xdev -type f -size -8M -readable -printf '%s %p\n' 2>/dev/null | LC_ALL=C sort -k2 |
+		shuf --random-source=<(yes) >"$C/list"
+	bigs=$(printf '%s ' $BIG_MIB)
+	nix-build "${NO_SUBST[@]}" --max-jobs "$(nproc)" -o "$C/result" "$REPO/bench/corpus.nix" \
+		--argstr list "$C/list" --argstr tag "$CORPUS_KEY" --arg nSmall "$N_SMALL" \
+		--arg smallKiB "$SMALL_KIB" --arg bigMiB "[ $bigs]" --arg randPct "$RAND_PCT" \
+		>"$C/build.log" 2>&1 || die "nix-build corpus: $(tail -5 "$C/build.log")"
+	readlink "$C/result" >"$C/root"
+	nix-store -qR "$(cat "$C/root")" >"$C/paths"
+	nix-store --generate-binary-cache-key fleet-up-1 "$C/up.sec" "$C/up.pub"
+	log "publishing $(wc -l <"$C/paths") paths as signed xz and zstd caches"
+	for codec in zstd xz; do
+		extra=""
+		[[ $codec == xz ]] && extra="&parallel-compression=true"
+		s=$(now)
+		nix "${X_NIX[@]}" copy "${NO_SUBST[@]}" \
+			--to "file://$C/$codec?compression=$codec$extra&secret-key=$C/up.sec" "$(cat "$C/root")" \
+			>>"$C/build.log" 2>&1 || die "nix copy --to $codec: $(tail -3 "$C/build.log")"
+		log "$codec cache published in $(since "$s") s"
+	done
+	touch "$C/done"
+fi
+UP_PUB=$(cat "$C/up.pub")
+ROOT=$(cat "$C/root")
+mapfile -t PATHS <"$C/paths"
+NPATHS=${#PATHS[@]}
+awk '{ sub("/nix/store/", ""); print substr($0, 1, 32) }' "$C/paths" >"$T/hashes"
+grep -q '^Sig: fleet-up-1:' "$C/xz/${ROOT:11:32}.narinfo" || die "corpus: the xz cache is not signed"
+
+# Corpus figures: NarSize total, compressed totals, paths of 50 MB and up.
+NAR_BYTES=$(cat "$C"/xz/*.narinfo | awk '$1 == "NarSize:" { s += $2 } END { printf "%.0f", s }')
+BIG_PATHS=$(cat "$C"/xz/*.narinfo | awk '$1 == "NarSize:" && $2 >= 50e6 { n++ } END { print n + 0 }')
+csize() { cat "$C/$1"/*.narinfo | awk '$1 == "FileSize:" { s += $2 } END { printf "%.0f", s }'; }
+XZ_BYTES=$(csize xz)
+ZST_BYTES=$(csize zstd)
+log "corpus: $NPATHS paths, $((NAR_BYTES / 1000000)) MB of NAR ($BIG_PATHS of 50 MB or more), xz $((XZ_BYTES / 1000000)) MB, zstd $((ZST_BYTES / 1000000)) MB"
+[[ $CORPUS_ONLY == 0 ]] || exit 0
+
+# ---------------------------------------------------------------- serve_compression
+if [[ $ZSTD_SERVE != 0 ]]; then
+	cat >"$T/probe.toml" <<-EOF
+		state_dir = "$T/probe-state"
+		serve_compression = "zstd"
+		[[upstreams]]
+		url = "file://$C/xz"
+		public_keys = ["$UP_PUB"]
+	EOF
+	if "$CP" check-config -c "$T/probe.toml" >/dev/null 2>"$T/probe.err"; then
+		VARIANTS+=" xz-as-zstd"
+	elif [[ $ZSTD_SERVE == 1 ]]; then
+		die "--zstd-serve: this cacheproxy refuses serve_compression: $(head -3 "$T/probe.err")"
+	else
+		log "this cacheproxy has no serve_compression; skipping the xz-as-zstd variant"
+	fi
+fi
+
+# ---------------------------------------------------------------- nginx
+# One server per cache: sendfile, 2 workers, no access log.
+NX_PORT=$(free_port)
+NZ_PORT=$(free_port)
+while [[ $NZ_PORT == "$NX_PORT" ]]; do NZ_PORT=$(free_port); done
+mkdir -p "$T/nginx/tmp"
+cat >"$T/nginx/nginx.conf" <<EOF
+daemon off;
+user root;
+worker_processes 2;
+pid $T/nginx/nginx.pid;
+error_log $T/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+	sendfile on;
+	tcp_nopush on;
+	access_log off;
+	keepalive_requests 1000000;
+	client_body_temp_path $T/nginx/tmp/body;
+	proxy_temp_path $T/nginx/tmp/proxy;
+	fastcgi_temp_path $T/nginx/tmp/fastcgi;
+	uwsgi_temp_path $T/nginx/tmp/uwsgi;
+	scgi_temp_path $T/nginx/tmp/scgi;
+	types { text/x-nix-narinfo narinfo; text/x-nix-cache-info nix-cache-info; }
+	default_type application/octet-stream;
+	server { listen 127.0.0.1:$NX_PORT; root $C/xz; }
+	server { listen 127.0.0.1:$NZ_PORT; root $C/zstd; }
+}
+EOF
+nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" -e "$T/nginx/error.log" &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+wait_http "http://127.0.0.1:$NX_PORT/nix-cache-info" "$NGINX_PID" "$T/nginx/error.log"
+wait_http "http://127.0.0.1:$NZ_PORT/nix-cache-info" "$NGINX_PID" "$T/nginx/error.log"
+nginx_url() { case $1 in xz) echo "http://127.0.0.1:$NX_PORT" ;; *) echo "http://127.0.0.1:$NZ_PORT" ;; esac; }
+
+# ---------------------------------------------------------------- cacheproxy
+# start_proxy NAME UPSTREAM_URL [EXTRA_TOP_LEVEL_TOML]: fresh state dir,
+# allowlists the whole corpus; sets PROXY_URL, PROXY_CFG, PROXY_PID.
+start_proxy() {
+	local name=$1 up=$2 extra=${3:-} port aport
+	port=$(free_port)
+	aport=$(free_port)
+	while [[ $aport == "$port" ]]; do aport=$(free_port); done
+	PROXY_CFG=$T/$name.toml
+	rm -rf "${T:?}/$name-state"
+	cat >"$PROXY_CFG" <<-EOF
+		listen = "127.0.0.1:$port"
+		state_dir = "$T/$name-state"
+		$extra
+		[[upstreams]]
+		url = "$up"
+		public_keys = ["$UP_PUB"]
+		[admin]
+		listen = "127.0.0.1:$aport"
+	EOF
+	if [[ $name == *-memlimit ]]; then
+		GOMEMLIMIT=$MEMLIMIT "$CP" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
+	else
+		"$CP" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
+	fi
+	PROXY_PID=$!
+	PIDS+=("$PROXY_PID")
+	PROXY_URL=http://127.0.0.1:$port
+	ADMIN_URL=http://127.0.0.1:$aport
+	TOKEN_FILE=$T/$name-state/admin-token
+	wait_http "$PROXY_URL/healthz" "$PROXY_PID" "$T/$name.log"
+	wait_port "$aport"
+	"$CP" allow add -c "$PROXY_CFG" --reason bench "${PATHS[@]}" >/dev/null ||
+		die "$name: allow add failed"
+}
+
+# fetch_narinfos URL DIR: every narinfo of the corpus into DIR/<hash>.narinfo.
+fetch_narinfos() {
+	mkdir -p "$2"
+	awk -v u="$1" -v d="$2" '{ printf "url = \"%s/%s.narinfo\"\noutput = \"%s/%s.narinfo\"\n", u, $1, d, $1 }' \
+		"$T/hashes" >"$2.curl"
+	curl -fsS --parallel --parallel-max 16 -K "$2.curl" 2>>"$T/curl.log" || die "narinfos from $1: $(tail -3 "$T/curl.log")"
+}
+# nar_list URL NARINFO_DIR OUT: a curl config fetching every NAR the
+# narinfos name (to /dev/null).
+nar_list() {
+	local h u
+	while read -r h; do
+		u=$(field URL "$2/$h.narinfo")
+		[[ -n $u ]] || die "no URL in $2/$h.narinfo"
+		printf 'url = "%s/%s"\noutput = "/dev/null"\n' "$1" "$u"
+	done <"$T/hashes" >"$3"
+}
+# fetch_all CURLCONFIG: every NAR, PAR at a time over one curl (libcurl, as
+# Nix); prints the seconds; fails unless every transfer was a 200.
+fetch_all() {
+	local s secs bad
+	s=$(now)
+	curl -sS --parallel --parallel-max "$PAR" -K "$1" -w '%{http_code}\n' >"$T/fetch.codes" 2>>"$T/curl.log" ||
+		die "fetching $1: $(tail -3 "$T/curl.log")"
+	secs=$(since "$s")
+	bad=$(grep -vc '^200$' "$T/fetch.codes" || true)
+	((bad == 0)) || die "fetching $1: $bad transfers were not 200: $(sort "$T/fetch.codes" | uniq -c | tr '\n' ' ')"
+	(($(wc -l <"$T/fetch.codes") == NPATHS)) || die "fetching $1: $(wc -l <"$T/fetch.codes") transfers, want $NPATHS"
+	echo "$secs"
+}
+# verify_floor CODEC: the decoding and hashing floor over every NAR file of
+# that cache: the files dealt out by size to PAR workers (largest first, to
+# the least loaded), each worker one `xz -dc FILES... | sha256sum` (or
+# zstd), so that process start-up, 3 per file, does not count; prints the
+# seconds.
+verify_floor() {
+	local codec=$1 dec s i pids=()
+	case $codec in xz) dec="xz -dc" ;; zstd) dec="zstd -dcq" ;; esac
+	rm -f "$T"/floor.*
+	while read -r h; do
+		f=$C/$codec/$(field URL "$C/$codec/$h.narinfo")
+		echo "$(stat -c %s "$f") $f"
+	done <"$T/hashes" | sort -rn | awk -v n="$PAR" -v t="$T" '
+		{ w = 0; for (i = 1; i < n; i++) if (load[i] < load[w]) w = i; load[w] += $1; print $2 >> (t "/floor." w) }'
+	s=$(now)
+	for i in "$T"/floor.*; do
+		# shellcheck disable=SC2046 # file names from the cache: no spaces
+		$dec $(cat "$i") | sha256sum >/dev/null &
+		pids+=($!)
+	done
+	wait "${pids[@]}"
+	since "$s"
+}
+
+cat >"$T/wrk-narinfo.lua" <<'EOF'
+local paths = {}
+for h in io.lines(os.getenv("HASHES_FILE")) do paths[#paths + 1] = "/" .. h .. ".narinfo" end
+local i = 0
+request = function()
+	i = i + 1
+	return wrk.format("GET", paths[(i % #paths) + 1])
+end
+done = function(s, latency, requests)
+	local e = s.errors
+	io.write(string.format("RESULT %d %d %d %d %d %d %d %d\n", s.requests, s.bytes, s.duration,
+		e.connect, e.read, e.write, e.status, e.timeout))
+end
+EOF
+export HASHES_FILE=$T/hashes
+# narinfo_rate LABEL URL -> requests/s
+narinfo_rate() {
+	local out r
+	out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s "$T/wrk-narinfo.lua" "$2" 2>&1) || die "wrk $1: $out"
+	r=$(grep '^RESULT' <<<"$out") || die "wrk $1: no result: $out"
+	read -r _ req _ dur ec er ew es et <<<"$r"
+	((ec + er + ew + es + et == 0)) ||
+		log "WARNING $1: errors connect=$ec read=$er write=$ew status=$es timeout=$et"
+	awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f\n", r / (d / 1e6) }'
+}
+
+# nix_copy LABEL URL KEYS -> seconds: `nix copy` of the whole closure from
+# URL into a fresh chroot store, with a fresh HOME (no narinfo cache) and
+# URL as the only substituter, trusting KEYS.
+COPY_N=0
+nix_copy() {
+	local d s secs
+	COPY_N=$((COPY_N + 1))
+	d=$T/copy-$COPY_N
+	mkdir -p "$d/home"
+	s=$(now)
+	HOME=$d/home XDG_CACHE_HOME=$d/home/.cache nix "${X_NIX[@]}" copy --from "$2" --to "$d/store" \
+		--option substituters "$2" --option trusted-public-keys "$3" "$ROOT" >"$d/log" 2>&1 ||
+		die "nix copy $1: $(tail -3 "$d/log")"
+	secs=$(since "$s")
+	[[ -e $d/store$ROOT/README ]] || die "nix copy $1: $ROOT did not land"
+	rm -rf "$d"
+	echo "$secs"
+}
+
+# profile NAME [heap]: with PROFILE_DIR set, a CPU profile of the running
+# server over the next PROFILE_SECS seconds (in the background), or its heap
+# profile now.
+PROF_PIDS=()
+profile() {
+	[[ -n ${PROFILE_DIR:-} ]] || return 0
+	mkdir -p "$PROFILE_DIR"
+	local auth="Authorization: Bearer $(cat "$TOKEN_FILE")"
+	if [[ ${2:-} == heap ]]; then
+		curl -fsS -H "$auth" -o "$PROFILE_DIR/$1.pprof" "$ADMIN_URL/debug/pprof/heap" ||
+			log "WARNING: no heap profile $1 (does this cacheproxy serve /debug/pprof/ on the admin API?)"
+		return 0
+	fi
+	curl -fsS -H "$auth" -o "$PROFILE_DIR/$1.pprof" "$ADMIN_URL/debug/pprof/profile?seconds=${PROFILE_SECS:-10}" &
+	PROF_PIDS+=($!)
+}
+profile_wait() {
+	local p
+	for p in "${PROF_PIDS[@]}"; do wait "$p" || log "WARNING: a CPU profile failed (does this cacheproxy serve /debug/pprof/ on the admin API?)"; done
+	PROF_PIDS=()
+}
+
+# ---------------------------------------------------------------- measuring
+# One results line per figure: VARIANT FIGURE CACHEPROXY REFERENCE.
+: >"$T/results"
+result() { echo "$*" >>"$T/results"; }
+
+for v in $VARIANTS; do
+	case $v in
+	xz | zstd) codec=$v extra="" ;;
+	xz-as-zstd) codec=xz extra='serve_compression = "zstd"' ;;
+	xz-memlimit) codec=xz extra="" ;;
+	*) die "unknown variant $v (VARIANTS takes xz, zstd, xz-memlimit)" ;;
+	esac
+	NG=$(nginx_url "$codec")
+	log "== $v: upstream nginx $codec cache, $NPATHS paths"
+	: >"$T/$v.cold" && : >"$T/$v.floor"
+	for r in $(seq "$COLD_RUNS"); do
+		((r == 1)) || stop_pid "$PROXY_PID"
+		start_proxy "$v" "$NG" "$extra"
+		fetch_narinfos "$PROXY_URL" "$T/$v-ni"
+		nar_list "$PROXY_URL" "$T/$v-ni" "$T/$v-proxy.curl"
+		((r > 1)) || profile "$v-cold"
+		secs=$(fetch_all "$T/$v-proxy.curl")
+		echo "$secs" >>"$T/$v.cold"
+		floor=$(verify_floor "$codec")
+		echo "$floor" >>"$T/$v.floor"
+		log "$v cold run $r: cacheproxy ${secs}s, $codec -dc | sha256sum ${floor}s"
+		profile_wait
+	done
+	result "$v cold $(best "$T/$v.cold") $(best "$T/$v.floor")"
+
+	# Warm: the proxy's own files (its narinfos name them) vs nginx serving
+	# the upstream files; for xz-as-zstd, nginx serving the zstd cache.
+	ref_codec=$codec
+	[[ $v == xz-as-zstd ]] && ref_codec=zstd
+	fetch_narinfos "$(nginx_url "$ref_codec")" "$T/$v-ng-ni"
+	nar_list "$(nginx_url "$ref_codec")" "$T/$v-ng-ni" "$T/$v-nginx.curl"
+	: >"$T/$v.warm" && : >"$T/$v.warmref"
+	profile "$v-warm"
+	for r in $(seq "$RUNS"); do
+		fetch_all "$T/$v-proxy.curl" >>"$T/$v.warm"
+		fetch_all "$T/$v-nginx.curl" >>"$T/$v.warmref"
+	done
+	profile_wait
+	log "$v warm: cacheproxy $(best "$T/$v.warm")s, nginx $(best "$T/$v.warmref")s"
+	result "$v warm $(best "$T/$v.warm") $(best "$T/$v.warmref")"
+
+	profile "$v-narinfo"
+	p_rate=$(narinfo_rate "$v cacheproxy" "$PROXY_URL")
+	profile_wait
+	n_rate=$(narinfo_rate "$v nginx" "$NG")
+	log "$v narinfo: cacheproxy $p_rate/s, nginx $n_rate/s"
+	result "$v narinfo $p_rate $n_rate"
+
+	GK_PUB=$("$CP" pubkey -c "$PROXY_CFG")
+	: >"$T/$v.copy" && : >"$T/$v.copyref"
+	for r in $(seq "$RUNS"); do
+		((r > 1)) || profile "$v-copy"
+		nix_copy "$v cacheproxy" "$PROXY_URL" "$GK_PUB $UP_PUB" >>"$T/$v.copy"
+		profile_wait
+		nix_copy "$v nginx" "$NG" "$UP_PUB" >>"$T/$v.copyref"
+	done
+	log "$v nix copy: cacheproxy $(best "$T/$v.copy")s, nginx $(best "$T/$v.copyref")s"
+	result "$v copy $(best "$T/$v.copy") $(best "$T/$v.copyref")"
+	if [[ $v == xz-as-zstd ]]; then
+		# The fleet target: the xz corpus through cacheproxy serving zstd
+		# vs the original xz cache from nginx (measured just now, too).
+		: >"$T/$v.copyxz"
+		for r in $(seq "$RUNS"); do nix_copy "$v nginx-xz" "$(nginx_url xz)" "$UP_PUB" >>"$T/$v.copyxz"; done
+		result "$v copyxz $(best "$T/$v.copy") $(best "$T/$v.copyxz")"
+	fi
+
+	profile "$v-heap" heap
+	rss=$(awk '/^VmHWM:/ { print $2 }' "/proc/$PROXY_PID/status")
+	result "$v rss $rss 0"
+	stop_pid "$PROXY_PID"
+done
+LOAD_END=$(load)
+
+# ---------------------------------------------------------------- table
+xz_cold=$(awk '$1 == "xz" && $2 == "cold" { print $3 }' "$T/results")
+awk -v built="$BUILT" -v when="$(date -u "+%Y-%m-%d %H:%M UTC")" -v nproc="$(nproc)" \
+	-v cpu="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
+	-v npaths="$NPATHS" -v nar="$NAR_BYTES" -v big="$BIG_PATHS" -v xzb="$XZ_BYTES" -v zsb="$ZST_BYTES" \
+	-v par="$PAR" -v conns="$CONNS" -v runs="$RUNS" -v cruns="$COLD_RUNS" -v dur="$DURATION" \
+	-v l0="$LOAD_START" -v l1="$LOAD_END" -v xzcold="$xz_cold" \
+	-v nginxv="$(nginx -v 2>&1 | sed 's/.*\///')" -v nixv="$(nix --version | awk '{ print $3 }')" '
+function row(fig, v, a, b, unit, tgt,   r) {
+	r = b > 0 ? a / b : 0
+	if (b == 0) b = "-"
+	printf("| %-46s | %-11s | %10s | %10s | %6s | %-9s |\n", fig, v, fmt(a, unit), fmt(b, unit), b > 0 ? sprintf("%.2fx", r) : "", tgt)
+}
+function fmt(x, unit) {
+	if (x == "-") return x
+	if (unit == "s") return sprintf("%.2f s", x)
+	if (unit == "/s") return sprintf("%.0f/s", x)
+	if (unit == "MiB") return sprintf("%.0f MiB", x / 1024)
+	return x
+}
+{ val[$1, $2] = $3; ref[$1, $2] = $4; if (!seen[$1]++) order[++nv] = $1 }
+END {
+	printf "\ncacheproxy %s; %s; %d cores (%s); load average %s at start, %s at end\n", built, when, nproc, cpu, l0, l1
+	printf "corpus: %d paths, %.0f MB of NAR (%d of 50 MB or more); xz %.0f MB, zstd %.0f MB; nginx %s, Nix %s\n",
+		npaths, nar / 1e6, big, xzb / 1e6, zsb / 1e6, nginxv, nixv
+	printf "%d fetches in flight; best of %d cold run(s) and %d warm/copy run(s); wrk %d connections, %d s\n\n", par, cruns, runs, conns, dur
+	printf "| %-46s | %-11s | %10s | %10s | %6s | %-9s |\n", "figure (reference)", "upstream", "cacheproxy", "reference", "ratio", "target"
+	printf "|%s|%s|%s|%s|%s|%s|\n", "------------------------------------------------", "-------------", "------------", "------------", "--------", "-----------"
+	for (i = 1; i <= nv; i++) {
+		v = order[i]
+		if (v == "xz-as-zstd") {
+			row("cold fetch, all NARs (xz -dc \\| sha256sum)", v, val[v, "cold"], ref[v, "cold"], "s", "")
+			if (xzcold > 0) row("  zstd encoding cost (vs xz cold, s)", v, val[v, "cold"], xzcold, "s", "")
+			row("warm fetch, all NARs (nginx, zstd cache)", v, val[v, "warm"], ref[v, "warm"], "s", "")
+			row("narinfo hits/s (nginx)", v, val[v, "narinfo"], ref[v, "narinfo"], "/s", "")
+			row("nix copy, warm (nginx, zstd cache)", v, val[v, "copy"], ref[v, "copy"], "s", "")
+			row("nix copy, warm (nginx, original xz cache)", v, val[v, "copyxz"], ref[v, "copyxz"], "s", "<= 0.6x")
+			row("peak RSS of the server (VmHWM)", v, val[v, "rss"], 0, "MiB", "<= 48 MiB")
+			continue
+		}
+		dec = v ~ /^xz/ ? "xz" : "zstd"
+		row("cold fetch, all NARs (" dec " -dc \\| sha256sum)", v, val[v, "cold"], ref[v, "cold"], "s", dec == "xz" ? "<= 1.2x" : "<= 1.0x")
+		row("warm fetch, all NARs (nginx)", v, val[v, "warm"], ref[v, "warm"], "s", "<= 1.05x")
+		row("narinfo hits/s (nginx)", v, val[v, "narinfo"], ref[v, "narinfo"], "/s", ">= 0.65x")
+		row("nix copy of the closure, warm (nginx)", v, val[v, "copy"], ref[v, "copy"], "s", "<= 1.05x")
+		row("peak RSS of the server (VmHWM)", v, val[v, "rss"], 0, "MiB", "<= 48 MiB")
+	}
+	printf "\nratio = cacheproxy / reference; times are lower-is-better, hits/s higher-is-better.\n"
+}' "$T/results"
+
+if [[ $WITH_SERVE == 1 ]]; then
+	log "running bench/serve.sh"
+	REV=${REV:-} "$REPO/bench/serve.sh"
+fi
