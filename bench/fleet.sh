@@ -76,6 +76,8 @@ NO_SUBST=(--option substituters '')
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 log() { printf '[fleet %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- tools
 need_pkgs=()
@@ -101,12 +103,6 @@ export NIX_REMOTE=${NIX_REMOTE:-local}
 T=$(mktemp -d /var/tmp/cacheproxy-fleet.XXXXXX)
 chmod 755 "$T"
 PIDS=()
-stop_pid() {
-	local p=$1
-	kill "$p" 2>/dev/null || return 0
-	for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
-	kill -9 "$p" 2>/dev/null || true
-}
 cleanup() {
 	local p
 	for p in "${PIDS[@]}"; do stop_pid "$p"; done
@@ -115,31 +111,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Ports below Linux's ephemeral range (32768-60999), so that no client
-# connection of this very benchmark can hold the port we pick.
-free_port() {
-	local p
-	while :; do
-		p=$((10000 + RANDOM % 20000))
-		(exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-	done
-}
-wait_port() { # PORT
-	for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-	die "nothing listens on 127.0.0.1:$1"
-}
-wait_http() { # URL [PID LOG]: waits for a 200, gives up early if PID died
-	for _ in $(seq 100); do
-		curl -fs -o /dev/null "$1" && return 0
-		if [[ -n ${2:-} ]] && ! kill -0 "$2" 2>/dev/null; then die "server for $1 exited: $(tail -5 "$3")"; fi
-		sleep 0.1
-	done
-	die "$1 never answered"
-}
-now() { date +%s.%N; }
 since() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.3f\n", e - s }'; }
-best() { sort -g "$1" | head -1; }
-field() { awk -v k="$1:" '$1 == k { print $2 }' "$2"; }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 LOAD_START=$(load)
 

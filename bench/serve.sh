@@ -28,6 +28,8 @@ X_NIX=(--extra-experimental-features nix-command)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- tools
 need_pkgs=()
@@ -52,12 +54,6 @@ T=$(mktemp -d /tmp/cacheproxy-bench.XXXXXX)
 chmod 755 "$T"
 PIDS=()
 STORE_PATHS=()
-stop_pid() {
-	local p=$1
-	kill "$p" 2>/dev/null || return 0
-	for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
-	kill -9 "$p" 2>/dev/null || true
-}
 cleanup() {
 	local p
 	for p in "${PIDS[@]}"; do stop_pid "$p"; done
@@ -69,27 +65,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Ports below Linux's ephemeral range (32768-60999), so that no client
-# connection of this very benchmark can hold the port we pick.
-free_port() {
-	local p
-	while :; do
-		p=$((10000 + RANDOM % 20000))
-		(exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-	done
-}
-wait_port() { # PORT
-	for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-	die "nothing listens on 127.0.0.1:$1"
-}
-wait_http() { # URL [PID LOG]: waits for a 200, gives up early if PID died
-	for _ in $(seq 100); do
-		curl -fs -o /dev/null "$1" && return 0
-		if [[ -n ${2:-} ]] && ! kill -0 "$2" 2>/dev/null; then die "server for $1 exited: $(tail -5 "$3")"; fi
-		sleep 0.1
-	done
-	die "$1 never answered"
-}
 
 # ---------------------------------------------------------------- build
 # REV=<git rev> builds that commit (git archive, the work tree untouched);
@@ -138,7 +113,6 @@ hash_of() { local b=${1#/nix/store/}; echo "${b%%-*}"; }
 BIG_HASH=$(hash_of "$BIG")
 : >hashes
 for p in "${ALL[@]}"; do hash_of "$p" >>hashes; done
-field() { awk -v k="$1:" '$1 == k { print $2 }' "$2"; }
 BIG_URL_UP=$(field URL "$UP/$BIG_HASH.narinfo")
 BIG_URL_UPZ=$(field URL "$UPZ/$BIG_HASH.narinfo")
 BIG_SIZE=$(stat -c %s "$UP/$BIG_URL_UP")
@@ -334,9 +308,7 @@ cold() {
 	log "$name: ${secs}s"
 	echo "$secs" >>"$T/$name.times"
 }
-now() { date +%s.%N; }
 timed() { local s e; s=$(now); "$@" >/dev/null; e=$(now); awk -v s="$s" -v e="$e" 'BEGIN { printf "%.6f\n", e - s }'; }
-best() { sort -g "$1" | head -1; }
 zref() { zstd -dc "$UPZ/$BIG_URL_UPZ" | sha256sum; }
 zref_ssl() { zstd -dc "$UPZ/$BIG_URL_UPZ" | openssl dgst -sha256; }
 
