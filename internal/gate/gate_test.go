@@ -154,22 +154,19 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-func newFixture(t testing.TB, requireClosure bool) *fixture {
-	return newFixtureTTL(t, requireClosure, 0)
+// genKey generates a signing key named name.
+func genKey(t testing.TB, name string) verify.SecretKey {
+	t.Helper()
+	k, err := verify.GenerateKey(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }
 
-func newFixtureTTL(t testing.TB, requireClosure bool, negativeTTL time.Duration) *fixture {
+// openState opens the state DB and the blob store (1 GiB) in dir.
+func openState(t testing.TB, dir string) (*cache.DB, *cache.Blobs) {
 	t.Helper()
-	up := newTestUpstream(t)
-	rb, err := verify.GenerateKey("rebuilder-1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gk, err := verify.GenerateKey("gatekeeper-1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
 	db, err := cache.OpenDB(filepath.Join(dir, "state.db"))
 	if err != nil {
 		t.Fatal(err)
@@ -178,6 +175,19 @@ func newFixtureTTL(t testing.TB, requireClosure bool, negativeTTL time.Duration)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return db, blobs
+}
+
+func newFixture(t testing.TB, requireClosure bool) *fixture {
+	return newFixtureTTL(t, requireClosure, 0)
+}
+
+func newFixtureTTL(t testing.TB, requireClosure bool, negativeTTL time.Duration) *fixture {
+	t.Helper()
+	up := newTestUpstream(t)
+	rb, gk := genKey(t, "rebuilder-1"), genKey(t, "gatekeeper-1")
+	dir := t.TempDir()
+	db, blobs := openState(t, dir)
 	c, err := upstream.New(upstream.Options{URL: up.srv.URL, Timeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)

@@ -81,14 +81,7 @@ type benchGate struct {
 }
 
 func openBenchGate(b *testing.B, stateDir, upDir string, upKey verify.PublicKey) benchGate {
-	db, err := cache.OpenDB(filepath.Join(stateDir, "state.db"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	blobs, err := cache.OpenBlobs(db, stateDir, 1<<30)
-	if err != nil {
-		b.Fatal(err)
-	}
+	db, blobs := openState(b, stateDir)
 	c, err := upstream.New(upstream.Options{URL: "file://" + upDir})
 	if err != nil {
 		b.Fatal(err)

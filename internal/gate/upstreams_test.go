@@ -6,11 +6,9 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/cacheproxy/cacheproxy/internal/cache"
 	"github.com/cacheproxy/cacheproxy/internal/metrics"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
@@ -60,23 +58,9 @@ func newHeldUpstream(t *testing.T) *heldUpstream {
 // its own key and trusted for it; the rebuilder attests.
 func twoUpstreams(t *testing.T, a, b *testUpstream, aOpts upstream.Options) (*Gate, verify.SecretKey) {
 	t.Helper()
-	rb, err := verify.GenerateKey("rebuilder-1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gk, err := verify.GenerateKey("gatekeeper-1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	rb, gk := genKey(t, "rebuilder-1"), genKey(t, "gatekeeper-1")
 	dir := t.TempDir()
-	db, err := cache.OpenDB(filepath.Join(dir, "state.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	blobs, err := cache.OpenBlobs(db, dir, 1<<30)
-	if err != nil {
-		t.Fatal(err)
-	}
+	db, blobs := openState(t, dir)
 	aOpts.URL = a.srv.URL
 	if aOpts.Timeout == 0 {
 		aOpts.Timeout = time.Minute // longer than any test may take: a wait on it shows as a hang
