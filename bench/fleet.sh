@@ -207,35 +207,7 @@ fi
 NX_PORT=$(free_port)
 NZ_PORT=$(free_port)
 while [[ $NZ_PORT == "$NX_PORT" ]]; do NZ_PORT=$(free_port); done
-mkdir -p "$T/nginx/tmp"
-cat >"$T/nginx/nginx.conf" <<EOF
-daemon off;
-user root;
-worker_processes 2;
-pid $T/nginx/nginx.pid;
-error_log $T/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-	sendfile on;
-	tcp_nopush on;
-	access_log off;
-	keepalive_requests 1000000;
-	client_body_temp_path $T/nginx/tmp/body;
-	proxy_temp_path $T/nginx/tmp/proxy;
-	fastcgi_temp_path $T/nginx/tmp/fastcgi;
-	uwsgi_temp_path $T/nginx/tmp/uwsgi;
-	scgi_temp_path $T/nginx/tmp/scgi;
-	types { text/x-nix-narinfo narinfo; text/x-nix-cache-info nix-cache-info; }
-	default_type application/octet-stream;
-	server { listen 127.0.0.1:$NX_PORT; root $C/xz; }
-	server { listen 127.0.0.1:$NZ_PORT; root $C/zstd; }
-}
-EOF
-nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" -e "$T/nginx/error.log" &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
-wait_http "http://127.0.0.1:$NX_PORT/nix-cache-info" "$NGINX_PID" "$T/nginx/error.log"
-wait_http "http://127.0.0.1:$NZ_PORT/nix-cache-info" "$NGINX_PID" "$T/nginx/error.log"
+start_nginx "$NX_PORT:$C/xz" "$NZ_PORT:$C/zstd"
 nginx_url() { case $1 in xz) echo "http://127.0.0.1:$NX_PORT" ;; *) echo "http://127.0.0.1:$NZ_PORT" ;; esac; }
 
 # ---------------------------------------------------------------- cacheproxy

@@ -32,3 +32,39 @@ wait_http() { # URL [PID LOG]: waits for a 200, gives up early if PID died
 now() { date +%s.%N; }
 best() { sort -g "$1" | head -1; }
 field() { awk -v k="$1:" '$1 == k { print $2 }' "$2"; }
+
+# start_nginx PORT:ROOT...: one nginx (sendfile, 2 workers, no access log)
+# under $T/nginx with a server per PORT serving ROOT as a binary cache;
+# appends its PID to PIDS, sets NGINX_PID and waits until every server answers.
+start_nginx() {
+	local spec servers=""
+	for spec in "$@"; do servers+="	server { listen 127.0.0.1:${spec%%:*}; root ${spec#*:}; }"$'\n'; done
+	mkdir -p "$T/nginx/tmp"
+	cat >"$T/nginx/nginx.conf" <<-CONF
+		daemon off;
+		user root;
+		worker_processes 2;
+		pid $T/nginx/nginx.pid;
+		error_log $T/nginx/error.log warn;
+		events { worker_connections 1024; }
+		http {
+			sendfile on;
+			tcp_nopush on;
+			access_log off;
+			keepalive_requests 1000000;
+			client_body_temp_path $T/nginx/tmp/body;
+			proxy_temp_path $T/nginx/tmp/proxy;
+			fastcgi_temp_path $T/nginx/tmp/fastcgi;
+			uwsgi_temp_path $T/nginx/tmp/uwsgi;
+			scgi_temp_path $T/nginx/tmp/scgi;
+			types { text/x-nix-narinfo narinfo; text/x-nix-cache-info nix-cache-info; }
+			default_type application/octet-stream;
+		$servers}
+	CONF
+	nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" -e "$T/nginx/error.log" &
+	NGINX_PID=$!
+	PIDS+=("$NGINX_PID")
+	for spec in "$@"; do
+		wait_http "http://127.0.0.1:${spec%%:*}/nix-cache-info" "$NGINX_PID" "$T/nginx/error.log"
+	done
+}

@@ -169,37 +169,8 @@ log "cacheproxy blob cache holds $cached bytes"
 
 # ---------------------------------------------------------------- nginx reference
 NPORT=$(free_port)
-mkdir -p nginx/tmp
-cat >nginx/nginx.conf <<EOF
-daemon off;
-user root;
-worker_processes 2;
-pid $T/nginx/nginx.pid;
-error_log $T/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-	sendfile on;
-	tcp_nopush on;
-	access_log off;
-	keepalive_requests 1000000;
-	client_body_temp_path $T/nginx/tmp/body;
-	proxy_temp_path $T/nginx/tmp/proxy;
-	fastcgi_temp_path $T/nginx/tmp/fastcgi;
-	uwsgi_temp_path $T/nginx/tmp/uwsgi;
-	scgi_temp_path $T/nginx/tmp/scgi;
-	types { text/x-nix-narinfo narinfo; }
-	default_type application/octet-stream;
-	server {
-		listen 127.0.0.1:$NPORT;
-		root $UP;
-	}
-}
-EOF
-nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" -e "$T/nginx/error.log" &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
+start_nginx "$NPORT:$UP"
 NGINX_URL=http://127.0.0.1:$NPORT
-wait_http "$NGINX_URL/nix-cache-info" "$NGINX_PID" "$T/nginx/error.log"
 
 # ---------------------------------------------------------------- measuring
 # Server CPU time (user+system, in clock ticks) of a process and its
