@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -81,6 +82,36 @@ func TestRebuildCommandNotInstantiable(t *testing.T) {
 	}
 	if want := "not instantiable here\t" + string(f.C.App) + "\n"; out != want {
 		t.Fatalf("cacheproxy rebuild --once printed %q, want %q (stderr: %s)", out, want, errOut)
+	}
+	f.Px.ExpectRejected(t, f.C.App, "unattested")
+}
+
+// A deriver that is valid here but does not build: the command says
+// "build failed" for the path and exits non-zero.
+func TestRebuildCommandBuildFailed(t *testing.T) {
+	t.Parallel()
+	expr := fmt.Sprintf(`derivation { name = "fails-%s"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "exit 1" ]; nonce = "%d"; }`,
+		nonceRe.ReplaceAllString(t.Name(), "_"), time.Now().UnixNano())
+	drv := strings.TrimSpace(lastLine(runNix(t, "nix-instantiate", "-E", expr)))
+	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) {
+		ni := f.Up.Narinfo(t, f.C.App)
+		ni.Set("Deriver", filepath.Base(drv))
+		f.Up.Resign(ni, upKey)
+		f.Up.PutNarinfo(t, f.C.App, ni)
+	})
+	cl := newClient(t)
+	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
+		t.Fatalf("the client got an unattested app:\n%s", out)
+	}
+	out, errOut, err := runRebuild(t, f.Px)
+	if err == nil {
+		t.Fatalf("cacheproxy rebuild --once exited 0 though the build failed:\n%s\nstderr:\n%s", out, errOut)
+	}
+	if want := "build failed\t" + string(f.C.App) + "\n"; out != want {
+		t.Fatalf("cacheproxy rebuild --once printed %q, want %q (stderr: %s)", out, want, errOut)
+	}
+	if !strings.Contains(errOut, drv) || !strings.Contains(errOut, "nix-store --realise") {
+		t.Errorf("stderr does not say which build failed:\n%s", errOut)
 	}
 	f.Px.ExpectRejected(t, f.C.App, "unattested")
 }
