@@ -72,12 +72,8 @@ func secretKeyName(file string) (string, error) {
 	return name, nil
 }
 
-// nixRunner runs a Nix tool and returns its standard output.
-type nixRunner interface {
-	run(ctx context.Context, tool string, args ...string) (string, error)
-}
-
-// execNix runs the real Nix tools; their stderr's last line goes into the error.
+// execNix runs a Nix tool and returns its standard output; the last line
+// of its stderr (where Nix says what went wrong) goes into the error.
 type execNix struct{}
 
 func (e execNix) run(ctx context.Context, tool string, args ...string) (string, error) {
@@ -101,7 +97,7 @@ type rebuilder struct {
 	client  *adminapi.Client
 	keyFile string
 	keyName string
-	nix     nixRunner
+	nix     execNix
 	out     io.Writer // one STATUS<TAB>PATH line per queued path
 	log     io.Writer // why a path was not attested
 }
