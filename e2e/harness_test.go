@@ -23,6 +23,7 @@
 //	ProxyConfig.StateDir                   put the state dir elsewhere (diskfull_test.go: on a tmpfs)
 //	rebuildQueue(t, px) / withReport(t, file, report)   (rebuild_test.go) GET /admin/v1/rebuild-queue;
 //	                                       add a rebuilder's "cacheproxy" report to an attestFile
+//	runRebuild(t, px)                      (rebuildcmd_test.go) the real `cacheproxy rebuild --once` as rebuilder-1
 package e2e
 
 import (

@@ -33,12 +33,13 @@ Usage:
   cacheproxy retry [--reason TEXT] PATH...
   cacheproxy audit [--since DURATION] [--json]
   cacheproxy verify-cache [-c FILE]
+  cacheproxy rebuild --once --key-file REBUILDER.sec
   cacheproxy --version
 
 Every command reads the configuration from -c FILE, else $CACHEPROXY_CONFIG,
 else /etc/cacheproxy/cacheproxy.toml if it exists, else the embedded defaults.
 Admin commands (attest, allow, deny, explain, rejections, retry, audit,
-verify-cache) find the running server from it (admin.listen,
+verify-cache, rebuild) find the running server from it (admin.listen,
 admin.token_file) or from --server URL --token-file FILE. Every change is
 kept in the audit trail under the token's name; --reason says why.
 
@@ -75,6 +76,7 @@ func run(args []string, env config.Env, stdin io.Reader, stdout, stderr io.Write
 		"retry":        cmdRetry,
 		"audit":        cmdAudit,
 		"verify-cache": cmdVerifyCache,
+		"rebuild":      cmdRebuild,
 	}
 	name := args[0]
 	if name == "-h" || name == "--help" || name == "help" {

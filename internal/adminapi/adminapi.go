@@ -489,6 +489,18 @@ func (c *Client) send(ctx context.Context, method, path string, body any) (*http
 	return resp, nil
 }
 
+// GetRebuildQueue reads the rebuild queue; a non-empty attester (a key
+// name in policy.attesters) leaves out the paths that key attested already.
+func (c *Client) GetRebuildQueue(ctx context.Context, attester string) (RebuildQueue, error) {
+	route := PathRebuildQueue
+	if attester != "" {
+		route += "?" + url.Values{"attester": {attester}}.Encode()
+	}
+	var q RebuildQueue
+	err := c.Do(ctx, http.MethodGet, route, nil, &q)
+	return q, err
+}
+
 // ImportAttestations sends an import as it reads body, and reads the
 // answer one result at a time: each goes to each, and the counts are
 // returned. Neither the input nor the answer is held whole, whatever the

@@ -1,0 +1,51 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/cacheproxy/cacheproxy/internal/verify"
+)
+
+// Bad invocations are usage errors that say what is missing, before any
+// request is sent.
+func TestRebuildUsage(t *testing.T) {
+	dir := t.TempDir()
+	token := filepath.Join(dir, "token")
+	os.WriteFile(token, []byte("secret\n"), 0o600)
+	notKey := filepath.Join(dir, "not-a-key")
+	os.WriteFile(notKey, []byte("just text\n"), 0o600)
+	admin := []string{"rebuild", "--server", "http://127.0.0.1:1", "--token-file", token}
+	for _, tc := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{append(admin, "--key-file", notKey), 2, "only --once"},
+		{append(admin, "--once"), 2, "--key-file is required"},
+		{append(admin, "--once", "--key-file", notKey), 1, "not a Nix secret key"},
+		{append(admin, "--once", "--key-file", filepath.Join(dir, "missing")), 1, "--key-file"},
+		{append(admin, "--once", "--key-file", notKey, "extra"), 2, `unexpected argument "extra"`},
+	} {
+		code, _, stderr := cli(t, "", tc.args...)
+		if code != tc.code || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", tc.args[5:], code, stderr, tc.code, tc.want)
+		}
+	}
+}
+
+// An empty queue on a real server: nothing to do, nothing printed, exit 0.
+func TestRebuildEmptyQueue(t *testing.T) {
+	rb, _ := verify.GenerateKey("rebuilder-1")
+	cfg := startServer(t, rb.Public())
+	keyFile := filepath.Join(t.TempDir(), "rebuilder-1.sec")
+	if err := os.WriteFile(keyFile, []byte(rb.String()+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, stdout, stderr := cli(t, "", "rebuild", "--once", "-c", cfg, "--key-file", keyFile)
+	if code != 0 || stdout != "" {
+		t.Fatalf("rebuild --once on an empty queue: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+}
