@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -20,6 +21,7 @@ const (
 	rebuildNotHere      = "not instantiable here"
 	rebuildBuildFailed  = "build failed"
 	rebuildAttestFailed = "attestation refused"
+	// rebuildDiffers and rebuildNotReproducible: see rebuildcheck.go.
 )
 
 // rebuildReason is the audit trail's reason for the imports this command makes.
@@ -176,6 +178,19 @@ func (r rebuilder) rebuild(ctx context.Context, drv string) map[string]string {
 	if err != nil {
 		return whole(rebuildAttestFailed, err)
 	}
+	var parsed []pathInfo
+	if err := json.Unmarshal([]byte(infos), &parsed); err != nil {
+		return whole(rebuildAttestFailed, fmt.Errorf("nix path-info --json: %w", err))
+	}
+	// A rebuild that is not what the upstream serves is built once more,
+	// and the report says which kind of difference it is.
+	reports, err := r.classify(ctx, drv, parsed)
+	if err != nil {
+		return whole(rebuildBuildFailed, err)
+	}
+	if infos, err = withReports(infos, reports); err != nil {
+		return whole(rebuildAttestFailed, err)
+	}
 	st := map[string]string{}
 	for _, o := range outputs {
 		st[o] = rebuildAttestFailed // until the gatekeeper says it stored our signature
@@ -186,6 +201,13 @@ func (r rebuilder) rebuild(ctx context.Context, drv string) map[string]string {
 		}
 		if res.Status == adminapi.AttestStored || res.Status == adminapi.AttestKnown {
 			st[res.Path] = rebuildAttested
+			if rep := reports[res.Path]; rep != nil {
+				st[res.Path] = rebuildDiffers
+				if rep.Classification == classNotReproducible {
+					st[res.Path] = rebuildNotReproducible
+				}
+				fmt.Fprintf(r.log, "%s: built %s, the upstream serves %s (%s)\n", res.Path, rep.Builds[0].NarHash, rep.UpstreamNarHash, rep.Classification)
+			}
 		} else {
 			fmt.Fprintf(r.log, "%s: the gatekeeper answered %s (keys: %s)\n", res.Path, res.Status, res.Key)
 		}
