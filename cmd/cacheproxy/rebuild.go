@@ -163,8 +163,19 @@ func (r rebuilder) rebuild(ctx context.Context, drv string) map[string]string {
 	if _, err := r.nix.run(ctx, "nix-store", "--check-validity", drv); err != nil {
 		return whole(rebuildNotHere, err)
 	}
-	out, err := r.nix.run(ctx, "nix-store", "--realise", drv)
+	// Outputs already valid here may come from anywhere (a substituter, an
+	// older build): build again and compare (--check) rather than sign
+	// them as they are.
+	realise := []string{"--realise", drv}
+	checked := r.outputsValid(ctx, drv)
+	if checked {
+		realise = []string{"--realise", "--check", drv}
+	}
+	out, err := r.nix.run(ctx, "nix-store", realise...)
 	if err != nil {
+		if checked && strings.Contains(err.Error(), nixNondeterministic) {
+			return whole(rebuildNotReproducible, fmt.Errorf("the output already in the local store is not what a build here makes: %w", err))
+		}
 		return whole(rebuildBuildFailed, err)
 	}
 	outputs := strings.Fields(out)
@@ -184,7 +195,7 @@ func (r rebuilder) rebuild(ctx context.Context, drv string) map[string]string {
 	}
 	// A rebuild that is not what the upstream serves is built once more,
 	// and the report says which kind of difference it is.
-	reports, err := r.classify(ctx, drv, parsed)
+	reports, err := r.classify(ctx, drv, parsed, checked)
 	if err != nil {
 		return whole(rebuildBuildFailed, err)
 	}
@@ -216,4 +227,15 @@ func (r rebuilder) rebuild(ctx context.Context, drv string) map[string]string {
 		return whole(rebuildAttestFailed, fmt.Errorf("post the attestations: %w", err))
 	}
 	return st
+}
+
+// outputsValid says whether every output of drv is valid in the local store
+// already (so that --realise alone would build nothing).
+func (r rebuilder) outputsValid(ctx context.Context, drv string) bool {
+	outs, err := r.nix.run(ctx, "nix-store", "--query", "--outputs", drv)
+	if err != nil || len(strings.Fields(outs)) == 0 {
+		return false
+	}
+	_, err = r.nix.run(ctx, "nix-store", append([]string{"--check-validity"}, strings.Fields(outs)...)...)
+	return err == nil
 }

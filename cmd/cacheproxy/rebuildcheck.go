@@ -82,9 +82,10 @@ func (r rebuilder) upstreamNarHash(ctx context.Context, path string) (string, er
 }
 
 // classify compares what was built with what the upstream serves and, when
-// any output differs, builds drv once more with --check. It returns the
-// rebuild report of each differing output (none when all match).
-func (r rebuilder) classify(ctx context.Context, drv string, infos []pathInfo) (map[string]*rebuildReport, error) {
+// any output differs, builds drv once more with --check (unless checked:
+// the first build was a --check already, so two builds here agreed). It
+// returns the rebuild report of each differing output (none when all match).
+func (r rebuilder) classify(ctx context.Context, drv string, infos []pathInfo, checked bool) (map[string]*rebuildReport, error) {
 	reports := map[string]*rebuildReport{}
 	for _, pi := range infos {
 		up, err := r.upstreamNarHash(ctx, pi.Path)
@@ -102,6 +103,13 @@ func (r rebuilder) classify(ctx context.Context, drv string, infos []pathInfo) (
 		reports[pi.Path] = &rebuildReport{UpstreamNarHash: up, Builds: []buildResult{first}}
 	}
 	if len(reports) == 0 {
+		return reports, nil
+	}
+	if checked {
+		for _, rep := range reports {
+			rep.Classification = classStable
+			rep.Builds = append(rep.Builds, rep.Builds[0])
+		}
 		return reports, nil
 	}
 	// --keep-failed keeps a differing output at OUT.check, so that the
