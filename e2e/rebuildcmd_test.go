@@ -145,3 +145,32 @@ func TestRebuildCommandNotReproducible(t *testing.T) {
 		t.Errorf("explain does not show the classification not_reproducible:\n%s", ex)
 	}
 }
+
+// The upstream serves (validly signed) another NarHash than the app builds
+// to here, and two builds here agree: the command says "differs" and the
+// gatekeeper classifies the attestation_mismatch refusal as stable, the
+// alarm.
+func TestRebuildCommandDiffersStable(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) {
+		ni := f.Up.Narinfo(t, f.C.App)
+		ni.Set("NarHash", sha256Nix32([]byte("not what the app builds to")))
+		f.Up.Resign(ni, upKey)
+		f.Up.PutNarinfo(t, f.C.App, ni)
+	})
+	cl := newClient(t)
+	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
+		t.Fatalf("the client got an unattested app:\n%s", out)
+	}
+	out, errOut, err := runRebuild(t, f.Px)
+	if err == nil {
+		t.Fatalf("cacheproxy rebuild --once exited 0 though nothing was attested:\n%s\nstderr:\n%s", out, errOut)
+	}
+	if want := "differs\t" + string(f.C.App) + "\n"; out != want {
+		t.Fatalf("cacheproxy rebuild --once printed %q, want %q (stderr: %s)", out, want, errOut)
+	}
+	f.Px.ExpectRejected(t, f.C.App, "attestation_mismatch")
+	if ex := f.Px.MustCLI(t, "explain", string(f.C.App), "--json"); !strings.Contains(ex, `"classification": "stable"`) {
+		t.Errorf("explain does not show the classification stable:\n%s", ex)
+	}
+}
