@@ -115,3 +115,62 @@ func TestRebuildCommandBuildFailed(t *testing.T) {
 	}
 	f.Px.ExpectRejected(t, f.C.App, "unattested")
 }
+
+// A derivation whose output is random: the upstream serves one build, the
+// rebuilder's build differs, so it builds once more (--check), which
+// differs again. The command says "not reproducible", and the gatekeeper
+// shows the attestation_mismatch refusal classified not_reproducible.
+func TestRebuildCommandNotReproducible(t *testing.T) {
+	t.Parallel()
+	expr := fmt.Sprintf(`derivation { name = "random-%s"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "read -r x < /proc/sys/kernel/random/uuid; echo $x > $out" ]; nonce = "%d"; }`,
+		nonceRe.ReplaceAllString(t.Name(), "_"), time.Now().UnixNano())
+	drv := strings.TrimSpace(lastLine(runNix(t, "nix-instantiate", "-E", expr)))
+	rnd := StorePath(strings.TrimSpace(lastLine(runNix(t, "nix-store", "--realise", drv))))
+	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) { f.Up.Publish(t, "zstd", rnd) })
+	// The upstream keeps its build; the rebuilder must make its own.
+	runNix(t, "nix-store", "--delete", string(rnd))
+	cl := newClient(t)
+	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, rnd); err == nil {
+		t.Fatalf("the client got an unattested path:\n%s", out)
+	}
+	out, errOut, err := runRebuild(t, f.Px)
+	if err == nil {
+		t.Fatalf("cacheproxy rebuild --once exited 0 though nothing was attested:\n%s\nstderr:\n%s", out, errOut)
+	}
+	if want := "not reproducible\t" + string(rnd) + "\n"; out != want {
+		t.Fatalf("cacheproxy rebuild --once printed %q, want %q (stderr: %s)", out, want, errOut)
+	}
+	f.Px.ExpectRejected(t, rnd, "attestation_mismatch")
+	if ex := f.Px.MustCLI(t, "explain", string(rnd), "--json"); !strings.Contains(ex, `"classification": "not_reproducible"`) {
+		t.Errorf("explain does not show the classification not_reproducible:\n%s", ex)
+	}
+}
+
+// The upstream serves (validly signed) another NarHash than the app builds
+// to here, and two builds here agree: the command says "differs" and the
+// gatekeeper classifies the attestation_mismatch refusal as stable, the
+// alarm.
+func TestRebuildCommandDiffersStable(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) {
+		ni := f.Up.Narinfo(t, f.C.App)
+		ni.Set("NarHash", sha256Nix32([]byte("not what the app builds to")))
+		f.Up.Resign(ni, upKey)
+		f.Up.PutNarinfo(t, f.C.App, ni)
+	})
+	cl := newClient(t)
+	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
+		t.Fatalf("the client got an unattested app:\n%s", out)
+	}
+	out, errOut, err := runRebuild(t, f.Px)
+	if err == nil {
+		t.Fatalf("cacheproxy rebuild --once exited 0 though nothing was attested:\n%s\nstderr:\n%s", out, errOut)
+	}
+	if want := "differs\t" + string(f.C.App) + "\n"; out != want {
+		t.Fatalf("cacheproxy rebuild --once printed %q, want %q (stderr: %s)", out, want, errOut)
+	}
+	f.Px.ExpectRejected(t, f.C.App, "attestation_mismatch")
+	if ex := f.Px.MustCLI(t, "explain", string(f.C.App), "--json"); !strings.Contains(ex, `"classification": "stable"`) {
+		t.Errorf("explain does not show the classification stable:\n%s", ex)
+	}
+}

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -20,6 +21,7 @@ const (
 	rebuildNotHere      = "not instantiable here"
 	rebuildBuildFailed  = "build failed"
 	rebuildAttestFailed = "attestation refused"
+	// rebuildDiffers and rebuildNotReproducible: see rebuildcheck.go.
 )
 
 // rebuildReason is the audit trail's reason for the imports this command makes.
@@ -161,8 +163,19 @@ func (r rebuilder) rebuild(ctx context.Context, drv string) map[string]string {
 	if _, err := r.nix.run(ctx, "nix-store", "--check-validity", drv); err != nil {
 		return whole(rebuildNotHere, err)
 	}
-	out, err := r.nix.run(ctx, "nix-store", "--realise", drv)
+	// Outputs already valid here may come from anywhere (a substituter, an
+	// older build): build again and compare (--check) rather than sign
+	// them as they are.
+	realise := []string{"--realise", drv}
+	checked := r.outputsValid(ctx, drv)
+	if checked {
+		realise = []string{"--realise", "--check", drv}
+	}
+	out, err := r.nix.run(ctx, "nix-store", realise...)
 	if err != nil {
+		if checked && strings.Contains(err.Error(), nixNondeterministic) {
+			return whole(rebuildNotReproducible, fmt.Errorf("the output already in the local store is not what a build here makes: %w", err))
+		}
 		return whole(rebuildBuildFailed, err)
 	}
 	outputs := strings.Fields(out)
@@ -176,6 +189,19 @@ func (r rebuilder) rebuild(ctx context.Context, drv string) map[string]string {
 	if err != nil {
 		return whole(rebuildAttestFailed, err)
 	}
+	var parsed []pathInfo
+	if err := json.Unmarshal([]byte(infos), &parsed); err != nil {
+		return whole(rebuildAttestFailed, fmt.Errorf("nix path-info --json: %w", err))
+	}
+	// A rebuild that is not what the upstream serves is built once more,
+	// and the report says which kind of difference it is.
+	reports, err := r.classify(ctx, drv, parsed, checked)
+	if err != nil {
+		return whole(rebuildBuildFailed, err)
+	}
+	if infos, err = withReports(infos, reports); err != nil {
+		return whole(rebuildAttestFailed, err)
+	}
 	st := map[string]string{}
 	for _, o := range outputs {
 		st[o] = rebuildAttestFailed // until the gatekeeper says it stored our signature
@@ -186,6 +212,13 @@ func (r rebuilder) rebuild(ctx context.Context, drv string) map[string]string {
 		}
 		if res.Status == adminapi.AttestStored || res.Status == adminapi.AttestKnown {
 			st[res.Path] = rebuildAttested
+			if rep := reports[res.Path]; rep != nil {
+				st[res.Path] = rebuildDiffers
+				if rep.Classification == classNotReproducible {
+					st[res.Path] = rebuildNotReproducible
+				}
+				fmt.Fprintf(r.log, "%s: built %s, the upstream serves %s (%s)\n", res.Path, rep.Builds[0].NarHash, rep.UpstreamNarHash, rep.Classification)
+			}
 		} else {
 			fmt.Fprintf(r.log, "%s: the gatekeeper answered %s (keys: %s)\n", res.Path, res.Status, res.Key)
 		}
@@ -194,4 +227,15 @@ func (r rebuilder) rebuild(ctx context.Context, drv string) map[string]string {
 		return whole(rebuildAttestFailed, fmt.Errorf("post the attestations: %w", err))
 	}
 	return st
+}
+
+// outputsValid says whether every output of drv is valid in the local store
+// already (so that --realise alone would build nothing).
+func (r rebuilder) outputsValid(ctx context.Context, drv string) bool {
+	outs, err := r.nix.run(ctx, "nix-store", "--query", "--outputs", drv)
+	if err != nil || len(strings.Fields(outs)) == 0 {
+		return false
+	}
+	_, err = r.nix.run(ctx, "nix-store", append([]string{"--check-validity"}, strings.Fields(outs)...)...)
+	return err == nil
 }
