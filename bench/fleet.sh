@@ -116,19 +116,7 @@ load() { cut -d' ' -f1-3 /proc/loadavg; }
 LOAD_START=$(load)
 
 # ---------------------------------------------------------------- build
-if [[ -n ${REV:-} ]]; then
-	mkdir -p "$T/src"
-	git -C "$REPO" archive "$REV" | tar -x -C "$T/src"
-	BUILT="$REV ($(git -C "$REPO" rev-parse --short "$REV"))"
-	SRC=$T/src
-else
-	BUILT="work tree at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
-	[[ -z $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]] || BUILT+=" + uncommitted changes"
-	SRC=$REPO
-fi
-log "building cacheproxy from $BUILT"
-(cd "$SRC" && go build -o "$T/cacheproxy" ./cmd/cacheproxy)
-CP=$T/cacheproxy
+build_cacheproxy
 
 # ---------------------------------------------------------------- corpus
 # Built once per corpus definition (corpus.nix, its parameters) and kept in

@@ -68,3 +68,23 @@ start_nginx() {
 		wait_http "http://127.0.0.1:${spec%%:*}/nix-cache-info" "$NGINX_PID" "$T/nginx/error.log"
 	done
 }
+
+# build_cacheproxy: builds $T/cacheproxy from REV (git archive, the work
+# tree untouched) or, by default, the work tree at $REPO as it is; sets CP
+# and BUILT (what was built, for the results).
+build_cacheproxy() {
+	local src
+	if [[ -n ${REV:-} ]]; then
+		mkdir -p "$T/src"
+		git -C "$REPO" archive "$REV" | tar -x -C "$T/src"
+		BUILT="$REV ($(git -C "$REPO" rev-parse --short "$REV"))"
+		src=$T/src
+	else
+		BUILT="work tree at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+		[[ -z $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]] || BUILT+=" + uncommitted changes"
+		src=$REPO
+	fi
+	log "building cacheproxy from $BUILT"
+	(cd "$src" && go build -o "$T/cacheproxy" ./cmd/cacheproxy)
+	CP=$T/cacheproxy
+}

@@ -69,19 +69,7 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------- build
 # REV=<git rev> builds that commit (git archive, the work tree untouched);
 # by default the work tree as it is.
-if [[ -n ${REV:-} ]]; then
-	mkdir -p "$T/src"
-	git -C "$REPO" archive "$REV" | tar -x -C "$T/src"
-	BUILT="$REV ($(git -C "$REPO" rev-parse --short "$REV"))"
-	SRC=$T/src
-else
-	BUILT="work tree at $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
-	[[ -z $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]] || BUILT+=" + uncommitted changes"
-	SRC=$REPO
-fi
-log "building cacheproxy from $BUILT"
-(cd "$SRC" && go build -o "$T/cacheproxy" ./cmd/cacheproxy)
-CP=$T/cacheproxy
+build_cacheproxy
 
 # ---------------------------------------------------------------- upstream caches
 cd "$T"
