@@ -30,6 +30,25 @@ func runRebuild(t *testing.T, px *Proxy) (stdout, stderr string, err error) {
 	return out.String(), errOut.String(), err
 }
 
+// upstreamAppSays makes the upstream's narinfo of the app say value for key,
+// re-signed with the upstream key: an upstream that serves other metadata.
+func upstreamAppSays(t *testing.T, key, value string) func(*fixture) {
+	return func(f *fixture) {
+		ni := f.Up.Narinfo(t, f.C.App)
+		ni.Set(key, value)
+		f.Up.Resign(ni, upKey)
+		f.Up.PutNarinfo(t, f.C.App, ni)
+	}
+}
+
+// expectAppRefused checks that a fresh client cannot substitute the app.
+func expectAppRefused(t *testing.T, f *fixture) {
+	t.Helper()
+	if out, err := newClient(t).Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
+		t.Fatalf("the client got an unattested app:\n%s", out)
+	}
+}
+
 // The loop closed by the command: a client is refused an app whose leaf
 // nobody rebuilt; `cacheproxy rebuild --once` takes the leaf from the
 // queue, builds its deriver here, signs and posts it; the queue is empty and
@@ -66,16 +85,8 @@ func TestRebuildCommandAttestsQueue(t *testing.T) {
 func TestRebuildCommandNotInstantiable(t *testing.T) {
 	t.Parallel()
 	missing := "/nix/store/" + strings.Repeat("0", 32) + "-missing-on-rebuilder.drv"
-	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) {
-		ni := f.Up.Narinfo(t, f.C.App)
-		ni.Set("Deriver", filepath.Base(missing))
-		f.Up.Resign(ni, upKey)
-		f.Up.PutNarinfo(t, f.C.App, ni)
-	})
-	cl := newClient(t)
-	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
-		t.Fatalf("the client got an unattested app:\n%s", out)
-	}
+	f := newFixture(t, "zstd", ProxyConfig{}, upstreamAppSays(t, "Deriver", filepath.Base(missing)))
+	expectAppRefused(t, f)
 	out, errOut, err := runRebuild(t, f.Px)
 	if err == nil {
 		t.Fatalf("cacheproxy rebuild --once exited 0 though nothing was attested:\n%s\nstderr:\n%s", out, errOut)
@@ -93,16 +104,8 @@ func TestRebuildCommandBuildFailed(t *testing.T) {
 	expr := fmt.Sprintf(`derivation { name = "fails-%s"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "exit 1" ]; nonce = "%d"; }`,
 		nonceRe.ReplaceAllString(t.Name(), "_"), time.Now().UnixNano())
 	drv := strings.TrimSpace(lastLine(runNix(t, "nix-instantiate", "-E", expr)))
-	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) {
-		ni := f.Up.Narinfo(t, f.C.App)
-		ni.Set("Deriver", filepath.Base(drv))
-		f.Up.Resign(ni, upKey)
-		f.Up.PutNarinfo(t, f.C.App, ni)
-	})
-	cl := newClient(t)
-	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
-		t.Fatalf("the client got an unattested app:\n%s", out)
-	}
+	f := newFixture(t, "zstd", ProxyConfig{}, upstreamAppSays(t, "Deriver", filepath.Base(drv)))
+	expectAppRefused(t, f)
 	out, errOut, err := runRebuild(t, f.Px)
 	if err == nil {
 		t.Fatalf("cacheproxy rebuild --once exited 0 though the build failed:\n%s\nstderr:\n%s", out, errOut)
@@ -152,16 +155,8 @@ func TestRebuildCommandNotReproducible(t *testing.T) {
 // alarm.
 func TestRebuildCommandDiffersStable(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) {
-		ni := f.Up.Narinfo(t, f.C.App)
-		ni.Set("NarHash", sha256Nix32([]byte("not what the app builds to")))
-		f.Up.Resign(ni, upKey)
-		f.Up.PutNarinfo(t, f.C.App, ni)
-	})
-	cl := newClient(t)
-	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
-		t.Fatalf("the client got an unattested app:\n%s", out)
-	}
+	f := newFixture(t, "zstd", ProxyConfig{}, upstreamAppSays(t, "NarHash", sha256Nix32([]byte("not what the app builds to"))))
+	expectAppRefused(t, f)
 	out, errOut, err := runRebuild(t, f.Px)
 	if err == nil {
 		t.Fatalf("cacheproxy rebuild --once exited 0 though nothing was attested:\n%s\nstderr:\n%s", out, errOut)
