@@ -136,6 +136,9 @@ func New(o Options) (*Gate, error) {
 	if changed {
 		g.log.Info("decision settings changed since the last start: stored decisions are decided again as they are requested")
 	}
+	// The blob store's bounds are fixed at start; a reload does not change them.
+	g.m.CacheMaxSize.Set(float64(g.blobs.MaxSize()))
+	g.m.SetDiskFree(g.blobs.Free)
 	g.settingsMetrics(s)
 	g.refreshGauges()
 	g.m.SetRebuildQueue(g.rebuildQueueLen)

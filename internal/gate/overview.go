@@ -127,9 +127,7 @@ func (g *Gate) attestationCounts() (map[string]int, error) {
 // that alerts and dashboards need before the first event; New and
 // Reconfigure call it.
 func (g *Gate) settingsMetrics(s Settings) {
-	g.m.CacheMaxSize.Set(float64(g.blobs.MaxSize()))
 	g.m.DiskReserve.Set(float64(s.DiskReserve))
-	g.m.SetDiskFree(g.blobs.Free)
 	for _, u := range s.Upstreams {
 		g.m.UpstreamSeries(u.Name())
 	}
