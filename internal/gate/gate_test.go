@@ -15,6 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
 	"github.com/cacheproxy/cacheproxy/internal/attest"
@@ -549,4 +552,32 @@ func TestNegativeCache(t *testing.T) {
 	}
 	f.attest(app) // any evidence change clears it
 	wantAnswer(t, "after the attestation", f.narinfo(app), Serve, "approved; reason=attested")
+}
+
+// The gauges the alerts read exist with their values from the start, and a
+// reload keeps the blob store's and sets the settings' anew.
+func TestStartGauges(t *testing.T) {
+	f := newFixture(t, false)
+	if got := gaugeValue(t, f.g.m.CacheMaxSize); got != float64(f.blobs.MaxSize()) {
+		t.Errorf("cache max size gauge %v, want %d", got, f.blobs.MaxSize())
+	}
+	c := f.g.conf()
+	if _, err := f.g.Reconfigure(Settings{Policy: c.policy, Upstreams: c.upstreams, DiskReserve: 12345}); err != nil {
+		t.Fatal(err)
+	}
+	if got := gaugeValue(t, f.g.m.DiskReserve); got != 12345 {
+		t.Errorf("disk reserve gauge %v after a reload, want 12345", got)
+	}
+	if got := gaugeValue(t, f.g.m.CacheMaxSize); got != float64(f.blobs.MaxSize()) {
+		t.Errorf("cache max size gauge %v after a reload, want %d", got, f.blobs.MaxSize())
+	}
+}
+
+func gaugeValue(t *testing.T, g prometheus.Gauge) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := g.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetGauge().GetValue()
 }
