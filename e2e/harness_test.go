@@ -815,6 +815,24 @@ func (p *Proxy) RestartWith(t testing.TB, cfg ProxyConfig) {
 // Logs returns what the server wrote so far.
 func (p *Proxy) Logs() string { return p.logs.String() }
 
+// LogsContain reports whether the server's log holds every one of subs,
+// waiting up to 10 s: the log reaches the test through a pipe copied by
+// another goroutine, so a line written just before a signal or a response
+// may not be in Logs yet.
+func (p *Proxy) LogsContain(subs ...string) bool {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		logs, all := p.Logs(), true
+		for _, s := range subs {
+			all = all && strings.Contains(logs, s)
+		}
+		if all || time.Now().After(deadline) {
+			return all
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // CLI runs `cacheproxy <sub...> -c CFG args...`; sub is space-separated
 // ("allow add"). Flags in args must come before positional arguments.
 func (p *Proxy) CLI(t testing.TB, sub string, args ...string) (stdout, stderr string, err error) {

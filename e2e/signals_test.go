@@ -109,7 +109,7 @@ func TestSIGHUPReloadsConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	reload("last reload refused (see the log)")
-	if !strings.Contains(px.Logs(), "reload refused") || !strings.Contains(px.Logs(), "policy.quorum") {
+	if !px.LogsContain("reload refused", "policy.quorum") {
 		t.Errorf("the refused reload is not logged with the offending key:\n%s", px.Logs())
 	}
 	px.ExpectApproved(t, f.C.App)
@@ -130,7 +130,7 @@ func TestSIGHUPReloadsConfig(t *testing.T) {
 	if n := f.Up.NarinfoCount(f.C.App) - before; n != 0 {
 		t.Errorf("%d upstream narinfo requests after the reload, want 0 (decided from the stored narinfo)", n)
 	}
-	if !strings.Contains(px.Logs(), "key=listen") {
+	if !px.LogsContain("key=listen") {
 		t.Errorf("the listen change is not logged as needing a restart:\n%s", px.Logs())
 	}
 	if px.cmd.Process.Pid != pid {
@@ -202,7 +202,7 @@ func TestSIGTERMDrainsInFlightNAR(t *testing.T) {
 	if code := px.waitExit(t); code != 0 {
 		t.Fatalf("exit code %d after draining, want 0\n%s", code, px.Logs())
 	}
-	if !strings.Contains(px.Logs(), "draining") {
+	if !px.LogsContain("draining") {
 		t.Errorf("no log line says the server drains:\n%s", px.Logs())
 	}
 }
@@ -220,7 +220,7 @@ func TestSIGTERMShutdownTimeout(t *testing.T) {
 	if _, err := io.ReadAll(resp.Body); err == nil {
 		t.Error("the NAR cut off at shutdown_timeout read as complete")
 	}
-	if !strings.Contains(px.Logs(), "shutdown_timeout reached") {
+	if !px.LogsContain("shutdown_timeout reached") {
 		t.Errorf("the cut-off is not logged:\n%s", px.Logs())
 	}
 }
