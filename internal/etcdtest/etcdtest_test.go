@@ -212,3 +212,67 @@ func TestTLS(t *testing.T) {
 		}
 	}
 }
+
+// TestClientCompat exercises the parts of the v3.7 client API that cluster
+// mode is likely to use against the 3.4 server: transactions, leases,
+// member listing, compaction, and a watch from a compacted revision (the
+// signal for a full resync).
+func TestClientCompat(t *testing.T) {
+	c := Start(t, 1)
+	cli := newClient(t, c)
+
+	put, err := cli.Put(ctx(t), "p/a", "1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	txn, err := cli.Txn(ctx(t)).
+		If(clientv3.Compare(clientv3.ModRevision("p/a"), "=", put.Header.Revision)).
+		Then(clientv3.OpPut("p/b", "2"), clientv3.OpDelete("p/a")).
+		Commit()
+	if err != nil || !txn.Succeeded {
+		t.Fatalf("Txn: %v, succeeded %v", err, txn != nil && txn.Succeeded)
+	}
+	get, err := cli.Get(ctx(t), "p/", clientv3.WithPrefix())
+	if err != nil || len(get.Kvs) != 1 || string(get.Kvs[0].Key) != "p/b" {
+		t.Fatalf("Get prefix: %v %v", err, get)
+	}
+
+	lease, err := cli.Grant(ctx(t), 60)
+	if err != nil {
+		t.Fatalf("Grant: %v", err)
+	}
+	if _, err := cli.Put(ctx(t), "leased", "x", clientv3.WithLease(lease.ID)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.KeepAliveOnce(ctx(t), lease.ID); err != nil {
+		t.Fatalf("KeepAliveOnce: %v", err)
+	}
+	if _, err := cli.Revoke(ctx(t), lease.ID); err != nil {
+		t.Fatalf("Revoke: %v", err)
+	}
+
+	members, err := cli.MemberList(ctx(t))
+	if err != nil || len(members.Members) != 1 {
+		t.Fatalf("MemberList: %v %v", err, members)
+	}
+
+	for i := range 3 {
+		if _, err := cli.Put(ctx(t), "c", string(rune('0'+i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	head, err := cli.Get(ctx(t), "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Compact(ctx(t), head.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
+		t.Fatalf("Compact: %v", err)
+	}
+	wctx, cancel := context.WithCancel(ctx(t))
+	defer cancel()
+	wr := <-cli.Watch(wctx, "c", clientv3.WithRev(put.Header.Revision))
+	if wr.CompactRevision != head.Header.Revision {
+		t.Fatalf("watch from a compacted revision: CompactRevision %d (err %v), want %d",
+			wr.CompactRevision, wr.Err(), head.Header.Revision)
+	}
+}
