@@ -83,6 +83,7 @@ type member struct {
 	peerURL   string
 	dataDir   string
 	logPath   string
+	logStart  int64 // size of the log when the current run started
 	cmd       *exec.Cmd
 	done      chan struct{} // closed when the process has exited
 	waitErr   error         // valid after done
@@ -103,7 +104,14 @@ func Start(t testing.TB, members int) *Cluster {
 // StartWith starts a cluster configured by opts; see Start.
 func StartWith(t testing.TB, opts Options) *Cluster {
 	t.Helper()
-	requireBinary(t)
+	return start(t, opts, nil)
+}
+
+// start is StartWith with a hook that sees the ports of each boot attempt
+// before etcd binds them, so a test can steal one.
+func start(t testing.TB, opts Options, portsHook func(attempt int, ports []int)) *Cluster {
+	t.Helper()
+	requireBinary(t, Binary)
 	n := opts.Members
 	if n == 0 {
 		n = 1
@@ -138,7 +146,11 @@ func StartWith(t testing.TB, opts Options) *Cluster {
 	})
 
 	for attempt := 1; ; attempt++ {
-		err := c.boot()
+		err := c.boot(func(ports []int) {
+			if portsHook != nil {
+				portsHook(attempt, ports)
+			}
+		})
 		if err == nil {
 			return c
 		}
@@ -159,24 +171,25 @@ func StartWith(t testing.TB, opts Options) *Cluster {
 // requireBinary skips the test when etcd is not installed, or fails it when
 // CI is set, as the e2e harness does for a missing Nix client: CI must not
 // pass by skipping.
-func requireBinary(t testing.TB) {
+func requireBinary(t testing.TB, path string) {
 	t.Helper()
-	if _, err := os.Stat(Binary); err == nil {
+	if _, err := os.Stat(path); err == nil {
 		return
 	}
 	if os.Getenv("CI") != "" {
-		t.Fatalf("etcdtest: %s is missing (CI is set, refusing to skip); install it with: %s", Binary, installHint)
+		t.Fatalf("etcdtest: %s is missing (CI is set, refusing to skip); install it with: %s", path, installHint)
 	}
-	t.Skipf("etcdtest: %s is missing; install it with: %s", Binary, installHint)
+	t.Skipf("etcdtest: %s is missing; install it with: %s", path, installHint)
 }
 
 // boot picks fresh ports for every member, starts them all as a new
 // cluster and waits until all are healthy.
-func (c *Cluster) boot() error {
+func (c *Cluster) boot(hook func(ports []int)) error {
 	ports, err := freePorts(2 * len(c.members))
 	if err != nil {
 		return err
 	}
+	hook(ports)
 	scheme := "http"
 	if c.tls != nil {
 		scheme = "https"
@@ -246,6 +259,9 @@ func (c *Cluster) spawn(m *member, initialCluster, state string) error {
 	logf, err := os.OpenFile(m.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return fmt.Errorf("member %s: opening log: %w", m.name, err)
+	}
+	if fi, err := logf.Stat(); err == nil {
+		m.logStart = fi.Size()
 	}
 	fmt.Fprintf(logf, "=== etcdtest: %s %s\n", Binary, strings.Join(args, " "))
 	cmd := exec.Command(Binary, args...)
@@ -319,11 +335,21 @@ func (m *member) exitError() error {
 		return fmt.Errorf("member %s is not running", m.name)
 	}
 	<-m.done
-	log, _ := os.ReadFile(m.logPath)
-	if bytes.Contains(log, []byte("address already in use")) {
+	if bytes.Contains(m.runLog(), []byte("address already in use")) {
 		return fmt.Errorf("member %s exited (%v): %w", m.name, m.waitErr, errPortTaken)
 	}
 	return fmt.Errorf("member %s exited: %v", m.name, m.waitErr)
+}
+
+// runLog returns the log of the member's current (or last) run.
+func (m *member) runLog() []byte {
+	f, err := os.Open(m.logPath)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	b, _ := io.ReadAll(io.NewSectionReader(f, m.logStart, 1<<40))
+	return b
 }
 
 // health asks a member's /health, which is true only when the member has a
@@ -426,7 +452,9 @@ func (m *member) kill() {
 
 // Restart starts a killed member i again on its data directory, ports and
 // name (--initial-cluster-state existing), and waits until it reports
-// healthy, which needs a quorum of running members.
+// healthy, which needs a quorum of running members. Its ports cannot
+// change (the peer URL is in the cluster's membership), so when another
+// process has taken one meanwhile, Restart retries until it is free.
 func (c *Cluster) Restart(i int) {
 	c.t.Helper()
 	m := c.member(i)
@@ -437,10 +465,20 @@ func (c *Cluster) Restart(i int) {
 	for _, o := range c.members {
 		initial = append(initial, o.name+"="+o.peerURL)
 	}
-	if err := c.spawn(m, strings.Join(initial, ","), "existing"); err != nil {
-		c.t.Fatalf("etcdtest: Restart(%d): %v", i, err)
-	}
-	if err := c.waitHealthy([]*member{m}); err != nil {
+	deadline := time.Now().Add(healthyTimeout)
+	for {
+		if err := c.spawn(m, strings.Join(initial, ","), "existing"); err != nil {
+			c.t.Fatalf("etcdtest: Restart(%d): %v", i, err)
+		}
+		err := c.waitHealthy([]*member{m})
+		if err == nil {
+			return
+		}
+		m.kill()
+		if errors.Is(err, errPortTaken) && time.Now().Before(deadline) {
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
 		c.t.Fatalf("etcdtest: Restart(%d): %v\nmember logs (tail):\n%s", i, err, c.logTails())
 	}
 }

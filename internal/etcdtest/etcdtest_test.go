@@ -2,6 +2,12 @@ package etcdtest
 
 import (
 	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -274,5 +280,110 @@ func TestClientCompat(t *testing.T) {
 	if wr.CompactRevision != head.Header.Revision {
 		t.Fatalf("watch from a compacted revision: CompactRevision %d (err %v), want %d",
 			wr.CompactRevision, wr.Err(), head.Header.Revision)
+	}
+}
+
+// occupy listens on a loopback port until the test ends or release is
+// called.
+func occupy(t *testing.T, port int) (release func()) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
+	if err != nil {
+		t.Fatalf("occupying port %d: %v", port, err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return func() { l.Close() }
+}
+
+// TestPortStolenBeforeBind: a port taken between the probe and etcd's bind
+// makes Start try again on other ports instead of failing the test.
+func TestPortStolenBeforeBind(t *testing.T) {
+	var attempts []int
+	c := start(t, Options{Members: 3}, func(attempt int, ports []int) {
+		attempts = append(attempts, attempt)
+		if attempt == 1 {
+			occupy(t, ports[3]) // member 1's peer port
+		}
+	})
+	if fmt.Sprint(attempts) != "[1 2]" {
+		t.Fatalf("boot attempts %v, want [1 2]", attempts)
+	}
+	if !strings.Contains(c.Log(1), "address already in use") {
+		t.Errorf("member 1's log does not show the first attempt's bind failure")
+	}
+	cli := newClient(t, c)
+	mustPut(t, cli, "k", "v")
+	mustGet(t, cli, "k", "v")
+}
+
+// TestRestartWaitsForItsPort: a killed member's port taken by another
+// process delays its restart until the port is free again.
+func TestRestartWaitsForItsPort(t *testing.T) {
+	c := Start(t, 1)
+	cli := newClient(t, c)
+	mustPut(t, cli, "k", "v")
+	c.Kill(0)
+	_, portStr, err := net.SplitHostPort(strings.TrimPrefix(c.Endpoint(0), "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	port, _ := strconv.Atoi(portStr)
+	release := occupy(t, port)
+	go func() {
+		// Free the port once the member has failed to bind it at least
+		// once (its first run bound it, so the log had no such line).
+		for !strings.Contains(c.Log(0), "address already in use") {
+			time.Sleep(10 * time.Millisecond)
+		}
+		release()
+	}()
+	c.Restart(0)
+	mustGet(t, cli, "k", "v")
+}
+
+// fakeTB records a Skip or Fatal instead of ending the real test.
+type fakeTB struct {
+	testing.TB
+	skipped, failed string
+}
+
+func (f *fakeTB) Helper() {}
+func (f *fakeTB) Skipf(format string, args ...any) {
+	f.skipped = fmt.Sprintf(format, args...)
+	runtime.Goexit()
+}
+func (f *fakeTB) Fatalf(format string, args ...any) {
+	f.failed = fmt.Sprintf(format, args...)
+	runtime.Goexit()
+}
+
+func runFake(t *testing.T, path string) *fakeTB {
+	f := &fakeTB{TB: t}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		requireBinary(f, path)
+	}()
+	<-done
+	return f
+}
+
+// TestMissingBinary follows the e2e harness's rule for a missing Nix
+// client: skip locally, fail under CI, and name the package to install.
+func TestMissingBinary(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "etcd")
+	t.Setenv("CI", "")
+	if f := runFake(t, missing); f.failed != "" || !strings.Contains(f.skipped, "apt-get install -y etcd-server") {
+		t.Errorf("without CI: skipped %q, failed %q", f.skipped, f.failed)
+	}
+	t.Setenv("CI", "1")
+	if f := runFake(t, missing); f.skipped != "" || !strings.Contains(f.failed, "apt-get install -y etcd-server") {
+		t.Errorf("with CI: skipped %q, failed %q", f.skipped, f.failed)
+	}
+	if _, err := os.Stat(Binary); err != nil {
+		return
+	}
+	if f := runFake(t, Binary); f.skipped != "" || f.failed != "" {
+		t.Errorf("with %s present: skipped %q, failed %q", Binary, f.skipped, f.failed)
 	}
 }
