@@ -261,6 +261,28 @@ func TestClientCompat(t *testing.T) {
 	if err != nil || len(members.Members) != 1 {
 		t.Fatalf("MemberList: %v %v", err, members)
 	}
+	// The serializable option is new in the 3.6 API; a 3.4 server ignores
+	// the field and answers.
+	if _, err := cli.MemberList(ctx(t), clientv3.WithSerializable()); err != nil {
+		t.Fatalf("MemberList serializable: %v", err)
+	}
+
+	// A progress notification tells an idle watcher the current revision.
+	// The request must carry the watch's context (its metadata picks the
+	// stream), and follow the watch's creation.
+	pctx, pcancel := context.WithCancel(ctx(t))
+	defer pcancel()
+	pctx = clientv3.WithRequireLeader(pctx)
+	pch := cli.Watch(pctx, "idle", clientv3.WithCreatedNotify())
+	if cr := <-pch; !cr.Created {
+		t.Fatalf("watch response %+v is not the creation", cr)
+	}
+	if err := cli.RequestProgress(pctx); err != nil {
+		t.Fatalf("RequestProgress: %v", err)
+	}
+	if pr := <-pch; !pr.IsProgressNotify() || pr.Header.Revision == 0 {
+		t.Fatalf("watch response %+v is not a progress notification", pr)
+	}
 
 	for i := range 3 {
 		if _, err := cli.Put(ctx(t), "c", string(rune('0'+i))); err != nil {
