@@ -5,9 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -19,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/etcdtest"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
@@ -26,79 +24,20 @@ import (
 
 const storeDir = "/nix/store"
 
-// etcd is one real etcd member on loopback, from Debian's etcd-server.
+// etcd is one real etcd member on loopback (internal/etcdtest).
 type etcd struct {
-	t       *testing.T
-	dir     string
-	client  string
-	peer    string
-	cmd     *exec.Cmd
-	logPath string
-}
-
-func freePort(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	t *testing.T
+	*etcdtest.Cluster
+	client string
 }
 
 func startEtcd(t *testing.T) *etcd {
-	t.Helper()
-	if _, err := exec.LookPath("etcd"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("etcd not found: apt-get install -y etcd-server")
-		}
-		t.Skip("etcd not found: apt-get install -y etcd-server")
-	}
-	e := &etcd{t: t, dir: t.TempDir(), client: "http://" + freePort(t), peer: "http://" + freePort(t)}
-	e.logPath = filepath.Join(e.dir, "etcd.log")
-	e.start()
-	t.Cleanup(e.kill)
-	return e
+	c := etcdtest.Start(t, 1)
+	return &etcd{t: t, Cluster: c, client: c.Endpoint(0)}
 }
 
-func (e *etcd) start() {
-	e.t.Helper()
-	log, err := os.OpenFile(e.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	defer log.Close()
-	e.cmd = exec.Command("etcd", "--name", "m0", "--data-dir", filepath.Join(e.dir, "data"),
-		"--listen-client-urls", e.client, "--advertise-client-urls", e.client,
-		"--listen-peer-urls", e.peer, "--initial-advertise-peer-urls", e.peer,
-		"--initial-cluster", "m0="+e.peer, "--heartbeat-interval", "50", "--election-timeout", "500")
-	e.cmd.Stdout, e.cmd.Stderr = log, log
-	if err := e.cmd.Start(); err != nil {
-		e.t.Fatal(err)
-	}
-	cli := e.cli()
-	defer cli.Close()
-	for i := 0; ; i++ {
-		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
-		_, err := cli.Get(ctx, "health")
-		cancel()
-		if err == nil {
-			return
-		}
-		if i == 100 {
-			raw, _ := os.ReadFile(e.logPath)
-			e.t.Fatalf("etcd did not start: %v\n%s", err, raw)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-func (e *etcd) kill() {
-	if e.cmd != nil && e.cmd.Process != nil {
-		e.cmd.Process.Kill()
-		e.cmd.Wait()
-		e.cmd = nil
-	}
-}
+func (e *etcd) kill()  { e.Kill(0) }
+func (e *etcd) start() { e.Restart(0) }
 
 func (e *etcd) cli() *clientv3.Client {
 	c, err := clientv3.New(clientv3.Config{Endpoints: []string{e.client}, Logger: zap.NewNop()})
