@@ -190,6 +190,9 @@ func TestCluster(t *testing.T) {
 			return nil
 		})
 	}
+	if _, body, err := nodes[1].Get(t, "/"); err != nil || !strings.Contains(string(body), "etcd unreachable") {
+		t.Errorf("status page without quorum does not say so (%v)", err)
+	}
 	_, errOut, err := nodes[0].CLI(t, "allow add", "--reason", "no quorum", string(cs[2].Leaf))
 	if err == nil || !strings.Contains(errOut, "etcd unreachable") || !strings.Contains(errOut, "nothing was changed") {
 		t.Errorf("allow add without quorum: err=%v\n%s", err, errOut)

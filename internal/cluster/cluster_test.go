@@ -26,12 +26,12 @@ const storeDir = "/nix/store"
 
 // etcd is one real etcd member on loopback (internal/etcdtest).
 type etcd struct {
-	t *testing.T
+	t testing.TB
 	*etcdtest.Cluster
 	client string
 }
 
-func startEtcd(t *testing.T) *etcd {
+func startEtcd(t testing.TB) *etcd {
 	c := etcdtest.Start(t, 1)
 	return &etcd{t: t, Cluster: c, client: c.Endpoint(0)}
 }
@@ -56,7 +56,7 @@ type node struct {
 	done     chan struct{}
 }
 
-func newNode(t *testing.T, e *etcd, attesters []verify.PublicKey, dir string) *node {
+func newNode(t testing.TB, e *etcd, attesters []verify.PublicKey, dir string) *node {
 	t.Helper()
 	if dir == "" {
 		dir = t.TempDir()
@@ -92,7 +92,7 @@ func (n *node) close() {
 	n.stop = nil
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 var logMu sync.Mutex
 
@@ -169,7 +169,7 @@ func record(t *testing.T, db *cache.DB, a policy.Attestation) string {
 	return hash
 }
 
-func keyPair(t *testing.T, name string) verify.SecretKey {
+func keyPair(t testing.TB, name string) verify.SecretKey {
 	k, err := verify.GenerateKey(name)
 	if err != nil {
 		t.Fatal(err)
@@ -418,4 +418,37 @@ func TestLargeChangeSplit(t *testing.T) {
 	if len(recs) != 3 || audit.Counts[cache.CountAdded] != 250 {
 		t.Fatalf("%d audit records, counts %v", len(recs), audit.Counts)
 	}
+}
+
+// BenchmarkPropagation measures the time from an admin change answered by
+// one node to its arrival in another node's mirror (the README promises
+// well under a second; this says how far under).
+func BenchmarkPropagation(b *testing.B) {
+	e := startEtcd(b)
+	rb := keyPair(b, "rebuilder-1")
+	keys := []verify.PublicKey{rb.Public()}
+	a, other := newNode(b, e, keys, ""), newNode(b, e, keys, "")
+	b.ResetTimer()
+	for i := range b.N {
+		entry := policy.AllowEntry{StorePath: strings.ReplaceAll(storePath(1000+i), "0", "c"), Added: time.Now().UTC()}
+		if _, err := a.PutAllow([]policy.AllowEntry{entry}, nil); err != nil {
+			b.Fatal(err)
+		}
+		hash := entry.StorePath[len(storeDir)+1:][:narinfo.HashLen]
+		for {
+			if l, _ := other.db.AllowList(); len(l) > 0 && containsHash(l, hash) {
+				break
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+	}
+}
+
+func containsHash(l []policy.AllowEntry, hash string) bool {
+	for _, e := range l {
+		if strings.Contains(e.StorePath, hash) {
+			return true
+		}
+	}
+	return false
 }
