@@ -178,6 +178,10 @@ func OpenDB(path string) (*DB, error) {
 		b.Close()
 		return nil, fmt.Errorf("stat state db %s: %w", path, err)
 	}
+	// Decisions stored in the background (PutRecordBatched) that arrive
+	// within this window share one commit; nobody waits on them, so the
+	// window only bounds how long a decision stays in memory alone.
+	b.MaxBatchDelay = 2 * time.Millisecond
 	return &DB{bolt: b, opened: st}, nil
 }
 
@@ -266,6 +270,21 @@ func (d *DB) PutRecords(recs map[string]Record, epoch int64) (stored bool, err e
 			}
 		}
 		return nil
+	})
+	return stored, err
+}
+
+// PutRecordBatched is PutRecord for callers that do not wait on it: it
+// joins concurrent calls into one commit (bbolt's Batch), so a storm of
+// decisions costs one disk sync per batch instead of one each.
+func (d *DB) PutRecordBatched(hash string, rec Record, epoch int64) (stored bool, err error) {
+	err = d.bolt.Batch(func(tx *bolt.Tx) error {
+		stored = false // Batch may run the function again, alone
+		if readCount(tx, keyEpoch) != epoch {
+			return nil
+		}
+		stored = true
+		return putRecord(tx, hash, rec)
 	})
 	return stored, err
 }

@@ -112,6 +112,7 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 	}
 	// A decision rests on the evidence as it was when deciding began; if an
 	// admin change lands meanwhile, the decision is answered but not stored.
+	before := g.db.Changes()
 	epoch, err := g.db.Epoch()
 	if err != nil {
 		return outcome{}, err
@@ -143,18 +144,40 @@ func (g *Gate) decideAndStore(ctx context.Context, c *conf, hash string, visitin
 			return outcome{}, err
 		}
 	}
-	before := g.db.Changes()
-	stored, err := g.db.PutRecord(hash, rec, epoch)
-	if err != nil {
-		return outcome{}, err
-	}
-	if stored {
-		g.hot.put(hash, &rec, before, g.db.Changes)
-		if waited != nil {
+	g.storeRecord(hash, rec, epoch, before, waited)
+	return outcome{rec: &rec, decision: d}, nil
+}
+
+// storeRecord keeps a decision for the requests that follow. The answer
+// does not wait for the disk: the decision is kept in memory at once
+// (unless the evidence changed since deciding began) and written to the
+// state file in the background, joined with other decisions into one
+// commit. A crash before the commit loses only decisions, which are made
+// again when next requested. Until its commit, any change of evidence
+// drops it from memory (evidenceChanged), since the store's list of
+// dropped decisions cannot name one it does not hold yet.
+func (g *Gate) storeRecord(hash string, rec cache.Record, epoch int64, before uint64, waited *cache.Rejection) {
+	g.unstored.add(hash)
+	g.hot.put(hash, &rec, before, g.db.Changes)
+	g.writes.Add(1)
+	go func() {
+		defer g.writes.Done()
+		stored, err := g.db.PutRecordBatched(hash, rec, epoch)
+		if err != nil {
+			g.log.Error("store decision", "path", rec.StorePath, "err", err)
+		}
+		if err != nil || !stored {
+			// Evidence changed since deciding began. The change drops the
+			// copy in memory too (evidenceChanged), but its notice may
+			// come after this: drop it here, before it stops counting
+			// as unstored.
+			g.hot.drop([]string{hash})
+		}
+		g.unstored.done(hash)
+		if stored && waited != nil {
 			g.m.TimeToAttestation.Observe(rec.Decided.Sub(waited.First).Seconds())
 		}
-	}
-	return outcome{rec: &rec, decision: d}, nil
+	}()
 }
 
 // classLabel is the classification label of

@@ -129,6 +129,8 @@ type Gate struct {
 
 	flight   singleflight.Group // one decision per hash at a time
 	hot      *hotRecords
+	unstored pendingSet     // decisions in memory not yet committed (storeRecord)
+	writes   sync.WaitGroup // storeRecord's background commits
 	neg      *negCache
 	nars     *narstream.Group
 	encoders *encoders
@@ -219,6 +221,7 @@ func (g *Gate) Reconfigure(s Settings) (bool, error) {
 // stored decisions it dropped.
 func (g *Gate) evidenceChanged(dropped []string) {
 	g.hot.drop(dropped)
+	g.hot.drop(g.unstored.list())
 	g.neg.clear()
 }
 
@@ -231,7 +234,48 @@ func (g *Gate) serveCompression() string {
 }
 
 // Close stops the downloads in progress.
-func (g *Gate) Close() { g.nars.Close() }
+func (g *Gate) Close() {
+	g.nars.Close()
+	g.Flush()
+}
+
+// Flush waits until every decision answered so far is committed to the
+// state file (storeRecord): at shutdown, and in tests that read the file.
+func (g *Gate) Flush() { g.writes.Wait() }
+
+// pendingSet counts, per hash, decisions kept in memory whose commit has
+// not ended.
+type pendingSet struct {
+	mu sync.Mutex
+	m  map[string]int
+}
+
+func (p *pendingSet) add(hash string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.m == nil {
+		p.m = map[string]int{}
+	}
+	p.m[hash]++
+}
+
+func (p *pendingSet) done(hash string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.m[hash]--; p.m[hash] <= 0 {
+		delete(p.m, hash)
+	}
+}
+
+func (p *pendingSet) list() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]string, 0, len(p.m))
+	for h := range p.m {
+		out = append(out, h)
+	}
+	return out
+}
 
 // PublicKey is the gatekeeper key fleet machines trust.
 func (g *Gate) PublicKey() verify.PublicKey { return g.key.Public() }

@@ -236,6 +236,7 @@ func (f *fixture) narinfo(o *obj) Answer {
 	if err != nil {
 		f.t.Fatal(err)
 	}
+	f.g.Flush() // tests read the state file after answers
 	return a
 }
 
@@ -245,6 +246,7 @@ func (f *fixture) nar(file string) Answer {
 	if err != nil {
 		f.t.Fatal(err)
 	}
+	f.g.Flush()
 	return a
 }
 
@@ -580,4 +582,35 @@ func gaugeValue(t *testing.T, g prometheus.Gauge) float64 {
 		t.Fatal(err)
 	}
 	return m.GetGauge().GetValue()
+}
+
+// A decision answered before its commit (storeRecord) is never served
+// after an admin change that lands before the commit: whichever of the
+// two commits first, the next answer follows the change.
+func TestDecisionBeforeCommitYieldsToChange(t *testing.T) {
+	f := newFixture(t, false)
+	for i := range 30 {
+		o := newObj(fmt.Sprintf("racy-%d", i))
+		f.up.publish(o)
+		f.attest(o)
+		a, err := f.g.NarInfo(context.Background(), o.hash) // no Flush: the commit may still be pending
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantAnswer(t, "before the deny", a, Serve, "approved; reason=attested")
+		if _, err := f.g.Deny(Change{Who: "test"}, []string{o.ni.StorePath}); err != nil {
+			t.Fatal(err)
+		}
+		a, err = f.g.NarInfo(context.Background(), o.hash)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantAnswer(t, "after the deny", a, Reject, "rejected; reason=denied")
+		a, err = f.g.NAR(context.Background(), narFileOf(o))
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantAnswer(t, "NAR after the deny", a, Reject, "rejected; reason=denied")
+	}
+	f.g.Flush()
 }

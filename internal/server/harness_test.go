@@ -373,6 +373,9 @@ func (f *fixture) get(p string, hdr ...string) (*http.Response, []byte, error) {
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
+	if f.s != nil {
+		f.s.gate.Flush() // tests read the state file and metrics after answers
+	}
 	return resp, body, err
 }
 
