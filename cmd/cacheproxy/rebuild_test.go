@@ -23,7 +23,9 @@ func TestRebuildUsage(t *testing.T) {
 		code int
 		want string
 	}{
-		{append(admin, "--key-file", notKey), 2, "only --once"},
+		{append(admin, "--once", "--key-file", notKey, "-A", "hello"), 2, "-A names an attribute of the --instantiate FILE"},
+		{append(admin, "--once", "--key-file", notKey, "--interval", "soon"), 2, "invalid value"},
+		{append(admin, "--once", "--key-file", notKey, "--jobs", "0"), 1, "--jobs: rebuild.jobs: 0 must be between 1 and 256"},
 		{append(admin, "--once"), 2, "--key-file is required"},
 		{append(admin, "--once", "--key-file", notKey), 1, "not a Nix secret key"},
 		{append(admin, "--once", "--key-file", filepath.Join(dir, "missing")), 1, "--key-file"},
