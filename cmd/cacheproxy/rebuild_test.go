@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -49,5 +50,35 @@ func TestRebuildEmptyQueue(t *testing.T) {
 	code, stdout, stderr := cli(t, "", "rebuild", "--once", "-c", cfg, "--key-file", keyFile)
 	if code != 0 || stdout != "" {
 		t.Fatalf("rebuild --once on an empty queue: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+}
+
+// [rebuild] gives the key file (and the rest) when no flag does; a flag
+// overrides its key; a bad value in the file is reported at its line, and
+// the gatekeeper's own settings are not the rebuilder's business.
+func TestRebuildConfigSection(t *testing.T) {
+	rb, _ := verify.GenerateKey("rebuilder-1")
+	keyFile := filepath.Join(t.TempDir(), "rebuilder-1.sec")
+	if err := os.WriteFile(keyFile, []byte(rb.String()+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	diffs := filepath.Join(t.TempDir(), "diffs")
+	cfg, _, _ := startServerWith(t, rb.Public(), fmt.Sprintf("[rebuild]\nkey_file = %q\njobs = 3\ncheck = true\nkeep_diffs = %q\n", keyFile, diffs))
+	if code, stdout, stderr := cli(t, "", "rebuild", "--once", "-c", cfg); code != 0 || stdout != "" {
+		t.Fatalf("rebuild --once with [rebuild] key_file: exit %d, stdout %q, stderr %q", code, stdout, stderr)
+	}
+	if st, err := os.Stat(diffs); err != nil || !st.IsDir() {
+		t.Errorf("keep_diffs %s was not made: %v", diffs, err)
+	}
+	missing := filepath.Join(t.TempDir(), "missing.sec")
+	if code, _, stderr := cli(t, "", "rebuild", "--once", "-c", cfg, "--key-file", missing); code != 1 || !strings.Contains(stderr, missing) {
+		t.Errorf("--key-file over key_file: exit %d, stderr %q; want the flag's file named", code, stderr)
+	}
+
+	bad := filepath.Join(t.TempDir(), "rebuilder.toml")
+	os.WriteFile(bad, []byte("signing_key_file = \"/nonexistent/gatekeeper.sec\"\n[rebuild]\nkey_file = \""+keyFile+"\"\njobs = 0\n"), 0o600)
+	code, _, stderr := cli(t, "", "rebuild", "--once", "-c", bad, "--server", "http://127.0.0.1:1", "--token-file", keyFile)
+	if code != 1 || !strings.Contains(stderr, bad+":4: rebuild.jobs: 0 must be between 1 and 256") || strings.Contains(stderr, "signing_key_file") {
+		t.Errorf("jobs = 0: exit %d, stderr %q; want only the [rebuild] problem, at its line", code, stderr)
 	}
 }
