@@ -1,12 +1,16 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
@@ -80,5 +84,26 @@ func TestRebuildConfigSection(t *testing.T) {
 	code, _, stderr := cli(t, "", "rebuild", "--once", "-c", bad, "--server", "http://127.0.0.1:1", "--token-file", keyFile)
 	if code != 1 || !strings.Contains(stderr, bad+":4: rebuild.jobs: 0 must be between 1 and 256") || strings.Contains(stderr, "signing_key_file") {
 		t.Errorf("jobs = 0: exit %d, stderr %q; want only the [rebuild] problem, at its line", code, stderr)
+	}
+}
+
+// rejections --derivers lists what a rebuild could approve, once each,
+// and not an attestation_mismatch: that rebuild was done and disagreed.
+func TestRejectionsDeriversLeaveOutMismatches(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(adminapi.Rejections{Rejections: []adminapi.Rejection{
+			{StorePath: "/nix/store/a-app", Reason: "closure_incomplete", Deriver: "/nix/store/d1-app.drv"},
+			{StorePath: "/nix/store/b-lib", Reason: "unattested", Deriver: "/nix/store/d2-lib.drv"},
+			{StorePath: "/nix/store/b-lib-dev", Reason: "unattested", Deriver: "/nix/store/d2-lib.drv"},
+			{StorePath: "/nix/store/c-ssl", Reason: "attestation_mismatch", Deriver: "/nix/store/d3-ssl.drv", Classification: "stable"},
+			{StorePath: "/nix/store/e-bad", Reason: "denied", Deriver: "/nix/store/d4-bad.drv"},
+		}})
+	}))
+	defer srv.Close()
+	token := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(token, []byte("0123456789abcdef0123456789abcdef\n"), 0o600)
+	code, stdout, stderr := cli(t, "", "rejections", "--derivers", "--server", srv.URL, "--token-file", token)
+	if want := "/nix/store/d1-app.drv\n/nix/store/d2-lib.drv\n"; code != 0 || stdout != want {
+		t.Fatalf("rejections --derivers: exit %d, stdout %q, stderr %q; want %q", code, stdout, stderr, want)
 	}
 }
