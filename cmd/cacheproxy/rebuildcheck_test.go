@@ -38,3 +38,18 @@ func TestWithReports(t *testing.T) {
 		t.Fatalf("bad path-info JSON: error %v", err)
 	}
 }
+
+// nixMessage finds Nix's error line, and places an evaluation error.
+func TestNixMessage(t *testing.T) {
+	for _, tc := range []struct{ stderr, want string }{
+		{"building '/nix/store/x.drv'...\nerror: builder for '/nix/store/x.drv' failed with exit code 1\n", "error: builder for '/nix/store/x.drv' failed with exit code 1"},
+		{"error: undefined variable 'undefinedThing'\n\n       at /tmp/broken.nix:1:7:\n\n            1| { x = undefinedThing; }\n             |       ^\n",
+			"error: undefined variable 'undefinedThing' (at /tmp/broken.nix:1:7)"},
+		{"warning: something\nerror: first\nerror: the last one\nbuild log line\n", "error: the last one"},
+		{"no error line at all\nlast\n", "last"},
+	} {
+		if got := nixMessage(tc.stderr); got != tc.want {
+			t.Errorf("nixMessage(%q) = %q, want %q", tc.stderr, got, tc.want)
+		}
+	}
+}

@@ -23,9 +23,9 @@ type nixTools interface {
 	dump(ctx context.Context, path string, w io.Writer) error
 }
 
-// nixError is a Nix tool that failed: its error message is the last line
-// of its standard error (where Nix says what went wrong); the whole of it
-// says more, such as the build directories --keep-failed kept.
+// nixError is a Nix tool that failed: its message is what Nix said went
+// wrong (see nixMessage); the whole standard error says more, such as the
+// build directories --keep-failed kept.
 type nixError struct {
 	cmd    string // "nix-store --realise /nix/store/...drv"
 	err    error  // exit status
@@ -33,11 +33,29 @@ type nixError struct {
 }
 
 func (e *nixError) Error() string {
-	msg := strings.TrimSpace(e.stderr)
-	if i := strings.LastIndexByte(msg, '\n'); i >= 0 {
-		msg = msg[i+1:]
+	return fmt.Sprintf("%s: %v: %s", e.cmd, e.err, nixMessage(e.stderr))
+}
+
+// nixMessage picks Nix's error out of its standard error: the last line
+// that starts with "error:" (a build log or an evaluation error's code
+// excerpt may follow it), with the "at FILE:LINE:COL:" line that places an
+// evaluation error; else the last line.
+func nixMessage(stderr string) string {
+	lines := strings.Split(strings.TrimSpace(stderr), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if !strings.HasPrefix(lines[i], "error:") {
+			continue
+		}
+		msg := strings.TrimSpace(lines[i])
+		for _, l := range lines[i+1 : min(i+4, len(lines))] {
+			if l = strings.TrimSpace(l); strings.HasPrefix(l, "at ") {
+				msg += " (" + strings.TrimSuffix(l, ":") + ")"
+				break
+			}
+		}
+		return msg
 	}
-	return fmt.Sprintf("%s: %v: %s", e.cmd, e.err, msg)
+	return strings.TrimSpace(lines[len(lines)-1])
 }
 
 func (e *nixError) Unwrap() error { return e.err }
