@@ -31,11 +31,19 @@ func runRebuildEnv(t *testing.T, px *Proxy, env []string, extra ...string) (stdo
 	defer cancel()
 	cmd := exec.CommandContext(ctx, cacheproxyBin, rebuildArgs(px, append([]string{"--once"}, extra...)...)...)
 	cmd.Dir = px.Dir
-	cmd.Env = append(filterEnv(nixEnv(nixHome), "CACHEPROXY_CONFIG="), env...)
+	cmd.Env = append(rebuilderEnv(px), env...)
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err = cmd.Run()
 	return out.String(), errOut.String(), err
+}
+
+// rebuilderEnv is a rebuilder's Nix environment: the local store, with
+// the gatekeeper as the only substituter and its key the only one trusted,
+// as the README asks of a rebuilder's nix.conf.
+func rebuilderEnv(px *Proxy) []string {
+	return append(filterEnv(nixEnv(nixHome), "CACHEPROXY_CONFIG="),
+		"NIX_CONFIG=substituters = "+px.URL+"\ntrusted-public-keys = "+px.GatekeeperKey)
 }
 
 // rebuildArgs is the command line of `cacheproxy rebuild` against px as
@@ -141,10 +149,7 @@ func TestRebuildCommandBuildFailed(t *testing.T) {
 // shows the attestation_mismatch refusal classified not_reproducible.
 func TestRebuildCommandNotReproducible(t *testing.T) {
 	t.Parallel()
-	expr := fmt.Sprintf(`derivation { name = "random-%s"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "read -r x < /proc/sys/kernel/random/uuid; echo $x > $out" ]; nonce = "%d"; }`,
-		nonceRe.ReplaceAllString(t.Name(), "_"), time.Now().UnixNano())
-	drv := strings.TrimSpace(lastLine(runNix(t, "nix-instantiate", "-E", expr)))
-	rnd := StorePath(strings.TrimSpace(lastLine(runNix(t, "nix-store", "--realise", drv))))
+	rnd := randomPath(t)
 	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) { f.Up.Publish(t, "zstd", rnd) })
 	// The upstream keeps its build; the rebuilder must make its own.
 	runNix(t, "nix-store", "--delete", string(rnd))
@@ -192,7 +197,7 @@ func randomPath(t *testing.T) StorePath {
 	expr := fmt.Sprintf(`derivation { name = "random-%s"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "read -r x < /proc/sys/kernel/random/uuid; echo $x > $out" ]; nonce = "%d"; }`,
 		nonceRe.ReplaceAllString(t.Name(), "_"), time.Now().UnixNano())
 	drv := strings.TrimSpace(lastLine(runNix(t, "nix-instantiate", "-E", expr)))
-	return StorePath(strings.TrimSpace(lastLine(runNix(t, "nix-store", "--realise", drv))))
+	return StorePath(strings.TrimSpace(lastLine(runNix(t, "nix-store", "--realise", drv, "--option", "substituters", ""))))
 }
 
 // --keep-diffs with a derivation whose output is random: the rebuild
@@ -255,7 +260,7 @@ func TestRebuildCommandInstantiate(t *testing.T) {
 		t.Fatal(err)
 	}
 	drv := strings.TrimSpace(lastLine(runNix(t, "nix-instantiate", nixFile, "-A", "tools.greeting")))
-	out := StorePath(strings.TrimSpace(lastLine(runNix(t, "nix-store", "--realise", drv))))
+	out := StorePath(strings.TrimSpace(lastLine(runNix(t, "nix-store", "--realise", drv, "--option", "substituters", ""))))
 	f := newFixture(t, "zstd", ProxyConfig{}, func(f *fixture) { f.Up.Publish(t, "zstd", out) })
 	// The rebuilder has neither the output nor its deriver.
 	runNix(t, "nix-store", "--delete", string(out))
@@ -292,7 +297,7 @@ func TestRebuildCommandLoopStopsOnSignal(t *testing.T) {
 	}
 	cmd := exec.Command(cacheproxyBin, rebuildArgs(f.Px, "--interval", "1s", "--jobs", "2")...)
 	cmd.Dir = f.Px.Dir
-	cmd.Env = filterEnv(nixEnv(nixHome), "CACHEPROXY_CONFIG=")
+	cmd.Env = rebuilderEnv(f.Px)
 	var out, errOut syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	if err := cmd.Start(); err != nil {
