@@ -342,3 +342,53 @@ func hasLabel(samples []map[string]string, label, op, value string) bool {
 	}
 	return false
 }
+
+const rebuilderUnit = "rebuilder/cacheproxy-rebuild.service"
+
+// The rebuilder's example unit verifies (systemd-analyze, with ExecStart
+// pointing at an executable that exists here), runs the long-running mode
+// next to the Nix daemon, and keeps what the README says it keeps: the
+// daemon's /tmp reachable (its kept build directories are removed from
+// there) and the rest taken away.
+func TestRebuilderUnit(t *testing.T) {
+	raw, err := os.ReadFile(rebuilderUnit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := map[string]bool{}
+	for _, l := range strings.Split(string(raw), "\n") {
+		lines[strings.TrimSpace(l)] = true
+	}
+	for _, want := range []string{
+		"ExecStart=/usr/local/bin/cacheproxy rebuild -c /etc/cacheproxy/rebuild.toml --key-file=%d/rebuilder-key --token-file=%d/admin-token",
+		"Requires=nix-daemon.socket", "Environment=NIX_REMOTE=daemon", "PrivateTmp=no", "ReadWritePaths=/nix/store /tmp",
+		"ProtectSystem=strict", "ProtectHome=yes", "NoNewPrivileges=yes", "CapabilityBoundingSet=CAP_DAC_OVERRIDE CAP_FOWNER",
+		"RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "StateDirectory=cacheproxy-rebuild",
+	} {
+		if !lines[want] {
+			t.Errorf("%s lacks %q", rebuilderUnit, want)
+		}
+	}
+	if strings.Contains(string(raw), "--once") {
+		t.Errorf("%s runs --once; the service is the long-running mode", rebuilderUnit)
+	}
+	tool, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("systemd-analyze is not on PATH (CI is set, refusing to skip)")
+		}
+		t.Skip("SKIP: systemd-analyze is not on PATH (apt-get install systemd)")
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := filepath.Join(t.TempDir(), filepath.Base(rebuilderUnit))
+	if err := os.WriteFile(unit, []byte(strings.ReplaceAll(string(raw), "/usr/local/bin/cacheproxy", exe)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(tool, "verify", unit).CombinedOutput()
+	if err != nil || strings.Contains(string(out), filepath.Base(rebuilderUnit)) {
+		t.Fatalf("systemd-analyze verify %s: %v\n%s", rebuilderUnit, err, out)
+	}
+}
