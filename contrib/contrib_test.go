@@ -1,7 +1,7 @@
 // Package contrib checks the operator files in this directory: the
-// Prometheus alerting rules (promtool) and the Grafana dashboard, and that
+// Prometheus alerting rules (promtool) and the Grafana dashboard, that
 // every metric and label value they use exists on /metrics of a running
-// proxy.
+// proxy, and the rebuilder's systemd unit (systemd-analyze verify).
 package contrib
 
 import (
