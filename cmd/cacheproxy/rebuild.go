@@ -160,7 +160,7 @@ func cmdRebuild(args []string, cio cmdIO) error {
 	defer stop()
 	r := &rebuilder{client: c, keyFile: cfg.KeyFile, keyName: keyName, nix: execNix{},
 		jobs: cfg.Jobs, check: cfg.Check, keepDiffs: cfg.KeepDiffs, instantiate: rf.instantiate, attrs: rf.attrs,
-		out: &lockedWriter{w: cio.stdout}, log: &lockedWriter{w: cio.stderr}}
+		out: &lockedWriter{w: cio.stdout}, log: &lockedWriter{w: cio.stderr}, now: time.Now}
 	if rf.once {
 		return r.once(ctx)
 	}
@@ -223,12 +223,42 @@ type rebuilder struct {
 	attrs       []string
 	out         io.Writer // one STATUS<TAB>PATH line per queued path
 	log         io.Writer // why a path was not attested
+
+	now     func() time.Time
+	retries map[string]retryState // failed derivations: when to try again (long-running mode)
 }
 
 // passResult counts one pass's queued paths.
-type passResult struct{ queued, attested int }
+type passResult struct {
+	queued, attested int
+	waiting          int  // paths not built: their derivation failed recently (retryAfter)
+	instantiateErr   bool // --instantiate failed
+}
 
-func (p passResult) failed() int { return p.queued - p.attested }
+// failed counts what this pass tried and did not attest, a failed
+// --instantiate as one.
+func (p passResult) failed() int {
+	n := p.queued - p.attested - p.waiting
+	if p.instantiateErr {
+		n++
+	}
+	return n
+}
+
+// Backoff for a derivation that did not build or whose attestation was
+// refused: the long-running mode does not build it again at every pass
+// (a failing LLVM build every five minutes), but after an hour, then
+// after twice as long each time, up to a day.
+const (
+	retryFirst = time.Hour
+	retryMax   = 24 * time.Hour
+)
+
+// retryState is when a failed derivation may be built again.
+type retryState struct {
+	after   time.Time
+	backoff time.Duration
+}
 
 // once drains the queue as it is now: one pass, one line per queued path.
 func (r *rebuilder) once(ctx context.Context) error {
@@ -238,6 +268,9 @@ func (r *rebuilder) once(ctx context.Context) error {
 	}
 	if ctx.Err() != nil {
 		return fmt.Errorf("interrupted: %d of %d queued paths attested", res.attested, res.queued)
+	}
+	if res.instantiateErr {
+		return fmt.Errorf("--instantiate failed (above); %d of %d queued paths were not attested", res.queued-res.attested, res.queued)
 	}
 	if res.failed() > 0 {
 		return fmt.Errorf("%d of %d queued paths were not attested", res.failed(), res.queued)
@@ -250,6 +283,10 @@ func (r *rebuilder) once(ctx context.Context) error {
 // loop returns nil. A pass that fails (the gatekeeper is down) is
 // reported and tried again after the interval.
 func (r *rebuilder) loop(ctx context.Context, interval time.Duration, after func(time.Duration) <-chan time.Time) error {
+	r.retries = map[string]retryState{}
+	if r.now == nil {
+		r.now = time.Now
+	}
 	for {
 		res, err := r.pass(ctx)
 		if ctx.Err() != nil {
@@ -259,8 +296,12 @@ func (r *rebuilder) loop(ctx context.Context, interval time.Duration, after func
 		if err != nil {
 			fmt.Fprintf(r.log, "pass failed: %v; next pass in %s\n", err, config.FormatDuration(interval))
 		} else if res.queued > 0 {
-			fmt.Fprintf(r.log, "pass done: %d queued, %d attested, %d not; next pass in %s\n",
-				res.queued, res.attested, res.failed(), config.FormatDuration(interval))
+			wait := ""
+			if res.waiting > 0 {
+				wait = fmt.Sprintf(", %d waiting to retry a failed build", res.waiting)
+			}
+			fmt.Fprintf(r.log, "pass done: %d queued, %d attested, %d not%s; next pass in %s\n",
+				res.queued, res.attested, res.queued-res.attested-res.waiting, wait, config.FormatDuration(interval))
 		}
 		select {
 		case <-ctx.Done():
@@ -284,7 +325,7 @@ func (r *rebuilder) pass(ctx context.Context) (passResult, error) {
 		}
 		if _, err := r.nix.run(ctx, "nix-instantiate", args...); err != nil {
 			fmt.Fprintf(r.log, "--instantiate %s: %v\n", r.instantiate, err)
-			res.queued++ // a failure of this pass, so that --once exits 1
+			res.instantiateErr = true
 		}
 	}
 	q, err := r.client.GetRebuildQueue(ctx, r.keyName)
@@ -308,6 +349,7 @@ func (r *rebuilder) pass(ctx context.Context) (passResult, error) {
 		}
 		j.paths = append(j.paths, e.StorePath)
 	}
+	jobs = r.dueJobs(jobs, &res)
 	if r.jobs > 1 {
 		r.dependencies(ctx, jobs)
 	}
@@ -316,6 +358,7 @@ func (r *rebuilder) pass(ctx context.Context) (passResult, error) {
 			if ctx.Err() != nil {
 				return // interrupted: the next run takes it again
 			}
+			retry := false
 			for _, p := range j.paths {
 				status, diffs := j.outcome.of(p)
 				if status == "" {
@@ -325,9 +368,45 @@ func (r *rebuilder) pass(ctx context.Context) (passResult, error) {
 				if r.report(status, p, diffs, "") {
 					res.attested++
 				}
+				retry = retry || status == rebuildBuildFailed || status == rebuildAttestFailed
 			}
+			r.noteFailure(j.drv, retry)
 		})
 	return res, nil
+}
+
+// dueJobs leaves out the derivations that failed recently and are not
+// due for another try, counting their paths as waiting.
+func (r *rebuilder) dueJobs(jobs []*buildJob, res *passResult) []*buildJob {
+	var due []*buildJob
+	for _, j := range jobs {
+		if st, ok := r.retries[j.drv]; ok && r.now().Before(st.after) {
+			res.waiting += len(j.paths)
+			continue
+		}
+		due = append(due, j)
+	}
+	if res.waiting > 0 {
+		fmt.Fprintf(r.log, "%d queued paths wait for another try of a derivation that failed recently\n", res.waiting)
+	}
+	return due
+}
+
+// noteFailure starts or lengthens a derivation's backoff when it failed,
+// and forgets it when it did not.
+func (r *rebuilder) noteFailure(drv string, failed bool) {
+	if r.retries == nil {
+		return // --once: there is no next try
+	}
+	if !failed {
+		delete(r.retries, drv)
+		return
+	}
+	st := r.retries[drv]
+	st.backoff = min(max(2*st.backoff, retryFirst), retryMax)
+	st.after = r.now().Add(st.backoff)
+	r.retries[drv] = st
+	fmt.Fprintf(r.log, "%s: next try not before %s\n", drv, st.after.UTC().Format(time.RFC3339))
 }
 
 // dependencies finds, for each job, the other jobs its derivation needs

@@ -374,3 +374,52 @@ func TestRebuildLoop(t *testing.T) {
 		t.Errorf("stderr: %s", f.stderr)
 	}
 }
+
+// In the long-running mode a derivation that failed to build is not built
+// again at the next pass, but after an hour, then two, and so on; one that
+// builds is forgotten. The queue keeps naming it all along.
+func TestRebuildLoopBacksOffFailedBuilds(t *testing.T) {
+	f := newRebuildFixture(t, "broken", "")
+	builds := 0
+	f.nix.on("nix-store --realise "+f.drv, func() (string, error) {
+		builds++
+		return fail("error: builder for '" + f.drv + "' failed with exit code 1")()
+	})
+	clock := time.Date(2026, 3, 1, 8, 0, 0, 0, time.UTC)
+	f.r.now = func() time.Time { return clock }
+	ctx, cancel := context.WithCancel(context.Background())
+	// Each wait advances the clock by the step; the builds seen after each
+	// pass are what the test expects.
+	steps := []struct {
+		advance time.Duration
+		builds  int
+	}{
+		{5 * time.Minute, 1},  // first pass: built, failed
+		{50 * time.Minute, 1}, // 8:05: waiting
+		{10 * time.Minute, 1}, // 8:55: waiting
+		{90 * time.Minute, 2}, // 9:05: an hour on: built again, failed; next in two hours
+		{time.Hour, 2},        // 10:35: waiting
+		{0, 3},                // 11:35: built again
+	}
+	i := 0
+	after := func(time.Duration) <-chan time.Time {
+		if builds != steps[i].builds {
+			t.Errorf("after pass %d (%s): %d builds, want %d", i+1, clock.Format("15:04"), builds, steps[i].builds)
+		}
+		clock = clock.Add(steps[i].advance)
+		i++
+		c := make(chan time.Time, 1)
+		if i == len(steps) {
+			cancel()
+		} else {
+			c <- clock
+		}
+		return c
+	}
+	if err := f.r.loop(ctx, 5*time.Minute, after); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(f.stderr.String(), "1 waiting to retry a failed build") {
+		t.Errorf("the pass summaries do not count the waiting path:\n%s", f.stderr)
+	}
+}
