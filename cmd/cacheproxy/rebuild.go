@@ -73,6 +73,9 @@ func (f *rebuildFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.keepDiffs, "keep-diffs", "", "keep both NARs of an output two builds disagree on under `DIR`/<hash>-<name>/ (rebuild.keep_diffs)")
 	fs.StringVar(&f.instantiate, "instantiate", "", "run nix-instantiate `FILE` [-A ATTR]... before each pass, so that their .drv are in the local store")
 	fs.Var(&f.attrs, "A", "an `ATTR` of the --instantiate file (repeatable)")
+	// Their defaults are the [rebuild] section's, which the usage names.
+	fs.Lookup("interval").DefValue = ""
+	fs.Lookup("jobs").DefValue = ""
 }
 
 // apply writes the flags that were given over cfg's [rebuild] section,

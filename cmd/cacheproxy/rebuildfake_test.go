@@ -423,3 +423,40 @@ func TestRebuildLoopBacksOffFailedBuilds(t *testing.T) {
 		t.Errorf("the pass summaries do not count the waiting path:\n%s", f.stderr)
 	}
 }
+
+// An output already valid here (substituted, or built before) is built
+// again with --check rather than signed as it is; when that build differs,
+// the path is "not reproducible", nothing is posted, and --keep-diffs
+// keeps the store's copy (1-in-store.nar) and the new build.
+func TestRebuildValidOutputCheckDiffers(t *testing.T) {
+	f := newRebuildFixture(t, "random", "")
+	if err := os.WriteFile(f.out, []byte("in the store\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f.nix.on("nix-store --check-validity "+f.out, ok(""))
+	buildDir := f.secondBuildDiffers(t, "built here\n")
+	f.r.keepDiffs = t.TempDir()
+	if err := f.r.once(context.Background()); err == nil {
+		t.Fatal("once: no error though nothing was attested")
+	}
+	kept := filepath.Join(f.r.keepDiffs, filepath.Base(f.out))
+	if want := "not reproducible\t" + f.out + "\tdiffs: " + kept + "\n"; f.stdout.String() != want {
+		t.Fatalf("stdout %q, want %q\nstderr:\n%s", f.stdout, want, f.stderr)
+	}
+	for name, want := range map[string]string{"1-in-store.nar": "in the store\n", "2-check-build.nar": "built here\n"} {
+		if got, err := os.ReadFile(filepath.Join(kept, name)); err != nil || string(got) != want {
+			t.Errorf("%s: %q, %v; want %q", name, got, err, want)
+		}
+	}
+	if p := f.gk.postedEntries(); len(p) != 0 {
+		t.Errorf("posted %v", p)
+	}
+	if f.nix.ranCmd("nix-store --realise " + f.drv) {
+		t.Error("a plain --realise, which would build nothing, instead of --check")
+	}
+	for _, gone := range []string{f.out + ".check", buildDir} {
+		if _, err := os.Lstat(gone); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind: %v", gone, err)
+		}
+	}
+}
