@@ -334,3 +334,26 @@ func TestRebuildCommandLoopStopsOnSignal(t *testing.T) {
 	}
 	newClient(t).MustSubstitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App)
 }
+
+// --check builds the queued leaf twice with the real Nix (the rebuilder
+// does not have it: a build, then `--check --keep-failed`); both builds
+// agree, so it is attested, and no build directory is left.
+func TestRebuildCommandCheckAttestsReproducible(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, "zstd", ProxyConfig{RequireClosure: true}, nil)
+	f.Px.Attest(t, attestFile(t, rb1Key, f.C.App))
+	cl := newClient(t)
+	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
+		t.Fatalf("the client got an app whose leaf is unattested:\n%s", out)
+	}
+	runNix(t, "nix-store", "--delete", string(f.C.App), string(f.C.Leaf))
+	tmp := t.TempDir()
+	out, errOut, err := runRebuildEnv(t, f.Px, []string{"TMPDIR=" + tmp}, "--check")
+	if err != nil || out != "attested\t"+string(f.C.Leaf)+"\n" {
+		t.Fatalf("cacheproxy rebuild --once --check: %v, printed %q (stderr: %s)", err, out, errOut)
+	}
+	if left, _ := filepath.Glob(filepath.Join(tmp, "nix-build-*")); len(left) != 0 {
+		t.Errorf("build directories left behind: %v", left)
+	}
+	cl.MustSubstitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App)
+}
