@@ -83,7 +83,7 @@ func (r *rebuilder) upstreamNarHash(ctx context.Context, path string) (string, e
 // classification is what classify found out about a derivation's outputs.
 type classification struct {
 	reports  map[string]*rebuildReport // outputs whose NarHash is not the upstream's
-	unstable map[string]bool           // outputs two builds here disagreed on, matching the upstream or not
+	unstable map[string]bool           // outputs of a derivation two builds here disagreed on
 	diffs    map[string]string         // output -> the directory keeping its two NARs (--keep-diffs)
 }
 
@@ -133,25 +133,29 @@ func (r *rebuilder) classify(ctx context.Context, drv string, infos []pathInfo, 
 	case err == nil:
 		stable()
 	case strings.Contains(err.Error(), nixNondeterministic):
+		// The derivation is not reproducible as a whole: Nix stops
+		// comparing at the first output that differs, so an output
+		// without OUT.check may just not have been compared.
 		for _, pi := range infos {
 			out := pi.Path
+			c.unstable[out] = true
+			rep := c.reports[out]
+			if rep != nil {
+				rep.Classification = classNotReproducible
+			}
 			second, dir, err := r.keepPair(ctx, out, "1-first-build.nar")
 			if errors.Is(err, os.ErrNotExist) {
-				// This output came out the same; another one differed.
-				if rep := c.reports[out]; rep != nil {
-					rep.Classification = classStable
+				if rep != nil {
 					rep.Builds = append(rep.Builds, rep.Builds[0])
 				}
 				continue
 			} else if err != nil {
 				return c, err
 			}
-			c.unstable[out] = true
 			if dir != "" {
 				c.diffs[out] = dir
 			}
-			if rep := c.reports[out]; rep != nil {
-				rep.Classification = classNotReproducible
+			if rep != nil {
 				rep.Builds = append(rep.Builds, second)
 			}
 		}

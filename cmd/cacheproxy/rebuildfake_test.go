@@ -460,3 +460,46 @@ func TestRebuildValidOutputCheckDiffers(t *testing.T) {
 		}
 	}
 }
+
+// Nix stops comparing a --check build at the first output that differs:
+// of a derivation with two outputs, one without OUT.check was perhaps not
+// compared. Both are not_reproducible (the derivation is), only the
+// compared one has its NARs kept, and both reports are posted, with
+// --check too (a report labels a mismatch; it approves nothing).
+func TestRebuildNondeterministicIsPerDerivation(t *testing.T) {
+	for _, check := range []bool{false, true} {
+		t.Run(fmt.Sprintf("check=%v", check), func(t *testing.T) {
+			f := newRebuildFixture(t, "multi", "out 1\n")
+			dev := f.out + "-dev"
+			f.gk.queue = append(f.gk.queue, adminapi.QueueEntry{StorePath: dev, Deriver: f.drv, Reason: "unattested"})
+			f.gk.upstream[f.out] = narHashOf("upstream out\n")
+			f.gk.upstream[dev] = narHashOf("upstream dev\n")
+			f.nix.on("nix-store --query --outputs "+f.drv, ok(f.out+"\n"+dev+"\n"))
+			f.nix.on("nix-store --check-validity "+f.out+" "+dev, fail("error: path '"+f.out+"' is not valid"))
+			f.nix.on("nix-store --realise "+f.drv, func() (string, error) {
+				os.WriteFile(dev, []byte("dev 1\n"), 0o644)
+				return f.out + "\n" + dev + "\n", os.WriteFile(f.out, []byte("out 1\n"), 0o644)
+			})
+			both := f.out + " " + dev
+			f.nix.on("nix store sign --key-file rebuilder-1.sec "+both, ok(""))
+			f.nix.on("nix path-info --json --sigs "+both, ok(fmt.Sprintf(`[{"path":%q,"narHash":%q,"narSize":6},{"path":%q,"narHash":%q,"narSize":6}]`,
+				f.out, narHashOf("out 1\n"), dev, narHashOf("dev 1\n"))))
+			f.secondBuildDiffers(t, "out 2\n") // only out has OUT.check
+			f.r.check, f.r.keepDiffs = check, t.TempDir()
+			f.r.once(context.Background())
+			kept := filepath.Join(f.r.keepDiffs, filepath.Base(f.out))
+			want := "not reproducible\t" + f.out + "\tdiffs: " + kept + "\nnot reproducible\t" + dev + "\n"
+			if f.stdout.String() != want {
+				t.Fatalf("stdout %q, want %q\nstderr:\n%s", f.stdout, want, f.stderr)
+			}
+			for _, e := range f.gk.postedEntries() {
+				if rep, _ := e["cacheproxy"].(map[string]any); rep["classification"] != "not_reproducible" {
+					t.Errorf("%s posted with report %v", e["path"], rep)
+				}
+			}
+			if n := len(f.gk.postedEntries()); n != 2 {
+				t.Errorf("%d entries posted, want both: the reports label their mismatches", n)
+			}
+		})
+	}
+}
