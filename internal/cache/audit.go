@@ -134,21 +134,21 @@ func (r *AuditRecord) Settle() {
 	}
 }
 
-// count, previousAllowEntry and previousDenyEntry fill in a record inside
-// the change's transaction; on a nil record (no audit) they do nothing.
+// count, AddPreviousAllow and AddPreviousDeny fill in a record inside the
+// change's transaction; on a nil record (no audit) they do nothing.
 func (r *AuditRecord) count(name string, n int) {
 	if r != nil && n != 0 {
 		r.Count(name, n)
 	}
 }
 
-func (r *AuditRecord) previousAllowEntry(e policy.AllowEntry) {
+func (r *AuditRecord) AddPreviousAllow(e policy.AllowEntry) {
 	if r != nil && len(r.PreviousAllow) < MaxAuditItems {
 		r.PreviousAllow = append(r.PreviousAllow, e)
 	}
 }
 
-func (r *AuditRecord) previousDenyEntry(e policy.DenyEntry) {
+func (r *AuditRecord) AddPreviousDeny(e policy.DenyEntry) {
 	if r != nil && len(r.PreviousDeny) < MaxAuditItems {
 		r.PreviousDeny = append(r.PreviousDeny, e)
 	}
@@ -161,23 +161,28 @@ func auditKey(t time.Time, seq uint64) []byte {
 	return binary.BigEndian.AppendUint64(k, seq)
 }
 
-// appendAudit settles rec and adds it, then applies the bounds. A nil rec
-// records nothing (callers that are not admin changes, tests).
+// appendAudit settles rec and adds it. A nil rec records nothing (callers
+// that are not admin changes, tests).
 func appendAudit(tx *bolt.Tx, rec *AuditRecord) error {
 	if rec == nil {
 		return nil
 	}
 	rec.Settle()
-	b := tx.Bucket(bucketAudit)
-	seq, err := b.NextSequence()
+	seq, err := tx.Bucket(bucketAudit).NextSequence()
 	if err != nil {
 		return err
 	}
+	return putAudit(tx, auditKey(rec.Time, seq), rec)
+}
+
+// putAudit stores rec under key, then applies the bounds.
+func putAudit(tx *bolt.Tx, key []byte, rec *AuditRecord) error {
+	b := tx.Bucket(bucketAudit)
 	raw, err := json.Marshal(rec)
 	if err != nil {
 		return fmt.Errorf("encode audit record: %w", err)
 	}
-	if err := b.Put(auditKey(rec.Time, seq), raw); err != nil {
+	if err := b.Put(key, raw); err != nil {
 		return fmt.Errorf("store audit record: %w", err)
 	}
 	n, err := addCount(tx, keyAuditCount, 1)

@@ -605,7 +605,7 @@ func (d *DB) PutAllow(entries []policy.AllowEntry, audit *AuditRecord) (replaced
 			}
 			if old != nil {
 				replaced = append(replaced, *old)
-				audit.previousAllowEntry(*old)
+				audit.AddPreviousAllow(*old)
 				audit.count(CountReplaced, 1)
 			} else {
 				audit.count(CountAdded, 1)
@@ -635,7 +635,7 @@ func (d *DB) RemoveAllow(hashes []string, audit *AuditRecord) (missing []string,
 				return err
 			}
 			if old != nil {
-				audit.previousAllowEntry(*old)
+				audit.AddPreviousAllow(*old)
 			}
 		}
 		missing, err = deleteKeys(tx, bucketAllow, hashes, audit, CountRemoved, CountMissing)
@@ -690,7 +690,7 @@ func (d *DB) PutDeny(entries []policy.DenyEntry, match func(base string, narHash
 				return err
 			}
 			if old != nil {
-				audit.previousDenyEntry(*old)
+				audit.AddPreviousDeny(*old)
 				audit.count(CountReplaced, 1)
 			} else {
 				audit.count(CountAdded, 1)
@@ -720,7 +720,7 @@ func (d *DB) RemoveDeny(patterns []string, match func(base string, narHash narin
 				return err
 			}
 			if old != nil {
-				audit.previousDenyEntry(*old)
+				audit.AddPreviousDeny(*old)
 			}
 		}
 		if missing, err = deleteKeys(tx, bucketDeny, patterns, audit, CountRemoved, CountMissing); err != nil {

@@ -127,6 +127,28 @@ type Admin struct {
 	Tokens []AdminToken `toml:"tokens"`
 }
 
+// Cluster is the [cluster] section.
+type Cluster struct {
+	// Etcd lists the etcd client URLs (http:// or https://); empty means
+	// no cluster.
+	Etcd []string `toml:"etcd"`
+	// Prefix is the key prefix of this cluster's records; nodes that share
+	// trust use the same prefix.
+	Prefix string `toml:"prefix"`
+	// CAFile verifies etcd's server certificates (https endpoints; the
+	// system roots when empty). CertFile and KeyFile (both or neither) are
+	// this node's client certificate.
+	CAFile   string `toml:"ca_file"`
+	CertFile string `toml:"cert_file"`
+	KeyFile  string `toml:"key_file"`
+}
+
+// Enabled reports whether the section names a cluster.
+func (c Cluster) Enabled() bool { return len(c.Etcd) > 0 }
+
+// DefaultClusterPrefix is cluster.prefix's default.
+const DefaultClusterPrefix = "/cacheproxy/"
+
 // AdminToken is one named admin token: [[admin.tokens]] name = "alice",
 // file = "/run/keys/alice.token". The file holds the token (at least 16
 // bytes; surrounding white space is ignored) and is never generated.
@@ -181,7 +203,12 @@ type Config struct {
 	Policy           Policy     `toml:"policy"`
 	Cache            Cache      `toml:"cache"`
 	Admin            Admin      `toml:"admin"`
-	Rebuild          Rebuild    `toml:"rebuild"`
+	// Cluster, when it names etcd endpoints, keeps the trust state in etcd
+	// shared by every node (internal/cluster); without it the node works
+	// on its state file alone.
+	Cluster Cluster `toml:"cluster"`
+	// Rebuild is read by `cacheproxy rebuild` on a rebuilder.
+	Rebuild Rebuild `toml:"rebuild"`
 
 	// ShutdownTimeout is how long SIGTERM lets responses in flight (NAR
 	// downloads) finish after the listeners stop accepting; default 30s.

@@ -312,6 +312,17 @@ func TestValidateErrors(t *testing.T) {
 		{"short scrub", func(c *Config) { c.Cache.ScrubPeriod = Duration{time.Minute} }, "cache.scrub_period"},
 		{"long negative ttl", func(c *Config) { c.Cache.NegativeTTL = Duration{2 * time.Hour} }, "cache.negative_ttl"},
 		{"negative shutdown timeout", func(c *Config) { c.ShutdownTimeout = Duration{-time.Second} }, "shutdown_timeout"},
+		{"etcd not a URL", func(c *Config) { c.Cluster.Etcd = []string{"10.0.0.1:2379"} }, "cluster.etcd[0]"},
+		{"etcd without port", func(c *Config) { c.Cluster.Etcd = []string{"http://10.0.0.1"} }, "cluster.etcd[0]"},
+		{"etcd with path", func(c *Config) { c.Cluster.Etcd = []string{"http://e:2379", "http://e:2379/v3"} }, "cluster.etcd[1]"},
+		{"cluster keys without etcd", func(c *Config) { c.Cluster.Prefix = "/x/" }, "cluster.etcd: the [cluster] section needs"},
+		{"relative prefix", func(c *Config) { c.Cluster.Etcd = []string{"http://e:2379"}; c.Cluster.Prefix = "x/" }, "cluster.prefix"},
+		{"cert without key", func(c *Config) { c.Cluster.Etcd = []string{"https://e:2379"}; c.Cluster.CertFile = missing }, "cluster.cert_file: cert_file and key_file go together"},
+		{"unreadable ca", func(c *Config) { c.Cluster.Etcd = []string{"https://e:2379"}; c.Cluster.CAFile = missing }, "cluster.ca_file"},
+		{"tls files with http", func(c *Config) {
+			c.Cluster.Etcd = []string{"http://e:2379"}
+			c.Cluster.CAFile = writeFile(t, "x")
+		}, "no endpoint is https"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := Defaults(Env{})

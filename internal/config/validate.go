@@ -144,6 +144,7 @@ func (c Config) Validate() error {
 	if c.Cache.MaxSize == 0 {
 		add("cache.max_size", "must be larger than zero")
 	}
+	errs = append(errs, c.Cluster.validate()...)
 	errs = append(errs, c.Rebuild.validate()...)
 	addErr("log_format", CheckLogFormat(c.LogFormat))
 	if _, err := ParseLogLevel(c.LogLevel); err != nil {
@@ -352,4 +353,47 @@ func checkReadableFile(name string) error {
 		return fmt.Errorf("%s is a directory, not a file", name)
 	}
 	return nil
+}
+
+// validate checks the [cluster] section.
+func (c Cluster) validate() []error {
+	var errs []error
+	add := func(key string, err error) {
+		if err != nil {
+			errs = append(errs, &FieldError{Key: key, Err: err})
+		}
+	}
+	tls := false
+	for i, e := range c.Etcd {
+		u, err := url.Parse(e)
+		switch {
+		case err != nil:
+			add(fmt.Sprintf("cluster.etcd[%d]", i), fmt.Errorf("%q: %w", e, err))
+		case (u.Scheme != "http" && u.Scheme != "https") || u.Hostname() == "" || u.Port() == "" || (u.Path != "" && u.Path != "/"):
+			add(fmt.Sprintf("cluster.etcd[%d]", i), fmt.Errorf("%q must be an etcd client URL such as http://10.0.0.1:2379", e))
+		case u.Scheme == "https":
+			tls = true
+		}
+	}
+	if !c.Enabled() {
+		if c.Prefix != "" || c.CAFile != "" || c.CertFile != "" || c.KeyFile != "" {
+			add("cluster.etcd", errors.New("the [cluster] section needs at least one etcd endpoint"))
+		}
+		return errs
+	}
+	if c.Prefix != "" && (!strings.HasPrefix(c.Prefix, "/") || strings.ContainsAny(c.Prefix, " \t\n")) {
+		add("cluster.prefix", fmt.Errorf("%q must start with / and contain no white space", c.Prefix))
+	}
+	if (c.CertFile == "") != (c.KeyFile == "") {
+		add("cluster.cert_file", errors.New("cert_file and key_file go together"))
+	}
+	for key, f := range map[string]string{"cluster.ca_file": c.CAFile, "cluster.cert_file": c.CertFile, "cluster.key_file": c.KeyFile} {
+		if f != "" {
+			add(key, checkPEMFile(f))
+		}
+	}
+	if !tls && (c.CAFile != "" || c.CertFile != "") {
+		add("cluster.etcd", errors.New("TLS files are set, but no endpoint is https://"))
+	}
+	return errs
 }

@@ -149,7 +149,7 @@ func (g *Gate) AttestStream(by Change, next func() (attest.Claim, error), report
 			return false
 		}
 		jobs <- job
-		job = &attestJob{seq: job.seq + 1, claims: make([]attest.Claim, 0, AttestBatch)}
+		job = &attestJob{seq: job.seq + 1, claims: make([]attest.Claim, 0, g.batch)}
 		return true
 	}
 	for {
@@ -165,7 +165,7 @@ func (g *Gate) AttestStream(by Change, next func() (attest.Claim, error), report
 			break
 		}
 		job.claims = append(job.claims, c)
-		if len(job.claims) == AttestBatch && !send() {
+		if len(job.claims) == g.batch && !send() {
 			break
 		}
 	}
@@ -236,7 +236,7 @@ func (g *Gate) storeAttestations(by Change, j *attestJob, report func(AttestResu
 	if j.noAttester > 0 {
 		rec.Count(cache.CountNoAttester, j.noAttester)
 	}
-	stored, err := g.db.PutAttestations(j.toStore, rec)
+	stored, err := g.ev.PutAttestations(j.toStore, rec)
 	if err != nil {
 		return g.refused(rec, fmt.Errorf("store attestations: %w", err))
 	}
@@ -336,7 +336,7 @@ func (g *Gate) Allow(ctx context.Context, by Change, hashes []string, closure bo
 		paths[i] = e.StorePath
 	}
 	rec.SetWhat(paths)
-	if replaced, err = g.db.PutAllow(entries, rec); err != nil {
+	if replaced, err = g.ev.PutAllow(entries, rec); err != nil {
 		return nil, nil, g.refused(rec, fmt.Errorf("store allowlist: %w", err))
 	}
 	g.refreshGauges()
@@ -348,7 +348,7 @@ func (g *Gate) Allow(ctx context.Context, by Change, hashes []string, closure bo
 // and those that had none.
 func (g *Gate) RemoveAllow(by Change, hashes []string) (removed, missing []string, err error) {
 	rec := g.auditRecord(by, cache.ActionAllowRemove, hashes)
-	if missing, err = g.db.RemoveAllow(hashes, rec); err != nil {
+	if missing, err = g.ev.RemoveAllow(hashes, rec); err != nil {
 		return nil, nil, g.refused(rec, err)
 	}
 	g.refreshGauges()
@@ -372,7 +372,7 @@ func (g *Gate) Deny(by Change, patterns []string) ([]policy.DenyEntry, error) {
 		}
 		entries[i] = policy.DenyEntry{Pattern: p, Reason: by.Reason, Added: now}
 	}
-	if _, err := g.db.PutDeny(entries, g.denyMatch(entries), rec); err != nil {
+	if _, err := g.ev.PutDeny(entries, g.denyMatch(entries), rec); err != nil {
 		return nil, g.refused(rec, fmt.Errorf("store denylist: %w", err))
 	}
 	g.logChange(rec)
@@ -396,7 +396,7 @@ func (g *Gate) RemoveDeny(by Change, patterns []string) (removed, missing []stri
 	for i, p := range patterns {
 		entries[i].Pattern = p
 	}
-	if missing, err = g.db.RemoveDeny(patterns, g.denyMatch(entries), rec); err != nil {
+	if missing, err = g.ev.RemoveDeny(patterns, g.denyMatch(entries), rec); err != nil {
 		return nil, nil, g.refused(rec, err)
 	}
 	g.logChange(rec)
@@ -421,7 +421,7 @@ func (g *Gate) denyMatch(entries []policy.DenyEntry) func(base string, narHash n
 // those that were not.
 func (g *Gate) Retry(by Change, hashes []string) (lifted, notQuarantined []string, err error) {
 	rec := g.auditRecord(by, cache.ActionRetry, hashes)
-	if notQuarantined, err = g.db.Retry(hashes, rec); err != nil {
+	if notQuarantined, err = g.ev.Retry(hashes, rec); err != nil {
 		return nil, nil, g.refused(rec, err)
 	}
 	lifted = minus(hashes, notQuarantined)
@@ -525,4 +525,32 @@ func minus(all, drop []string) []string {
 		}
 	}
 	return out
+}
+
+// VerifyAttestation checks a stored attestation as an import checks a
+// claim: its signature must verify, over its own fingerprint, with the
+// configured attester key it names. A cluster's mirror checks every
+// attestation it reads from etcd so.
+func (g *Gate) VerifyAttestation(a policy.Attestation) error {
+	cf := g.conf()
+	c := attest.Claim{StorePath: a.StorePath, NarHash: a.NarHash, NarSize: a.NarSize, References: a.References}
+	fp, err := c.Fingerprint(cf.policy.StoreDir)
+	if err != nil {
+		return fmt.Errorf("attestation of %s: %w", a.StorePath, err)
+	}
+	for _, key := range cf.policy.Attesters {
+		if key.String() != a.PublicKey {
+			continue
+		}
+		if !key.Verify(fp, a.Sig) {
+			return fmt.Errorf("attestation of %s by %s: signature does not verify", a.StorePath, key.Name)
+		}
+		return nil
+	}
+	return fmt.Errorf("attestation of %s by %s: not a configured attester key", a.StorePath, a.KeyName)
+}
+
+// DenyMatcher is denyMatch for the cluster's mirror.
+func (g *Gate) DenyMatcher(entries []policy.DenyEntry) func(base string, narHash narinfo.SHA256) bool {
+	return g.denyMatch(entries)
 }

@@ -30,7 +30,7 @@ func (g *Gate) auditRecord(by Change, action string, what []string) *cache.Audit
 func (g *Gate) refused(rec *cache.AuditRecord, err error) error {
 	rec.Error = err.Error()
 	rec.Counts, rec.PreviousAllow, rec.PreviousDeny = nil, nil, nil
-	if aerr := g.db.AppendAudit(*rec); aerr != nil {
+	if aerr := g.ev.AppendAudit(*rec); aerr != nil {
 		g.log.Error("audit trail: recording a refused admin change failed", "who", rec.Who, "action", rec.Action, "err", aerr)
 	}
 	rec.Settle()

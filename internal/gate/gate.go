@@ -66,7 +66,29 @@ type Options struct {
 	// ServeCompression is "" (serve each NAR as its upstream compressed
 	// it) or zstd (recode every other compression; see recode.go).
 	ServeCompression narinfo.Compression
+	// Evidence takes the changes of evidence; DB when nil. In a cluster
+	// it is etcd (internal/cluster), and DB is the mirror of it.
+	Evidence EvidenceStore
 }
+
+// EvidenceStore takes the changes of evidence: admin changes with their
+// audit records, and quarantines. Decisions always read the DB; a store
+// other than the DB must bring its changes into the DB before it returns
+// (a cluster waits for its mirror). *cache.DB is one.
+type EvidenceStore interface {
+	PutAttestations(as []policy.Attestation, audit *cache.AuditRecord) (stored []bool, err error)
+	PutAllow(entries []policy.AllowEntry, audit *cache.AuditRecord) (replaced []policy.AllowEntry, err error)
+	RemoveAllow(hashes []string, audit *cache.AuditRecord) (missing []string, err error)
+	PutDeny(entries []policy.DenyEntry, match func(base string, narHash narinfo.SHA256) bool, audit *cache.AuditRecord) (dropped int, err error)
+	RemoveDeny(patterns []string, match func(base string, narHash narinfo.SHA256) bool, audit *cache.AuditRecord) (missing []string, err error)
+	PutQuarantine(hash string, q policy.Quarantine) error
+	Retry(hashes []string, audit *cache.AuditRecord) (notQuarantined []string, err error)
+	AppendAudit(rec cache.AuditRecord) error
+}
+
+// batchLimiter is an EvidenceStore that takes attestations in smaller
+// batches than AttestBatch (etcd bounds the size of a transaction).
+type batchLimiter interface{ MaxBatch() int }
 
 // Settings are the parts of a Gate that Reconfigure may change while it
 // serves (a configuration reload).
@@ -92,6 +114,8 @@ type Gate struct {
 	cur   atomic.Pointer[conf]
 	key   verify.SecretKey
 	db    *cache.DB
+	ev    EvidenceStore
+	batch int // attestations per import batch
 	blobs *cache.Blobs
 	m     *metrics.Metrics
 	log   *slog.Logger
@@ -121,7 +145,14 @@ type Gate struct {
 func New(o Options) (*Gate, error) {
 	g := &Gate{key: o.Key, db: o.DB, blobs: o.Blobs,
 		m: o.Metrics, log: o.Log, now: o.Now, hot: newHotRecords(), neg: newNegCache(o.NegativeTTL), nars: narstream.NewGroup(),
-		shortRuns: map[string]int{}, recode: o.ServeCompression == narinfo.CompressionZstd, encoders: newEncoders()}
+		shortRuns: map[string]int{}, recode: o.ServeCompression == narinfo.CompressionZstd, encoders: newEncoders(),
+		ev: o.Evidence, batch: AttestBatch}
+	if g.ev == nil {
+		g.ev = o.DB
+	}
+	if b, ok := g.ev.(batchLimiter); ok {
+		g.batch = min(g.batch, b.MaxBatch())
+	}
 	if g.now == nil {
 		g.now = time.Now
 	}

@@ -212,7 +212,7 @@ func (g *Gate) narDone(rec *cache.Record, u Upstream, file string, written int64
 		g.log.Error("NAR failed verification; path quarantined",
 			append(narAttrs(rec, u.Name(), written, narMismatch, string(ve.Check)), "detail", ve.Detail)...)
 		q := policy.Quarantine{StorePath: rec.StorePath, Check: string(ve.Check), Detail: ve.Detail, Upstream: u.Name(), Time: g.now()}
-		if err := g.db.PutQuarantine(pathHash(rec), q); err != nil {
+		if err := g.ev.PutQuarantine(pathHash(rec), q); err != nil {
 			g.log.Error("quarantine", "path", rec.StorePath, "err", err)
 		}
 		g.db.RecordRejection(cache.Rejection{StorePath: rec.StorePath, Reason: string(policy.NarMismatch), Detail: ve.Error(), Upstream: u.Name(), Last: g.now()})

@@ -219,3 +219,38 @@ func (m *Metrics) readRebuildQueue() float64 {
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
 }
+
+// RegisterCluster adds the series of a cluster node (only nodes with a
+// [cluster] section have them): whether a quorum of etcd is reachable and
+// the revision the mirror holds, read from status at each scrape, and the
+// records refused from etcd, counted by the returned function.
+func (m *Metrics) RegisterCluster(status func() (connected bool, revision int64)) (rejected func(kind string)) {
+	connected := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cacheproxy_cluster_connected", Help: "1 while a quorum of the etcd cluster answers, else 0 (serving on the last mirrored state).",
+	}, func() float64 {
+		if ok, _ := status(); ok {
+			return 1
+		}
+		return 0
+	})
+	revision := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cacheproxy_cluster_revision", Help: "The etcd revision of the trust state this node decides from.",
+	}, func() float64 {
+		_, rev := status()
+		return float64(rev)
+	})
+	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cacheproxy_cluster_rejected_records_total",
+		Help: "Records read from etcd and treated as absent (an attestation whose signature does not verify, an unknown key), by kind.",
+	}, []string{"kind"})
+	for _, k := range []string{"attestations", "audit", "other"} {
+		refused.WithLabelValues(k)
+	}
+	m.reg.MustRegister(connected, revision, refused)
+	return func(kind string) {
+		if kind != "attestations" && kind != "audit" {
+			kind = "other"
+		}
+		refused.WithLabelValues(kind).Inc()
+	}
+}

@@ -15,6 +15,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cacheproxy/cacheproxy/internal/cluster"
+
 	"github.com/cacheproxy/cacheproxy/internal/adminapi"
 	"github.com/cacheproxy/cacheproxy/internal/gate"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
@@ -116,7 +118,7 @@ func writeGateError(w http.ResponseWriter, prefix string, err error) {
 		code = http.StatusBadRequest
 	case errors.Is(err, gate.ErrNotFound):
 		code = http.StatusNotFound
-	case errors.Is(err, gate.ErrUnavailable):
+	case errors.Is(err, gate.ErrUnavailable), errors.Is(err, cluster.ErrUnreachable):
 		code = http.StatusServiceUnavailable
 	}
 	writeError(w, code, "%s%v", prefix, err)

@@ -61,6 +61,10 @@ func (s *Server) checkDiskReserve() string {
 // reasons; ?verbose lists each check.
 func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
 	var failed, lines []string
+	if s.node != nil {
+		// Reported, never failed: see clusterHealth.
+		lines = append(lines, "cluster: "+s.clusterHealth())
+	}
 	for _, c := range s.healthChecks() {
 		if why := c.fn(); why != "" {
 			failed = append(failed, c.name+": "+why)
@@ -82,4 +86,7 @@ func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	fmt.Fprintln(w, "ok")
+	if s.node != nil && !s.node.Status().Connected {
+		fmt.Fprintln(w, "cluster: "+s.clusterHealth())
+	}
 }

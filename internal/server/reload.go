@@ -92,6 +92,7 @@ func restartOnly(cur, next config.Config) []string {
 	check("cache.max_size", cur.Cache.MaxSize, next.Cache.MaxSize)
 	check("cache.scrub_period", cur.Cache.ScrubPeriod, next.Cache.ScrubPeriod)
 	check("admin", cur.Admin, next.Admin)
+	check("cluster", cur.Cluster, next.Cluster)
 	return keys
 }
 
@@ -117,6 +118,11 @@ func (s *Server) Reload(next config.Config) (ReloadResult, error) {
 	}
 	if res.DecisionsChanged, err = s.gate.Reconfigure(gateSettings(next, ups)); err != nil {
 		return res, err
+	}
+	if s.node != nil && !reflect.DeepEqual(s.cfg.Policy.Attesters, next.Policy.Attesters) {
+		// Records refused under the old keys may verify now, and records
+		// by a key no longer configured must go.
+		s.node.Resync()
 	}
 	kept := map[*upstream.Client]bool{}
 	s.running = s.running[:0]

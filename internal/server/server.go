@@ -25,10 +25,12 @@ import (
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/cache"
+	"github.com/cacheproxy/cacheproxy/internal/cluster"
 	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/gate"
 	"github.com/cacheproxy/cacheproxy/internal/metrics"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/policy"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
@@ -49,7 +51,8 @@ type Server struct {
 	db    *cache.DB
 	blobs *cache.Blobs
 	gate  *gate.Gate
-	proto Protocol // the gate, as the cache protocol handlers see it
+	node  *cluster.Node // nil without [cluster]
+	proto Protocol      // the gate, as the cache protocol handlers see it
 	// tokens are the admin tokens with their holders' names; nil with the
 	// admin API off.
 	tokens []adminToken
@@ -111,11 +114,23 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 		return nil, err
 	}
 	s.blobs.OnEvict(func(n int, _ int64) { s.m.Evictions.Add(float64(n)) })
+	var evidence gate.EvidenceStore
+	if cfg.Cluster.Enabled() {
+		if s.node, err = s.openCluster(cfg.Cluster); err != nil {
+			s.blobs.Close()
+			s.db.Close()
+			return nil, err
+		}
+		evidence = s.node
+	}
 	gs := gateSettings(cfg, ups)
 	s.gate, err = gate.New(gate.Options{Policy: gs.Policy, Upstreams: gs.Upstreams, Key: key, DB: s.db, Blobs: s.blobs,
 		Metrics: s.m, Log: log, DiskReserve: gs.DiskReserve, NegativeTTL: gs.NegativeTTL,
-		ServeCompression: narinfo.Compression(cfg.ServeCompression)})
+		ServeCompression: narinfo.Compression(cfg.ServeCompression), Evidence: evidence})
 	if err != nil {
+		if s.node != nil {
+			s.node.Close()
+		}
 		s.blobs.Close()
 		s.db.Close()
 		return nil, fmt.Errorf("state db: %w", err)
@@ -133,11 +148,41 @@ func open(cfg config.Config, log *slog.Logger, lock *stateLock) (*Server, error)
 		defer wg.Done()
 		s.gate.Scrub(ctx, cfg.Cache.ScrubPeriod.Duration)
 	}()
+	if s.node != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.node.Run(ctx)
+		}()
+	}
 	go func() {
 		wg.Wait()
 		close(s.done)
 	}()
 	return s, nil
+}
+
+// openCluster links the node to etcd. The mirror checks what it reads
+// with the gate's keys and deny patterns, so it starts (Run) once the
+// gate exists.
+func (s *Server) openCluster(c config.Cluster) (*cluster.Node, error) {
+	tlsConf, err := clusterTLSConfig(c)
+	if err != nil {
+		return nil, err
+	}
+	var node *cluster.Node
+	rejected := s.m.RegisterCluster(func() (bool, int64) {
+		st := node.Status()
+		return st.Connected, st.Revision
+	})
+	node, err = cluster.Open(cluster.Options{Endpoints: c.Etcd, Prefix: c.Prefix, TLS: tlsConf, DB: s.db, Log: s.log,
+		Verify:    func(a policy.Attestation) error { return s.gate.VerifyAttestation(a) },
+		DenyMatch: func(e []policy.DenyEntry) func(string, narinfo.SHA256) bool { return s.gate.DenyMatcher(e) },
+		Rejected:  rejected})
+	if err != nil {
+		return nil, err
+	}
+	return node, nil
 }
 
 // usageSaveInterval is how often blob last-used times are persisted.
@@ -177,7 +222,11 @@ func (s *Server) Close() error {
 	s.gate.Close()
 	s.stop()
 	<-s.done
-	return errors.Join(s.blobs.Close(), s.db.Close(), s.lock.release())
+	var nodeErr error
+	if s.node != nil {
+		nodeErr = s.node.Close()
+	}
+	return errors.Join(nodeErr, s.blobs.Close(), s.db.Close(), s.lock.release())
 }
 
 // Serve runs the main and admin listeners until ctx ends. The admin

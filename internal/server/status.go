@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/cacheproxy/cacheproxy/internal/cluster"
+
 	"github.com/cacheproxy/cacheproxy/internal/gate"
 )
 
@@ -41,14 +43,26 @@ var statusTemplate = template.Must(template.New("status").Funcs(template.FuncMap
 	},
 }).Parse(statusHTML))
 
+// statusPage is what the status page shows: the gate's overview and, on a
+// cluster node, how it stands with etcd.
+type statusPage struct {
+	gate.Overview
+	Cluster *cluster.Status
+}
+
 func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {
 	ov, err := s.gate.Overview()
 	if err != nil {
 		s.internalError(w, "status page", err)
 		return
 	}
+	page := statusPage{Overview: ov}
+	if s.node != nil {
+		st := s.node.Status()
+		page.Cluster = &st
+	}
 	var buf bytes.Buffer
-	if err := statusTemplate.Execute(&buf, ov); err != nil {
+	if err := statusTemplate.Execute(&buf, page); err != nil {
 		s.internalError(w, "render status page", err)
 		return
 	}
