@@ -391,4 +391,20 @@ func TestRebuilderUnit(t *testing.T) {
 	if err != nil || strings.Contains(string(out), filepath.Base(rebuilderUnit)) {
 		t.Fatalf("systemd-analyze verify %s: %v\n%s", rebuilderUnit, err, out)
 	}
+	// The README records the exposure score; a change must update it.
+	out, err = exec.Command(tool, "security", "--offline=true", "--no-pager", unit).CombinedOutput()
+	if err != nil && strings.Contains(string(out), "--offline") {
+		t.Skipf("SKIP: this systemd-analyze has no security --offline: %s", out)
+	}
+	m := regexp.MustCompile(`Overall exposure level for \S+: ([0-9.]+)`).FindStringSubmatch(string(out))
+	if m == nil {
+		t.Fatalf("systemd-analyze security printed no exposure level (%v):\n%s", err, out)
+	}
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if flat := strings.Join(strings.Fields(string(readme)), " "); !strings.Contains(flat, "exposure level "+m[1]+" OK**, the price of root") {
+		t.Errorf("systemd-analyze security scores %s %s, which README.md does not record", rebuilderUnit, m[1])
+	}
 }
