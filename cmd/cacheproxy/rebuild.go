@@ -227,8 +227,9 @@ type rebuilder struct {
 	out         io.Writer // one STATUS<TAB>PATH line per queued path
 	log         io.Writer // why a path was not attested
 
-	now     func() time.Time
-	retries map[string]retryState // failed derivations: when to try again (long-running mode)
+	now       func() time.Time
+	retries   map[string]retryState // failed derivations: when to try again (long-running mode)
+	removeAll func(string) error    // os.RemoveAll; tests make it fail
 }
 
 // passResult counts one pass's queued paths.

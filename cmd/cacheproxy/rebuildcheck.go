@@ -194,15 +194,29 @@ func (r *rebuilder) keepPair(ctx context.Context, out, first string) (buildResul
 }
 
 // cleanup removes what `nix-store --check --keep-failed` left behind: each
-// output's OUT.check copy (outside Nix's database: nobody else removes
-// it), and the build directories Nix says it kept (--keep-diffs keeps
+// output's OUT.check copy (outside Nix's database: only a garbage
+// collection would remove it), and the build directories Nix says it kept (--keep-diffs keeps
 // the NARs, which is what diffoscope compares). Only directories named as
 // Nix names this derivation's (nix-build-<name>.drv-N) are removed: the
 // message comes on stderr after the builder's own output.
 func (r *rebuilder) cleanup(drv string, err error, outputs []string) {
+	removeAll := r.removeAll
+	if removeAll == nil {
+		removeAll = os.RemoveAll
+	}
 	for _, o := range outputs {
-		if rmErr := os.RemoveAll(o + ".check"); rmErr != nil {
-			fmt.Fprintf(r.log, "%s: remove the second build: %v\n", o, rmErr)
+		check := o + ".check"
+		if _, statErr := os.Lstat(check); statErr != nil {
+			continue
+		}
+		// A read-only store (NixOS, a hardened service) or one owned by
+		// the Nix daemon: the daemon deletes it, as a path outside its
+		// database (Nix 2.8 to 2.2x: `nix-store --delete` takes it).
+		// Not the pass's context: leftovers go on an interrupt too.
+		if rmErr := removeAll(check); rmErr != nil {
+			if _, delErr := r.nix.run(context.Background(), "nix-store", "--delete", check); delErr != nil {
+				fmt.Fprintf(r.log, "%s: remove the second build: %v; %v\n", o, rmErr, delErr)
+			}
 		}
 	}
 	prefix := "nix-build-" + storeName(drv) + "-"
@@ -216,7 +230,7 @@ func (r *rebuilder) cleanup(drv string, err error, outputs []string) {
 		if st, err := os.Lstat(d); err != nil || !st.IsDir() {
 			continue
 		}
-		if rmErr := os.RemoveAll(d); rmErr != nil {
+		if rmErr := removeAll(d); rmErr != nil {
 			fmt.Fprintf(r.log, "%s: remove the kept build directory: %v\n", drv, rmErr)
 		}
 	}

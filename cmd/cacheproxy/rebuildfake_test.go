@@ -503,3 +503,25 @@ func TestRebuildNondeterministicIsPerDerivation(t *testing.T) {
 		})
 	}
 }
+
+// Where the rebuilder may not write the store (NixOS mounts it read-only;
+// the service unit does too), the daemon deletes OUT.check.
+func TestRebuildCleanupThroughTheDaemon(t *testing.T) {
+	f := newRebuildFixture(t, "random", "first build\n")
+	f.gk.upstream[f.out] = narHashOf("the upstream's build\n")
+	f.secondBuildDiffers(t, "second build\n")
+	f.r.removeAll = func(p string) error {
+		if strings.HasSuffix(p, ".check") {
+			return &os.PathError{Op: "unlinkat", Path: p, Err: errors.New("read-only file system")}
+		}
+		return os.RemoveAll(p)
+	}
+	f.nix.on("nix-store --delete "+f.out+".check", func() (string, error) { return "", os.Remove(f.out + ".check") })
+	f.r.once(context.Background())
+	if !f.nix.ranCmd("nix-store --delete " + f.out + ".check") {
+		t.Errorf("OUT.check was not deleted through Nix\n%s", f.stderr)
+	}
+	if _, err := os.Lstat(f.out + ".check"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("OUT.check left behind: %v", err)
+	}
+}
