@@ -1,7 +1,7 @@
 // Package contrib checks the operator files in this directory: the
-// Prometheus alerting rules (promtool) and the Grafana dashboard, and that
+// Prometheus alerting rules (promtool) and the Grafana dashboard, that
 // every metric and label value they use exists on /metrics of a running
-// proxy.
+// proxy, and the rebuilder's systemd unit (systemd-analyze verify).
 package contrib
 
 import (
@@ -341,4 +341,70 @@ func hasLabel(samples []map[string]string, label, op, value string) bool {
 		}
 	}
 	return false
+}
+
+const rebuilderUnit = "rebuilder/cacheproxy-rebuild.service"
+
+// The rebuilder's example unit verifies (systemd-analyze, with ExecStart
+// pointing at an executable that exists here), runs the long-running mode
+// next to the Nix daemon, and keeps what the README says it keeps: the
+// daemon's /tmp reachable (its kept build directories are removed from
+// there) and the rest taken away.
+func TestRebuilderUnit(t *testing.T) {
+	raw, err := os.ReadFile(rebuilderUnit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := map[string]bool{}
+	for _, l := range strings.Split(string(raw), "\n") {
+		lines[strings.TrimSpace(l)] = true
+	}
+	for _, want := range []string{
+		"ExecStart=/usr/local/bin/cacheproxy rebuild -c /etc/cacheproxy/rebuild.toml --key-file=%d/rebuilder-key --token-file=%d/admin-token",
+		"Requires=nix-daemon.socket", "Environment=NIX_REMOTE=daemon", "PrivateTmp=no", "ReadWritePaths=/tmp",
+		"ProtectSystem=strict", "ProtectHome=yes", "NoNewPrivileges=yes", "CapabilityBoundingSet=CAP_DAC_OVERRIDE CAP_FOWNER",
+		"RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "StateDirectory=cacheproxy-rebuild",
+	} {
+		if !lines[want] {
+			t.Errorf("%s lacks %q", rebuilderUnit, want)
+		}
+	}
+	if strings.Contains(string(raw), "--once") {
+		t.Errorf("%s runs --once; the service is the long-running mode", rebuilderUnit)
+	}
+	tool, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("systemd-analyze is not on PATH (CI is set, refusing to skip)")
+		}
+		t.Skip("SKIP: systemd-analyze is not on PATH (apt-get install systemd)")
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := filepath.Join(t.TempDir(), filepath.Base(rebuilderUnit))
+	if err := os.WriteFile(unit, []byte(strings.ReplaceAll(string(raw), "/usr/local/bin/cacheproxy", exe)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(tool, "verify", unit).CombinedOutput()
+	if err != nil || strings.Contains(string(out), filepath.Base(rebuilderUnit)) {
+		t.Fatalf("systemd-analyze verify %s: %v\n%s", rebuilderUnit, err, out)
+	}
+	// The README records the exposure score; a change must update it.
+	out, err = exec.Command(tool, "security", "--offline=true", "--no-pager", unit).CombinedOutput()
+	if err != nil && strings.Contains(string(out), "--offline") {
+		t.Skipf("SKIP: this systemd-analyze has no security --offline: %s", out)
+	}
+	m := regexp.MustCompile(`Overall exposure level for \S+: ([0-9.]+)`).FindStringSubmatch(string(out))
+	if m == nil {
+		t.Fatalf("systemd-analyze security printed no exposure level (%v):\n%s", err, out)
+	}
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if flat := strings.Join(strings.Fields(string(readme)), " "); !strings.Contains(flat, "exposure level "+m[1]+" OK**, the price of root;") {
+		t.Errorf("systemd-analyze security scores %s %s, which README.md does not record", rebuilderUnit, m[1])
+	}
 }

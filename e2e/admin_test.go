@@ -444,7 +444,7 @@ func TestCLIHelp(t *testing.T) {
 	requireBinary(t)
 	dir := t.TempDir()
 	for _, cmd := range []string{"serve", "keygen", "pubkey", "check-config", "attest import", "allow add", "allow list",
-		"allow remove", "deny add", "deny list", "deny remove", "explain", "rejections", "retry", "verify-cache"} {
+		"allow remove", "deny add", "deny list", "deny remove", "explain", "rejections", "retry", "verify-cache", "rebuild"} {
 		args := append(strings.Fields(cmd), "--help")
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		c := exec.CommandContext(ctx, cacheproxyBin, args...)

@@ -438,11 +438,13 @@ func classMeaning(c string) string {
 }
 
 // rebuildable reports whether a rebuild and its attestation could approve a
-// path rejected for reason: denied, malformed or quarantined paths cannot be
-// fixed by rebuilding them.
+// path rejected for reason, as the rebuild queue takes them: denied,
+// malformed or quarantined paths cannot be fixed by rebuilding them, and
+// an attestation_mismatch is a rebuild already done that disagreed with
+// the upstream (the alarm: another rebuild does not answer it).
 func rebuildable(reason string) bool {
 	switch reason {
-	case "unattested", "attestation_mismatch", "closure_incomplete":
+	case "unattested", "closure_incomplete":
 		return true
 	}
 	return false
@@ -472,7 +474,7 @@ func cmdRejections(args []string, io cmdIO) error {
 	var asJSON, derivers bool
 	c, pos, err := adminCommand("rejections", "rejections [--json] [--derivers]", args, io, func(fs *flag.FlagSet) {
 		fs.BoolVar(&asJSON, "json", false, "print JSON")
-		fs.BoolVar(&derivers, "derivers", false, "print only the .drv paths to rebuild, one per line")
+		fs.BoolVar(&derivers, "derivers", false, "print only the .drv paths a rebuild could approve (unattested, closure_incomplete), one per line")
 	})
 	if err != nil {
 		return err

@@ -33,7 +33,8 @@ Usage:
   cacheproxy retry [--reason TEXT] PATH...
   cacheproxy audit [--since DURATION] [--json]
   cacheproxy verify-cache [-c FILE]
-  cacheproxy rebuild --once --key-file REBUILDER.sec
+  cacheproxy rebuild [--once] --key-file REBUILDER.sec [--interval D] [--jobs N] [--check]
+                     [--keep-diffs DIR] [--instantiate FILE [-A ATTR]...]
   cacheproxy --version
 
 Every command reads the configuration from -c FILE, else $CACHEPROXY_CONFIG,

@@ -144,7 +144,7 @@ func TestDenySuggestsGlob(t *testing.T) {
 }
 
 func TestRebuildableReasons(t *testing.T) {
-	for reason, want := range map[string]bool{"unattested": true, "attestation_mismatch": true, "closure_incomplete": true,
+	for reason, want := range map[string]bool{"unattested": true, "attestation_mismatch": false, "closure_incomplete": true,
 		"denied": false, "upstream_malformed": false, "upstream_unsigned": false, "nar_mismatch": false, "stale_narinfo": false} {
 		if rebuildable(reason) != want {
 			t.Errorf("rebuildable(%s) = %v", reason, !want)

@@ -65,6 +65,16 @@ const (
 // systemd's 90 s stop timeout.
 const DefaultShutdownTimeout = 30 * time.Second
 
+// Defaults of `cacheproxy rebuild`'s long-running mode: a pass over the
+// rebuild queue every five minutes keeps the fleet's wait short without
+// polling the gatekeeper more than a few hundred times a day; one build at
+// a time, as Nix's own max-jobs default.
+const (
+	DefaultRebuildInterval = 5 * time.Minute
+	DefaultRebuildJobs     = 1
+	MaxRebuildJobs         = 256
+)
+
 // Upstream is one binary cache cacheproxy fetches from, tried in file order.
 type Upstream struct {
 	URL        string      `toml:"url"`         // http://, https:// or file:///absolute/dir
@@ -147,6 +157,28 @@ type AdminToken struct {
 	File string `toml:"file"`
 }
 
+// Rebuild configures `cacheproxy rebuild` on a rebuilder machine; the
+// gatekeeper itself ignores it. Its flags override it.
+type Rebuild struct {
+	// Server and TokenFile find the gatekeeper's admin API, with a token
+	// of the rebuilder's own; "" falls back to admin.listen and
+	// admin.token_file (a rebuilder on the gatekeeper's host).
+	Server    string `toml:"server"`
+	TokenFile string `toml:"token_file"`
+	CAFile    string `toml:"ca_file"` // trust these CA certificates for Server's https
+	KeyFile   string `toml:"key_file"`
+	// Interval is the pause between passes over the queue (without
+	// --once); Jobs is how many derivations build at once.
+	Interval Duration `toml:"interval"`
+	Jobs     int      `toml:"jobs"`
+	// Check builds every derivation twice and attests only outputs the
+	// two builds agree on.
+	Check bool `toml:"check"`
+	// KeepDiffs is a directory that keeps both NARs of a build that came
+	// out differently twice (for diffoscope); "" keeps none.
+	KeepDiffs string `toml:"keep_diffs"`
+}
+
 // DefaultTokenName is the name of the token in admin.token_file.
 const DefaultTokenName = "admin"
 
@@ -175,6 +207,8 @@ type Config struct {
 	// shared by every node (internal/cluster); without it the node works
 	// on its state file alone.
 	Cluster Cluster `toml:"cluster"`
+	// Rebuild is read by `cacheproxy rebuild` on a rebuilder.
+	Rebuild Rebuild `toml:"rebuild"`
 
 	// ShutdownTimeout is how long SIGTERM lets responses in flight (NAR
 	// downloads) finish after the listeners stop accepting; default 30s.
@@ -228,6 +262,7 @@ func Defaults(env Env) Config {
 		Cache: Cache{MaxSize: DefaultMaxSize, MaxNarSize: DefaultMaxNarSize, MinFree: DefaultMinFree, ScrubPeriod: Duration{DefaultScrubPeriod},
 			NegativeTTL: Duration{DefaultNegativeTTL}},
 		Admin:           Admin{Listen: DefaultAdminListen},
+		Rebuild:         Rebuild{Interval: Duration{DefaultRebuildInterval}, Jobs: DefaultRebuildJobs},
 		ShutdownTimeout: Duration{DefaultShutdownTimeout},
 		LogFormat:       DefaultLogFormat,
 		LogLevel:        DefaultLogLevel,

@@ -46,9 +46,10 @@ func TestDefaultsValidate(t *testing.T) {
 			Timeout:        Duration{30 * time.Second},
 			MaxConnections: 64,
 		}},
-		Policy: Policy{Quorum: 1, ContentAddressed: true},
-		Cache:  Cache{MaxSize: 100 << 30, MaxNarSize: 16 << 30, MinFree: 256 << 20, ScrubPeriod: Duration{7 * 24 * time.Hour}, NegativeTTL: Duration{10 * time.Second}},
-		Admin:  Admin{Listen: "127.0.0.1:5481"},
+		Policy:  Policy{Quorum: 1, ContentAddressed: true},
+		Cache:   Cache{MaxSize: 100 << 30, MaxNarSize: 16 << 30, MinFree: 256 << 20, ScrubPeriod: Duration{7 * 24 * time.Hour}, NegativeTTL: Duration{10 * time.Second}},
+		Admin:   Admin{Listen: "127.0.0.1:5481"},
+		Rebuild: Rebuild{Interval: Duration{5 * time.Minute}, Jobs: 1},
 
 		ShutdownTimeout: Duration{30 * time.Second},
 		LogFormat:       "text", LogLevel: "info",
@@ -150,6 +151,9 @@ func TestFullExample(t *testing.T) {
 			TLSCertFile: "/run/keys/cacheproxy-admin.crt", TLSKeyFile: "/run/keys/cacheproxy-admin.key",
 			Tokens: []AdminToken{{Name: "alice", File: "/run/keys/cacheproxy-alice.token"},
 				{Name: "rebuilder-a", File: "/run/keys/cacheproxy-rebuilder-a.token"}}},
+		Rebuild: Rebuild{Server: "https://cacheproxy.internal:5481", TokenFile: "/run/keys/cacheproxy-rebuilder-a.token",
+			CAFile: "/etc/cacheproxy/admin.crt", KeyFile: "/etc/nix/rebuilder-a-1.sec", Interval: Duration{10 * time.Minute},
+			Jobs: 2, Check: true, KeepDiffs: "/var/lib/cacheproxy-rebuild/diffs"},
 
 		ShutdownTimeout: Duration{time.Minute},
 		LogFormat:       "json", LogLevel: "warn",
@@ -664,5 +668,60 @@ file = "`+alice+`"
 				t.Errorf("Validate = %v, want %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// [rebuild] reads every key over its defaults, and Check places each bad
+// value at its line, as FILE:LINE: rebuild.KEY.
+func TestRebuildSection(t *testing.T) {
+	cfg, err := Load(writeFile(t, `
+[rebuild]
+server = "https://gatekeeper.internal:5481"
+token_file = "/run/keys/rebuilder.token"
+ca_file = "/etc/cacheproxy/admin.crt"
+key_file = "/etc/nix/rebuilder-1.sec"
+interval = "90s"
+jobs = 4
+check = true
+keep_diffs = "/var/lib/cacheproxy-rebuild/diffs"
+`), Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Rebuild{Server: "https://gatekeeper.internal:5481", TokenFile: "/run/keys/rebuilder.token", CAFile: "/etc/cacheproxy/admin.crt",
+		KeyFile: "/etc/nix/rebuilder-1.sec", Interval: Duration{90 * time.Second}, Jobs: 4, Check: true, KeepDiffs: "/var/lib/cacheproxy-rebuild/diffs"}
+	if cfg.Rebuild != want {
+		t.Errorf("rebuild = %+v, want %+v", cfg.Rebuild, want)
+	}
+	if d := Defaults(Env{}).Rebuild; d.Interval.Duration != DefaultRebuildInterval || d.Jobs != DefaultRebuildJobs || d.Check || d.KeepDiffs != "" {
+		t.Errorf("rebuild defaults = %+v", d)
+	}
+	// Marshalled (check-config) and read back, it is the same.
+	out, err := cfg.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := Parse(out, Env{})
+	if err != nil || back.Rebuild != want {
+		t.Errorf("rebuild after Marshal and Parse = %+v, %v", back.Rebuild, err)
+	}
+
+	p := writeFile(t, "mode = \"enforce\"\n[rebuild]\nserver = \"ftp://x\"\ninterval = \"0s\"\njobs = 0\nkeepdiffs = \"/x\"\n")
+	f, err := Read(Location{Path: p, From: FromFlag}, Env{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, pr := range f.Check() {
+		got = append(got, strings.TrimPrefix(pr.String(), p))
+	}
+	wantPs := []string{
+		`:3: rebuild.server: "ftp://x" must be an http:// or https:// URL with a host`,
+		`:4: rebuild.interval: 0s must be between 1s and 7d`,
+		`:5: rebuild.jobs: 0 must be between 1 and 256`,
+		`:6: rebuild.keepdiffs: unknown key`,
+	}
+	if strings.Join(got, "\n") != strings.Join(wantPs, "\n") {
+		t.Errorf("problems:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(wantPs, "\n"))
 	}
 }

@@ -145,11 +145,38 @@ func (c Config) Validate() error {
 		add("cache.max_size", "must be larger than zero")
 	}
 	errs = append(errs, c.Cluster.validate()...)
+	errs = append(errs, c.Rebuild.validate()...)
 	addErr("log_format", CheckLogFormat(c.LogFormat))
 	if _, err := ParseLogLevel(c.LogLevel); err != nil {
 		addErr("log_level", err)
 	}
 	return errors.Join(errs...)
+}
+
+// validate checks [rebuild]. Files it names are not opened here: they live
+// on the rebuilder, and the gatekeeper reading the same file need not
+// read them; `cacheproxy rebuild` reports them as it opens them.
+func (r Rebuild) validate() []error {
+	var errs []error
+	add := func(key string, format string, args ...any) {
+		errs = append(errs, &FieldError{Key: "rebuild." + key, Err: fmt.Errorf(format, args...)})
+	}
+	if r.Server != "" {
+		u, err := url.Parse(r.Server)
+		switch {
+		case err != nil:
+			add("server", "%q: %v", r.Server, err)
+		case u.Scheme != "http" && u.Scheme != "https" || u.Host == "":
+			add("server", "%q must be an http:// or https:// URL with a host", r.Server)
+		}
+	}
+	if d := r.Interval.Duration; d < time.Second || d > 7*24*time.Hour {
+		add("interval", "%s must be between 1s and 7d", r.Interval)
+	}
+	if r.Jobs < 1 || r.Jobs > MaxRebuildJobs {
+		add("jobs", "%d must be between 1 and %d", r.Jobs, MaxRebuildJobs)
+	}
+	return errs
 }
 
 // CheckLogFormat accepts the log formats serve knows.
