@@ -97,12 +97,7 @@ func rebuildQueue(t *testing.T, px *Proxy) []map[string]any {
 // the app, and the wait shows in cacheproxy_time_to_attestation_seconds.
 func TestRebuildQueueThenSubstitute(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t, "zstd", ProxyConfig{RequireClosure: true}, nil)
-	f.Px.Attest(t, attestFile(t, rb1Key, f.C.App))
-	cl := newClient(t)
-	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
-		t.Fatalf("the client got an app whose leaf is unattested:\n%s", out)
-	}
+	f, cl := leafQueued(t)
 	q := rebuildQueue(t, f.Px)
 	if len(q) != 1 || q[0]["store_path"] != string(f.C.Leaf) || q[0]["reason"] != "unattested" ||
 		!strings.HasSuffix(q[0]["deriver"].(string), ".drv") {

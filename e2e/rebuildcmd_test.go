@@ -79,12 +79,7 @@ func expectAppRefused(t *testing.T, f *fixture) {
 // the client gets the app.
 func TestRebuildCommandAttestsQueue(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t, "zstd", ProxyConfig{RequireClosure: true}, nil)
-	f.Px.Attest(t, attestFile(t, rb1Key, f.C.App))
-	cl := newClient(t)
-	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
-		t.Fatalf("the client got an app whose leaf is unattested:\n%s", out)
-	}
+	f, cl := leafQueued(t)
 	if q := rebuildQueue(t, f.Px); len(q) != 1 || q[0]["store_path"] != string(f.C.Leaf) {
 		t.Fatalf("rebuild queue %v, want the leaf", q)
 	}
@@ -340,12 +335,7 @@ func TestRebuildCommandLoopStopsOnSignal(t *testing.T) {
 // agree, so it is attested, and no build directory is left.
 func TestRebuildCommandCheckAttestsReproducible(t *testing.T) {
 	t.Parallel()
-	f := newFixture(t, "zstd", ProxyConfig{RequireClosure: true}, nil)
-	f.Px.Attest(t, attestFile(t, rb1Key, f.C.App))
-	cl := newClient(t)
-	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
-		t.Fatalf("the client got an app whose leaf is unattested:\n%s", out)
-	}
+	f, cl := leafQueued(t)
 	runNix(t, "nix-store", "--delete", string(f.C.App), string(f.C.Leaf))
 	tmp := t.TempDir()
 	out, errOut, err := runRebuildEnv(t, f.Px, []string{"TMPDIR=" + tmp}, "--check")
@@ -356,4 +346,18 @@ func TestRebuildCommandCheckAttestsReproducible(t *testing.T) {
 		t.Errorf("build directories left behind: %v", left)
 	}
 	cl.MustSubstitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App)
+}
+
+// leafQueued is a proxy with require_closure whose app is attested and
+// whose leaf is not: a client is refused the app, and the leaf waits in
+// the rebuild queue. It returns the client that was refused.
+func leafQueued(t *testing.T) (*fixture, *Client) {
+	t.Helper()
+	f := newFixture(t, "zstd", ProxyConfig{RequireClosure: true}, nil)
+	f.Px.Attest(t, attestFile(t, rb1Key, f.C.App))
+	cl := newClient(t)
+	if out, err := cl.Substitute(t, f.Px.URL, f.Px.GatekeeperKey, f.C.App); err == nil {
+		t.Fatalf("the client got an app whose leaf is unattested:\n%s", out)
+	}
+	return f, cl
 }

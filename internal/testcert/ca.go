@@ -2,18 +2,10 @@ package testcert
 
 import (
 	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"math/big"
-	"net"
-	"os"
-	"path/filepath"
-	"sync/atomic"
 	"testing"
-	"time"
 )
 
 // CA is a throwaway certificate authority for tests of mutual TLS (etcd
@@ -27,44 +19,27 @@ type CA struct {
 	dir      string
 }
 
-// serial makes serial numbers unique within a process: two certificates
-// issued in the same nanosecond by one CA must still differ.
-var serial atomic.Int64
-
+// nextSerial is a random serial number: two certificates issued by one
+// CA must differ, even in the same nanosecond.
 func nextSerial() *big.Int {
-	return big.NewInt(time.Now().UnixNano() + serial.Add(1))
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		panic(err) // crypto/rand does not fail on Linux
+	}
+	return n
 }
 
-// NewCA writes a fresh self-signed CA certificate NAME.crt in a new
-// temporary directory; the certificates it issues land in the same
-// directory.
+// NewCA writes a fresh self-signed CA certificate NAME.crt (and its key
+// NAME.key) in a new temporary directory; the certificates it issues land
+// in the same directory.
 func NewCA(t testing.TB, name string) *CA {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          nextSerial(),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
+	tmpl := template(name, nil)
+	tmpl.IsCA, tmpl.BasicConstraintsValid = true, true
+	tmpl.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature
 	dir := t.TempDir()
-	ca := &CA{CertFile: filepath.Join(dir, name+".crt"), Cert: cert, key: key, dir: dir}
-	writePEM(t, ca.CertFile, "CERTIFICATE", der, 0o644)
-	return ca
+	p, key := create(t, dir, name, tmpl, nil, nil)
+	return &CA{CertFile: p.CertFile, Cert: p.Cert, key: key, dir: dir}
 }
 
 // Issue writes a certificate NAME.crt signed by the CA, and its P-256 key
@@ -74,46 +49,9 @@ func NewCA(t testing.TB, name string) *CA {
 // gRPC gateway dials itself, so one certificate must serve both roles.
 func (ca *CA) Issue(t testing.TB, name string, hosts ...string) Pair {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: nextSerial(),
-		Subject:      pkix.Name{CommonName: name},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-	}
-	for _, h := range hosts {
-		if ip := net.ParseIP(h); ip != nil {
-			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else {
-			tmpl.DNSNames = append(tmpl.DNSNames, h)
-		}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := Pair{CertFile: filepath.Join(ca.dir, name+".crt"), KeyFile: filepath.Join(ca.dir, name+".key"), Cert: cert}
-	writePEM(t, p.CertFile, "CERTIFICATE", der, 0o644)
-	writePEM(t, p.KeyFile, "PRIVATE KEY", keyDER, 0o600)
+	tmpl := template(name, hosts)
+	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	p, _ := create(t, ca.dir, name, tmpl, ca.Cert, ca.key)
 	return p
-}
-
-func writePEM(t testing.TB, path, typ string, der []byte, mode os.FileMode) {
-	t.Helper()
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode); err != nil {
-		t.Fatal(err)
-	}
 }
