@@ -367,9 +367,7 @@ func (c Cluster) validate() []error {
 	for i, e := range c.Etcd {
 		u, err := url.Parse(e)
 		switch {
-		case err != nil:
-			add(fmt.Sprintf("cluster.etcd[%d]", i), fmt.Errorf("%q: %w", e, err))
-		case (u.Scheme != "http" && u.Scheme != "https") || u.Hostname() == "" || u.Port() == "" || (u.Path != "" && u.Path != "/"):
+		case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Hostname() == "" || u.Port() == "" || (u.Path != "" && u.Path != "/"):
 			add(fmt.Sprintf("cluster.etcd[%d]", i), fmt.Errorf("%q must be an etcd client URL such as http://10.0.0.1:2379", e))
 		case u.Scheme == "https":
 			tls = true
