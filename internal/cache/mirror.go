@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"reflect"
 	"strings"
@@ -89,68 +90,77 @@ func (d *DB) ApplyMirror(rev int64, changes []MirrorEntry, match DenyMatcher) (d
 	return dropped, err
 }
 
-// SyncMirror makes the shared evidence here what all says, as of rev of
-// the cluster named id: what all lacks is deleted, unless keep says to
-// keep it (a local change not yet in the cluster). Audit records are only
-// ever added. It returns the number of stored decisions dropped.
-func (d *DB) SyncMirror(id string, rev int64, all []MirrorEntry, keep func(kind, key string) bool, match DenyMatcher) (dropped int, err error) {
-	present := map[string]map[string]bool{}
-	for _, e := range all {
-		if present[e.Kind] == nil {
-			present[e.Kind] = map[string]bool{}
-		}
-		present[e.Kind][e.Key] = true
-	}
-	err = d.update(func(tx *bolt.Tx) error {
-		m := mirrorTx{tx: tx}
+// A full resynchronisation reads the cluster's whole state a page at a
+// time into staging buckets (StageMirror), then makes the evidence here
+// what was staged in one transaction (FinishMirror), comparing the two
+// sorted key spaces side by side: memory stays bounded by a page however
+// large the state, and decisions never see half of it.
+
+// stagingBucket is where a kind is staged during a resynchronisation.
+func stagingBucket(kind string) []byte { return []byte("staging_" + kind) }
+
+// StartMirror empties the staging buckets.
+func (d *DB) StartMirror() error {
+	return d.update(func(tx *bolt.Tx) error {
 		for _, kind := range SharedKinds {
-			if kind == KindAudit {
-				continue
-			}
-			var gone []string
-			err := tx.Bucket([]byte(kind)).ForEach(func(k, _ []byte) error {
-				if len(k) > 0 && k[0] != 0 && !present[kind][string(k)] && (keep == nil || !keep(kind, string(k))) {
-					gone = append(gone, string(k))
-				}
-				return nil
-			})
-			if err != nil {
-				return err
-			}
-			for _, k := range gone {
-				if err := m.apply(MirrorEntry{Kind: kind, Key: k}); err != nil {
+			name := stagingBucket(kind)
+			if tx.Bucket(name) != nil {
+				if err := tx.DeleteBucket(name); err != nil {
 					return err
 				}
 			}
-		}
-		for _, e := range all {
-			if err := m.apply(e); err != nil {
+			if _, err := tx.CreateBucket(name); err != nil {
 				return err
 			}
 		}
-		if dropped, err = m.finish(d, match); err != nil {
-			return err
-		}
-		meta := tx.Bucket(bucketMeta)
-		if err := meta.Put(keyMirrorID, []byte(id)); err != nil {
-			return err
-		}
-		return meta.Put(keyMirrorRev, binary.BigEndian.AppendUint64(nil, uint64(rev)))
+		return nil
 	})
-	return dropped, err
 }
 
-// LocalEvidence returns the shared kinds of evidence held here, but for
-// audit records, as mirror entries: what a node that joins a cluster for
-// the first time adds to it, so that joining loses nothing.
-func (d *DB) LocalEvidence() (out []MirrorEntry, err error) {
+// StageMirror adds one page of the cluster's state to the staging buckets.
+func (d *DB) StageMirror(page []MirrorEntry) error {
+	return d.update(func(tx *bolt.Tx) error {
+		m := mirrorTx{tx: tx}
+		for _, e := range page {
+			b := tx.Bucket(stagingBucket(e.Kind))
+			if b == nil {
+				return fmt.Errorf("mirror: unknown kind %q (or StartMirror not called)", e.Kind)
+			}
+			if e.Value == nil {
+				continue
+			}
+			v, err := m.encode(e)
+			if err != nil {
+				return err
+			}
+			if e.Kind == KindAudit {
+				if _, err := hex.DecodeString(e.Key); err != nil || len(e.Key) != 32 {
+					return fmt.Errorf("mirror: invalid audit key %q", e.Key)
+				}
+			}
+			if err := b.Put([]byte(e.Key), v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Unstaged returns the shared evidence held here that the staging buckets
+// lack, as mirror entries (audit records left out): what a node joining a
+// cluster for the first time adds to it.
+func (d *DB) Unstaged() (out []MirrorEntry, err error) {
 	err = d.view(func(tx *bolt.Tx) error {
 		for _, kind := range SharedKinds {
 			if kind == KindAudit {
 				continue
 			}
+			staged := tx.Bucket(stagingBucket(kind))
+			if staged == nil {
+				return errors.New("mirror: nothing staged")
+			}
 			err := tx.Bucket([]byte(kind)).ForEach(func(k, v []byte) error {
-				if len(k) == 0 || k[0] == 0 {
+				if len(k) == 0 || k[0] == 0 || staged.Get(k) != nil {
 					return nil
 				}
 				raw := append([]byte(nil), v...)
@@ -173,6 +183,106 @@ func (d *DB) LocalEvidence() (out []MirrorEntry, err error) {
 		return nil
 	})
 	return out, err
+}
+
+// FinishMirror makes the shared evidence here what was staged, as of rev
+// of the cluster named id, in one transaction: what the stage lacks is
+// deleted, unless keep says to keep it (a local change not yet in the
+// cluster); audit records are only added. Only the decisions whose
+// evidence changed are dropped; it returns how many.
+func (d *DB) FinishMirror(id string, rev int64, keep func(kind, key string) bool, match DenyMatcher) (dropped int, err error) {
+	err = d.update(func(tx *bolt.Tx) error {
+		m := mirrorTx{tx: tx}
+		for _, kind := range SharedKinds {
+			staged := tx.Bucket(stagingBucket(kind))
+			if staged == nil {
+				return errors.New("mirror: nothing staged")
+			}
+			if kind == KindAudit {
+				err := staged.ForEach(func(k, v []byte) error {
+					if tx.Bucket(bucketAudit).Get(k) != nil {
+						return nil
+					}
+					var rec AuditRecord
+					if err := json.Unmarshal(v, &rec); err != nil {
+						return fmt.Errorf("mirror: decode audit record: %w", err)
+					}
+					return putAudit(tx, append([]byte(nil), k...), &rec)
+				})
+				if err != nil {
+					return err
+				}
+				continue
+			}
+			if err := m.merge(kind, staged, keep); err != nil {
+				return err
+			}
+		}
+		if dropped, err = m.finish(d, match); err != nil {
+			return err
+		}
+		for _, kind := range SharedKinds {
+			if err := tx.DeleteBucket(stagingBucket(kind)); err != nil {
+				return err
+			}
+		}
+		meta := tx.Bucket(bucketMeta)
+		if err := meta.Put(keyMirrorID, []byte(id)); err != nil {
+			return err
+		}
+		return meta.Put(keyMirrorRev, binary.BigEndian.AppendUint64(nil, uint64(rev)))
+	})
+	return dropped, err
+}
+
+// merge walks the live bucket of kind and its stage side by side, in key
+// order, and applies the differences. The changes are gathered first:
+// bbolt cursors must not walk a bucket that is being changed.
+func (m *mirrorTx) merge(kind string, staged *bolt.Bucket, keep func(kind, key string) bool) error {
+	var changes []MirrorEntry
+	live := m.tx.Bucket([]byte(kind)).Cursor()
+	stage := staged.Cursor()
+	lk, lv := live.First()
+	sk, sv := stage.First()
+	for lk != nil || sk != nil {
+		if lk != nil && (len(lk) == 0 || lk[0] == 0) { // internal keys
+			lk, lv = live.Next()
+			continue
+		}
+		switch c := compareKeys(lk, sk); {
+		case c < 0: // here only
+			if keep == nil || !keep(kind, string(lk)) {
+				changes = append(changes, MirrorEntry{Kind: kind, Key: string(lk)})
+			}
+			lk, lv = live.Next()
+		case c > 0: // staged only
+			changes = append(changes, MirrorEntry{Kind: kind, Key: string(sk), Value: append([]byte(nil), sv...)})
+			sk, sv = stage.Next()
+		default:
+			if !m.same(kind, lk, lv, sv) {
+				changes = append(changes, MirrorEntry{Kind: kind, Key: string(sk), Value: append([]byte(nil), sv...)})
+			}
+			lk, lv = live.Next()
+			sk, sv = stage.Next()
+		}
+	}
+	for _, c := range changes {
+		if err := m.applyStored(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// compareKeys orders keys, a nil key (an ended cursor) after all others.
+func compareKeys(a, b []byte) int {
+	switch {
+	case a == nil:
+		return 1
+	case b == nil:
+		return -1
+	}
+	return bytes.Compare(a, b)
 }
 
 // mirrorTx gathers, within one transaction, what the applied changes
@@ -198,11 +308,18 @@ func (m *mirrorTx) apply(c MirrorEntry) error {
 	if len(key) == 0 || key[0] == 0 {
 		return fmt.Errorf("mirror: %s: invalid key %q", c.Kind, c.Key)
 	}
-	old := b.Get(key)
 	stored, err := m.encode(c)
 	if err != nil {
 		return err
 	}
+	return m.applyStored(MirrorEntry{Kind: c.Kind, Key: c.Key, Value: stored})
+}
+
+// applyStored applies a change whose value is already in the stored form.
+func (m *mirrorTx) applyStored(c MirrorEntry) error {
+	b := m.tx.Bucket([]byte(c.Kind))
+	key, stored := []byte(c.Key), c.Value
+	old := b.Get(key)
 	if old == nil && stored == nil {
 		return nil
 	}
@@ -216,6 +333,7 @@ func (m *mirrorTx) apply(c MirrorEntry) error {
 		if src == nil {
 			src = old
 		}
+		src = append([]byte(nil), src...)
 		var e policy.DenyEntry
 		if err := json.Unmarshal(src, &e); err != nil {
 			return fmt.Errorf("mirror: decode %s/%s: %w", c.Kind, c.Key, err)

@@ -396,30 +396,30 @@ func (n *Node) waitApplied(ctx context.Context, rev int64) error {
 }
 
 // fullSync reads the whole shared state at one revision and makes the
-// mirror hold exactly that (and the quarantines not yet written to etcd).
-// A node that never mirrored this cluster first adds the evidence it holds
-// that etcd lacks, so that joining a cluster loses nothing.
+// mirror hold exactly that (and the quarantines not yet written to etcd),
+// a page at a time through the state file's staging area, so memory stays
+// bounded however large the state. A node that never mirrored this
+// cluster first adds the evidence it holds that etcd lacks, so that
+// joining a cluster loses nothing.
 func (n *Node) fullSync(ctx context.Context, id string, join bool) (int64, error) {
-	all, rev, err := n.readAll(ctx)
+	rev, records, err := n.stage(ctx)
 	if err != nil {
 		return 0, err
 	}
 	if join {
-		added, err := n.seed(ctx, all)
+		local, err := n.o.DB.Unstaged()
+		if err != nil {
+			return 0, err
+		}
+		added, err := n.seed(ctx, local)
 		if err != nil {
 			return 0, fmt.Errorf("add this node's evidence to the cluster: %w", err)
 		}
 		if added > 0 {
 			n.o.Log.Info("cluster: joined: added the evidence this node held and etcd lacked", "entries", added)
-			if all, rev, err = n.readAll(ctx); err != nil {
+			if rev, records, err = n.stage(ctx); err != nil {
 				return 0, err
 			}
-		}
-	}
-	var entries []cache.MirrorEntry
-	for _, kv := range all {
-		if e, ok := n.entry(kv.key, kv.value); ok && e.Value != nil {
-			entries = append(entries, e)
 		}
 	}
 	n.mu.Lock()
@@ -429,25 +429,22 @@ func (n *Node) fullSync(ctx context.Context, id string, join bool) (int64, error
 	}
 	n.mu.Unlock()
 	keep := func(kind, key string) bool { return kind == cache.KindQuarantine && pending[key] }
-	dropped, err := n.o.DB.SyncMirror(id, rev, entries, keep, n.o.DenyMatch)
+	dropped, err := n.o.DB.FinishMirror(id, rev, keep, n.o.DenyMatch)
 	if err != nil {
 		return 0, fmt.Errorf("store the cluster state: %w", err)
 	}
-	n.o.Log.Info("cluster: mirror resynchronised", "revision", rev, "records", len(entries), "decisions_dropped", dropped)
+	n.o.Log.Info("cluster: mirror resynchronised", "revision", rev, "records", records, "decisions_dropped", dropped)
 	n.applyDone(rev)
 	return rev, nil
 }
 
-type kv struct {
-	key   string
-	value []byte
-}
-
-// readAll reads every key under the prefix at one revision, a page at a time.
-func (n *Node) readAll(ctx context.Context) ([]kv, int64, error) {
-	var out []kv
+// stage reads every key under the prefix at one revision, a page at a
+// time, into the state file's staging area, refusing what entry refuses.
+func (n *Node) stage(ctx context.Context) (rev int64, records int, err error) {
+	if err := n.o.DB.StartMirror(); err != nil {
+		return 0, 0, err
+	}
 	start, end := n.prefix, clientv3.GetPrefixRangeEnd(n.prefix)
-	rev := int64(0)
 	for {
 		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(pageSize)}
 		if rev != 0 {
@@ -455,35 +452,33 @@ func (n *Node) readAll(ctx context.Context) ([]kv, int64, error) {
 		}
 		resp, err := n.cli.Get(ctx, start, opts...)
 		if err != nil {
-			return nil, 0, fmt.Errorf("read the cluster state: %w", err)
+			return 0, 0, fmt.Errorf("read the cluster state: %w", err)
 		}
 		if rev == 0 {
 			rev = resp.Header.Revision
 		}
+		var page []cache.MirrorEntry
 		for _, x := range resp.Kvs {
-			out = append(out, kv{string(x.Key), x.Value})
+			if e, ok := n.entry(string(x.Key), x.Value); ok && e.Value != nil {
+				page = append(page, e)
+			}
 		}
+		if err := n.o.DB.StageMirror(page); err != nil {
+			return 0, 0, err
+		}
+		records += len(page)
 		if !resp.More || len(resp.Kvs) == 0 {
-			return out, rev, nil
+			return rev, records, nil
 		}
 		start = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
 }
 
-// seed writes the local evidence etcd lacks, never overwriting a key
-// that exists there.
-func (n *Node) seed(ctx context.Context, all []kv) (int, error) {
-	local, err := n.o.DB.LocalEvidence()
-	if err != nil {
-		return 0, err
-	}
-	have := make(map[string]bool, len(all))
-	for _, x := range all {
-		have[x.key] = true
-	}
+// seed writes local evidence to etcd, never overwriting a key that exists
+// there.
+func (n *Node) seed(ctx context.Context, local []cache.MirrorEntry) (int, error) {
 	var ops []clientv3.Op
 	var cmps []clientv3.Cmp
-	added := 0
 	flush := func() error {
 		if len(ops) == 0 {
 			return nil
@@ -506,19 +501,15 @@ func (n *Node) seed(ctx context.Context, all []kv) (int, error) {
 	}
 	for _, e := range local {
 		key := n.key(e.Kind, e.Key)
-		if have[key] {
-			continue
-		}
 		ops = append(ops, clientv3.OpPut(key, string(e.Value)))
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", 0))
-		added++
 		if len(ops) == maxOps {
 			if err := flush(); err != nil {
 				return 0, err
 			}
 		}
 	}
-	return added, flush()
+	return len(local), flush()
 }
 
 func (n *Node) key(kind, key string) string { return n.prefix + kind + "/" + key }
