@@ -240,8 +240,12 @@ func (g *Gate) Close() {
 }
 
 // Flush waits until every decision answered so far is committed to the
-// state file (storeRecord): at shutdown, and in tests that read the file.
-func (g *Gate) Flush() { g.writes.Wait() }
+// state file (storeRecord), and every download under way has ended with
+// its blob stored: at shutdown, and in tests that read the state.
+func (g *Gate) Flush() {
+	g.nars.Wait()
+	g.writes.Wait()
+}
 
 // pendingSet counts, per hash, decisions kept in memory whose commit has
 // not ended.

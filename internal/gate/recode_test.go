@@ -89,6 +89,9 @@ func (f *fixture) fetch(file string) ([]byte, Body, error) {
 		r = body.Stream
 	}
 	b, err := io.ReadAll(r)
+	// The client gets the tail once the NAR verified; its files are stored
+	// just after. The tests look at what was stored.
+	f.g.Flush()
 	return b, body, err
 }
 

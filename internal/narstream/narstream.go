@@ -205,6 +205,10 @@ func (g *Group) join(ctx context.Context, job Job, admit func() error, out int) 
 	return r, nil
 }
 
+// Wait waits for the downloads under way to end, their files committed
+// (tests; a download started meanwhile may be waited for too).
+func (g *Group) Wait() { g.wg.Wait() }
+
 // Running reports whether a download of name is under way.
 func (g *Group) Running(name string) bool {
 	g.mu.Lock()
@@ -294,6 +298,20 @@ func (g *Group) run(dl *Download, tmp, rtmp *os.File) {
 		rw = &recodeWriter{dl: dl, f: rtmp, h: sha256.New()}
 	}
 	written, err := dl.copy(g.ctx, tmp, rw)
+	verified := err == nil
+	if verified {
+		// The bytes are verified: the readers get the tail now. Making
+		// the files durable (fsync, rename, index) is the cache's
+		// business, not the client's: a client does not wait on the
+		// disk, and a commit that fails costs a later fetch, never a
+		// byte that was not verified.
+		if o := dl.outs[upstreamOut]; o != nil {
+			dl.publish(o, written, true, nil)
+		}
+		if o := dl.outs[recodedOut]; o != nil {
+			dl.publish(o, rw.n, true, nil)
+		}
+	}
 	// The recoded file first: the upstream's bytes of a recoding download
 	// are usually only passed through (their Commit discards them).
 	if err == nil && rtmp != nil {
@@ -319,12 +337,14 @@ func (g *Group) run(dl *Download, tmp, rtmp *os.File) {
 	g.mu.Lock()
 	delete(g.downloads, job.Name)
 	g.mu.Unlock()
-	if o := dl.outs[upstreamOut]; o != nil {
-		dl.publish(o, written, true, err)
-		dl.release(o, false)
-	}
-	if o := dl.outs[recodedOut]; o != nil {
-		dl.publish(o, rw.n, true, err)
+	for i, n := range [2]func() int64{func() int64 { return written }, func() int64 { return rw.n }} {
+		o := dl.outs[i]
+		if o == nil {
+			continue
+		}
+		if !verified { // else published above, and a commit error is not the readers'
+			dl.publish(o, n(), true, err)
+		}
 		dl.release(o, false)
 	}
 	if job.Finally != nil {
