@@ -315,8 +315,10 @@ narinfo_served() {
 
 # ---------------------------------------------------------------- load balancer
 # start_lb N: nginx (2 workers, own prefix) round-robin over nodes 1..N
-# with keepalive connections to them; NARs are passed through from memory
-# buffers, never spooled to disk. Sets LB_URL, LB_PID.
+# with keepalive connections to them. Responses are streamed through
+# (proxy_buffering off, 128 KiB reads): NARs are never spooled to disk, and
+# nginx's default 4-8 KiB proxy buffers halved the NAR throughput of the
+# hop here. Sets LB_URL, LB_PID.
 start_lb() {
 	local n=$1 d=$T/lb$1 p servers="" i
 	p=$(port)
@@ -345,6 +347,9 @@ start_lb() {
 					proxy_http_version 1.1;
 					proxy_set_header Connection "";
 					proxy_max_temp_file_size 0;
+					proxy_buffering off;
+					proxy_buffer_size 128k;
+					proxy_buffers 8 128k;
 					proxy_next_upstream error timeout;
 				}
 			}
