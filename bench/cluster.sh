@@ -7,7 +7,7 @@
 # serving the upstream cache directly, and prints the ratios.
 #
 # Setup, all real: a closure built by Nix (bench/corpus.nix, ~100 paths,
-# ~120 MB of NAR), published by `nix copy` as a signed zstd cache that nginx
+# ~150 MB of NAR), published by `nix copy` as a signed zstd cache that nginx
 # serves as the upstream; an etcd cluster of 3 members (Debian's etcd-server);
 # the corpus attested by a rebuilder key (`nix store sign`, `nix path-info
 # --json --sigs`) and imported through node 1's admin API (`cacheproxy attest
