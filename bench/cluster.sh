@@ -26,7 +26,9 @@
 #             harness
 # Environment: NODES (the N to measure, "1 2 3"), PAR (NAR fetches in
 # flight, 6), CONNS (wrk connections, 32), DURATION (seconds per wrk run,
-# 10), RUNS (wrk and NAR runs per side, best kept, 2), CORPUS_DIR (/var/tmp),
+# 10), RUNS (wrk and NAR runs per side, best kept, 2), PASSES (each NAR
+# run fetches the corpus this many times over, so a run lasts long enough
+# to measure, 4), CORPUS_DIR (/var/tmp),
 # REV=<git rev> builds that commit, KEEP=1 keeps the temp dir.
 set -euo pipefail
 
@@ -52,6 +54,7 @@ NODES=${NODES:-1 2 3}
 PAR=${PAR:-6}
 CONNS=${CONNS:-32}
 RUNS=${RUNS:-2}
+PASSES=${PASSES:-4}
 CORPUS_DIR=${CORPUS_DIR:-/var/tmp}
 X_NIX=(--extra-experimental-features nix-command)
 NO_SUBST=(--option substituters '')
@@ -256,17 +259,19 @@ wait_approved() {
 	die "node $i approves $n of $NPATHS paths after 30 s: $(tail -3 "$T/node$i.log")"
 }
 field_of() { awk -v k="$1:" '$1 == k { print $2 }' "$2"; }
-# nar_list URL OUT: a curl config fetching every NAR node 1's narinfos name.
+# nar_list URL OUT [PASSES]: a curl config fetching every NAR node 1's
+# narinfos name, PASSES times over (1).
 nar_list() {
 	local h u
 	while read -r h; do
 		u=$(field_of URL "$T/ni-node1/$h.narinfo")
 		[[ -n $u ]] || die "no URL in $T/ni-node1/$h.narinfo"
 		printf 'url = "%s/%s"\noutput = "/dev/null"\n' "$1" "$u"
-	done <"$T/hashes" >"$2"
+	done <"$T/hashes" >"$2.1"
+	for _ in $(seq "${3:-1}"); do cat "$2.1"; done >"$2"
 }
-# nar_mbs CURLCONFIG: every NAR, PAR at a time over one curl (libcurl, as
-# Nix); checks every transfer was a 200; prints MB/s (bytes received / s).
+# nar_mbs CURLCONFIG: every transfer it lists, PAR at a time over one curl
+# (libcurl, as Nix); checks each was a 200; prints MB/s (bytes received / s).
 nar_mbs() {
 	local s secs bad
 	s=$(now)
@@ -275,7 +280,7 @@ nar_mbs() {
 	secs=$(since "$s")
 	bad=$(awk '$1 != 200' "$T/fetch.out" | wc -l)
 	((bad == 0)) || die "fetching $1: $bad transfers were not 200: $(awk '{ print $1 }' "$T/fetch.out" | sort | uniq -c | tr '\n' ' ')"
-	(($(wc -l <"$T/fetch.out") == NPATHS)) || die "fetching $1: $(wc -l <"$T/fetch.out") transfers, want $NPATHS"
+	(($(wc -l <"$T/fetch.out") == $(grep -c '^url' "$1"))) || die "fetching $1: $(wc -l <"$T/fetch.out") transfers, want $(grep -c '^url' "$1")"
 	awk -v t="$secs" '{ b += $2 } END { printf "%.0f\n", b / t / 1e6 }' "$T/fetch.out"
 }
 
@@ -372,7 +377,7 @@ narinfo_codes "$NG" "$T/ni-up" >/dev/null
 # one results line.
 measure() {
 	local label=$1 url=$2 pr nr r
-	nar_list "$url" "$T/nars.curl"
+	nar_list "$url" "$T/nars.curl" "$PASSES"
 	: >"$T/r.p" && : >"$T/r.n" && : >"$T/m.p" && : >"$T/m.n"
 	for r in $(seq "$RUNS"); do
 		narinfo_rate "$label" "$url" >>"$T/r.p"
@@ -388,7 +393,8 @@ measure() {
 # The reference NAR list: the upstream's own file names.
 while read -r h; do
 	printf 'url = "%s/%s"\noutput = "/dev/null"\n' "$NG" "$(field_of URL "$T/ni-up/$h.narinfo")"
-done <"$T/hashes" >"$T/nars-ng.curl"
+done <"$T/hashes" >"$T/nars-ng.curl.1"
+for _ in $(seq "$PASSES"); do cat "$T/nars-ng.curl.1"; done >"$T/nars-ng.curl"
 
 started=0
 for n in $NODES; do
@@ -438,14 +444,14 @@ awk -F'|' -v built="$BUILT" -v when="$(date -u "+%Y-%m-%d %H:%M UTC")" -v nproc=
 	-v cpu="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
 	-v npaths="$NPATHS" -v nar="$NAR_BYTES" -v zsb="$ZST_BYTES" -v members="$ETCD_MEMBERS" \
 	-v etcdv="$("$ETCD" --version | awk 'NR == 1 { print $3 }')" \
-	-v par="$PAR" -v conns="$CONNS" -v runs="$RUNS" -v dur="$DURATION" \
+	-v par="$PAR" -v conns="$CONNS" -v runs="$RUNS" -v passes="$PASSES" -v dur="$DURATION" \
 	-v l0="$LOAD_START" -v l1="$LOAD_END" \
 	-v nginxv="$(nginx -v 2>&1 | sed 's/.*\///')" -v nixv="$(nix --version | awk '{ print $3 }')" '
 BEGIN {
 	printf "\ncacheproxy %s; %s; %d cores (%s); load average %s at start, %s at end\n", built, when, nproc, cpu, l0, l1
 	printf "corpus: %d paths, %.0f MB of NAR, zstd %.0f MB; etcd %s, %d member(s); nginx %s (upstream and load balancer), Nix %s\n",
 		npaths, nar / 1e6, zsb / 1e6, etcdv, members, nginxv, nixv
-	printf "narinfo: wrk %d connections, %d s; NARs: all %d, %d in flight (curl); best of %d runs each, alternating with nginx\n\n", conns, dur, npaths, par, runs
+	printf "narinfo: wrk %d connections, %d s; NARs: all %d, %d times over, %d in flight (curl); best of %d runs each, alternating with nginx\n\n", conns, dur, npaths, passes, par, runs
 	printf "| %-17s | %13s | %11s | %5s | %9s | %10s | %5s |\n", "nodes", "narinfo req/s", "nginx req/s", "ratio", "NAR MB/s", "nginx MB/s", "ratio"
 	printf "|%s|%s|%s|%s|%s|%s|%s|\n", "-------------------", "---------------", "-------------", "-------", "-----------", "------------", "-------"
 }
