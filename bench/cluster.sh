@@ -432,6 +432,9 @@ for n in $NODES; do
 	echo "N=$n narinfo 200s per node:$share" >>"$T/shares"
 	stop_pid "$LB_PID"
 done
+# Node 1 alone again, now with the others up (idle, watching etcd): against
+# the first row, what the other nodes cost it.
+if ((started > 1)); then measure "1 (direct, $started up)" "${NODE_URL[1]}"; fi
 LOAD_END=$(load)
 
 # Nodes still agree and nothing was refused or resynchronised.
@@ -452,11 +455,11 @@ BEGIN {
 	printf "corpus: %d paths, %.0f MB of NAR, zstd %.0f MB; etcd %s, %d member(s); nginx %s (upstream and load balancer), Nix %s\n",
 		npaths, nar / 1e6, zsb / 1e6, etcdv, members, nginxv, nixv
 	printf "narinfo: wrk %d connections, %d s; NARs: all %d, %d times over, %d in flight (curl); best of %d runs each, alternating with nginx\n\n", conns, dur, npaths, passes, par, runs
-	printf "| %-17s | %13s | %11s | %5s | %9s | %10s | %5s |\n", "nodes", "narinfo req/s", "nginx req/s", "ratio", "NAR MB/s", "nginx MB/s", "ratio"
-	printf "|%s|%s|%s|%s|%s|%s|%s|\n", "-------------------", "---------------", "-------------", "-------", "-----------", "------------", "-------"
+	printf "| %-18s | %13s | %11s | %5s | %9s | %10s | %5s |\n", "nodes", "narinfo req/s", "nginx req/s", "ratio", "NAR MB/s", "nginx MB/s", "ratio"
+	printf "|%s|%s|%s|%s|%s|%s|%s|\n", "--------------------", "---------------", "-------------", "-------", "-----------", "------------", "-------"
 }
 {
-	printf "| %-17s | %13d | %11d | %5.2f | %9d | %10d | %5.2f |\n", $1, $2, $3, $2 / $3, $4, $5, $4 / $5
+	printf "| %-18s | %13d | %11d | %5.2f | %9d | %10d | %5.2f |\n", $1, $2, $3, $2 / $3, $4, $5, $4 / $5
 }
 END {
 	printf "\nnginx = nginx serving the upstream zstd cache directly, each run right after the cluster run; ratio = cluster / nginx.\n"
