@@ -4,7 +4,8 @@
 # load balancer, all on loopback. Measures, for each N, narinfo requests/s
 # (wrk) and NAR MB/s (every NAR of the corpus, PAR at a time over curl)
 # through the load balancer, each right next to the same figure for nginx
-# serving the upstream cache directly, and prints the ratios.
+# serving the upstream cache directly, and prints the ratios; also node 1
+# directly (no load balancer), alone and with the other nodes up.
 #
 # Setup, all real: a closure built by Nix (bench/corpus.nix, ~100 paths,
 # ~150 MB of NAR), published by `nix copy` as a signed zstd cache that nginx
@@ -18,7 +19,7 @@
 #
 # No timed assertions: it exits 0 whenever the setup worked. Needs root, Nix
 # (nix-build, nix-store, nix), Go; installs nginx wrk etcd-server zstd curl
-# jq from Debian when missing. See bench/README.md.
+# jq nix-bin from Debian when missing. See bench/README.md.
 #
 # Usage: bench/cluster.sh [--etcd1] [--small]
 #   --etcd1   one etcd member instead of three
