@@ -120,7 +120,7 @@ func TestDiskFull(t *testing.T) {
 		if got := px.MetricSum(t, "cacheproxy_cache_size_bytes", nil); got != float64(size) {
 			t.Errorf("%s: cacheproxy_cache_size_bytes = %v, want %d (the complete blobs only)", when, got, size)
 		}
-		px.verifyCacheClean(t, len(want), when)
+		px.verifyCacheClean(t, blobs(len(want)), when)
 	}
 	// notServed: o's cold download failed clearly: not a complete 200 and
 	// not a 500; and the failure is not held against the path.
