@@ -7,12 +7,18 @@ import (
 	"testing"
 )
 
-// Pooled xz decoders are reset between streams: a stream that failed
-// (corrupt, cut short, aborted half way) leaves nothing behind for the
-// next one.
-func TestXZDecoderReuseAfterFailures(t *testing.T) {
-	good := loadFixture(t, "xz", treeHash)
-	other := loadFixture(t, "xz", flatHash)
+// Pooled decoders (xz, zstd) are reset between streams: a stream that
+// failed (corrupt, cut short, aborted half way) leaves nothing behind for
+// the next one.
+func TestDecoderReuseAfterFailures(t *testing.T) {
+	for _, codec := range []string{"xz", "zstd"} {
+		t.Run(codec, func(t *testing.T) { testDecoderReuse(t, codec) })
+	}
+}
+
+func testDecoderReuse(t *testing.T, codec string) {
+	good := loadFixture(t, codec, treeHash)
+	other := loadFixture(t, codec, flatHash)
 	bad := slices.Clone(good.data)
 	bad[len(bad)/2] ^= 0xff
 	for round := range 3 {
@@ -35,14 +41,21 @@ func TestXZDecoderReuseAfterFailures(t *testing.T) {
 	}
 }
 
-// Each xz stream Nix writes asks for an 8 MiB dictionary, even for a NAR
-// of a few bytes. Verifying NARs one after another must not allocate one
-// per NAR: the decoder and its dictionary are reused.
-func TestXZDictionaryReused(t *testing.T) {
+// Each xz stream Nix writes asks for an 8 MiB dictionary, and each zstd
+// stream for its window, even for a NAR of a few bytes. Verifying NARs one
+// after another must not allocate one per NAR: the decoder and its buffers
+// are reused.
+func TestDecoderBuffersReused(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector makes sync.Pool drop decoders at random")
 	}
-	f := loadFixture(t, "xz", treeHash)
+	for _, codec := range []string{"xz", "zstd"} {
+		t.Run(codec, func(t *testing.T) { testBuffersReused(t, codec) })
+	}
+}
+
+func testBuffersReused(t *testing.T, codec string) {
+	f := loadFixture(t, codec, treeHash)
 	// No collection during the test: one would empty the pool (by design),
 	// and how often one runs depends on everything else in the process.
 	defer debug.SetGCPercent(debug.SetGCPercent(-1))
@@ -60,6 +73,6 @@ func TestXZDictionaryReused(t *testing.T) {
 	runtime.ReadMemStats(&after)
 	// A dictionary per NAR would be 8 MiB per run.
 	if per := (after.TotalAlloc - before.TotalAlloc) / runs; per > 1<<20 {
-		t.Fatalf("verifying a %d-byte xz NAR allocated %d bytes per run; the 8 MiB dictionary is not reused", len(f.data), per)
+		t.Fatalf("verifying a %d-byte %s NAR allocated %d bytes per run; the decoder's buffers are not reused", len(f.data), codec, per)
 	}
 }
