@@ -391,6 +391,10 @@ for v in $VARIANTS; do
 	[[ $v == xz-as-zstd ]] && ref_codec=zstd
 	fetch_narinfos "$(nginx_url "$ref_codec")" "$T/$v-ng-ni"
 	nar_list "$(nginx_url "$ref_codec")" "$T/$v-ng-ni" "$T/$v-nginx.curl"
+	# The proxy's narinfos as they are now: after the cold run, those of
+	# xz-as-zstd name the recoded zstd files.
+	fetch_narinfos "$PROXY_URL" "$T/$v-ni-warm"
+	nar_list "$PROXY_URL" "$T/$v-ni-warm" "$T/$v-proxy.curl"
 	: >"$T/$v.warm" && : >"$T/$v.warmref"
 	profile "$v-warm"
 	for r in $(seq "$RUNS"); do
