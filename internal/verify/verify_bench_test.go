@@ -273,7 +273,7 @@ func BenchmarkXZDecoder(b *testing.B) {
 	}
 	b.SetBytes(int64(len(bf.nar)))
 	for b.Loop() {
-		r, closeFn, err := openXZ(bytes.NewReader(data))
+		r, closeFn, err := openGoXZ(bytes.NewReader(data))
 		if err != nil {
 			b.Fatal(err)
 		}
