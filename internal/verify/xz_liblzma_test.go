@@ -12,6 +12,12 @@ import (
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 )
 
+// benchXZCodecs are the xz decoders in this build, for BenchmarkXZDecoder.
+var benchXZCodecs = []struct {
+	name string
+	c    codec
+}{{"go", goXZCodec}, {"liblzma", xzCodec}}
+
 // runWith is run with the verifier's xz decoder swapped for c. Tests using
 // it must not run in parallel: xzCodec is package state, fixed in
 // production.
