@@ -30,9 +30,11 @@
 # connections, 32), DURATION (seconds per wrk run, 10), RUNS (warm fetch and
 # nix copy runs per side, best kept, 3), COLD_RUNS (cold runs, fresh state
 # each, best kept, default RUNS), VARIANTS ("xz zstd"; also xz-memlimit: xz
-# with the server under GOMEMLIMIT=$MEMLIMIT, default 40MiB), REV=<git rev> builds
-# that commit, CORPUS_DIR (where corpora are cached, /var/tmp), KEEP=1 keeps
-# the temp dir, PROFILE_DIR=DIR saves CPU profiles of the server (admin API
+# with the server under GOMEMLIMIT=$MEMLIMIT, default 40MiB; xz-go: xz with
+# a second build without liblzma), REV=<git rev> builds that commit,
+# LIBLZMA (auto: -tags liblzma when liblzma-dev is installed; 0: pure Go),
+# CORPUS_DIR (where corpora are cached, /var/tmp), KEEP=1 keeps the temp
+# dir, PROFILE_DIR=DIR saves CPU profiles of the server (admin API
 # /debug/pprof/profile, PROFILE_SECS long, default 10) taken at the start of
 # each variant's first cold, warm, narinfo and nix copy run, and a heap profile at
 # the end of each variant (`go tool pprof -top DIR/xz-cold.pprof`).
@@ -117,6 +119,12 @@ LOAD_START=$(load)
 
 # ---------------------------------------------------------------- build
 build_cacheproxy
+if [[ " $VARIANTS " == *" xz-go "* ]]; then
+	# The xz variant again with the pure-Go xz decoder, for comparison.
+	main_cp=$CP main_built=$BUILT
+	LIBLZMA=0 build_cacheproxy cacheproxy-go
+	CP_GO=$CP CP=$main_cp BUILT="$main_built; xz-go: the same without liblzma"
+fi
 
 # ---------------------------------------------------------------- corpus
 # Built once per corpus definition (corpus.nix, its parameters) and kept in
@@ -220,6 +228,8 @@ start_proxy() {
 	EOF
 	if [[ $name == *-memlimit ]]; then
 		GOMEMLIMIT=$MEMLIMIT "$CP" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
+	elif [[ $name == xz-go ]]; then
+		"$CP_GO" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
 	else
 		"$CP" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
 	fi
@@ -364,8 +374,8 @@ for v in $VARIANTS; do
 	case $v in
 	xz | zstd) codec=$v extra="" ;;
 	xz-as-zstd) codec=xz extra='serve_compression = "zstd"' ;;
-	xz-memlimit) codec=xz extra="" ;;
-	*) die "unknown variant $v (VARIANTS takes xz, zstd, xz-memlimit)" ;;
+	xz-memlimit | xz-go) codec=xz extra="" ;;
+	*) die "unknown variant $v (VARIANTS takes xz, zstd, xz-memlimit, xz-go)" ;;
 	esac
 	NG=$(nginx_url "$codec")
 	log "== $v: upstream nginx $codec cache, $NPATHS paths"
