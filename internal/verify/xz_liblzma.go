@@ -10,8 +10,88 @@ package verify
 
 /*
 #cgo pkg-config: liblzma
+#include <stdint.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <lzma.h>
+
+// Allocations of at least CP_MMAP_MIN bytes (the dictionary, 8 MiB for
+// what Nix writes) get pages of their own from mmap and go back to the
+// kernel on free. glibc's malloc would, after the first such free, raise
+// its mmap threshold and serve the next dictionaries from its arenas, which
+// keep freed memory resident. mmap'd pages also cost nothing until the
+// decoder writes them: a NAR of 100 bytes uses one page of its 8 MiB
+// dictionary. Every block carries a header with its size (liblzma's free
+// does not pass it), 0 for malloc'd ones.
+#define CP_MMAP_MIN (1u << 20)
+#define CP_HDR 16
+
+static void *cp_alloc(void *opaque, size_t nmemb, size_t size) {
+	(void)opaque;
+	if (size != 0 && nmemb > (SIZE_MAX - CP_HDR) / size)
+		return NULL;
+	size_t n = nmemb * size + CP_HDR;
+	uint8_t *p;
+	if (n >= CP_MMAP_MIN) {
+		p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (p == MAP_FAILED)
+			return NULL;
+		*(size_t *)p = n;
+	} else {
+		p = malloc(n);
+		if (p == NULL)
+			return NULL;
+		*(size_t *)p = 0;
+	}
+	return p + CP_HDR;
+}
+
+static void cp_free_mem(void *opaque, void *ptr) {
+	(void)opaque;
+	if (ptr == NULL)
+		return;
+	uint8_t *p = (uint8_t *)ptr - CP_HDR;
+	size_t n = *(size_t *)p;
+	if (n != 0)
+		munmap(p, n);
+	else
+		free(p);
+}
+
+static const lzma_allocator cp_allocator = { cp_alloc, cp_free_mem, NULL };
+
+// cp_state is one decoder: the lzma_stream (it holds pointers to liblzma's
+// state, which Go memory must not) and its input buffer, in C memory.
+typedef struct {
+	lzma_stream s;
+	uint8_t in[64 << 10];
+} cp_state;
+
+// cp_new starts a decoder reading concatenated .xz streams and padding (as
+// xz -dc does), with memlimit bounding the dictionary. On failure it
+// frees everything and returns NULL with *ret set.
+static cp_state *cp_new(uint64_t memlimit, lzma_ret *ret) {
+	cp_state *st = malloc(sizeof(cp_state));
+	if (st == NULL) {
+		*ret = LZMA_MEM_ERROR;
+		return NULL;
+	}
+	lzma_stream init = LZMA_STREAM_INIT;
+	st->s = init;
+	st->s.allocator = &cp_allocator;
+	*ret = lzma_stream_decoder(&st->s, memlimit, LZMA_CONCATENATED);
+	if (*ret != LZMA_OK) {
+		lzma_end(&st->s);
+		free(st);
+		return NULL;
+	}
+	return st;
+}
+
+static void cp_end(cp_state *st) {
+	lzma_end(&st->s);
+	free(st);
+}
 
 // The result of one cp_code call: lzma_ret and how much of each buffer it
 // used.
@@ -21,35 +101,20 @@ typedef struct {
 	size_t out_used;
 } cp_result;
 
-// cp_new allocates an lzma_stream in C memory: it holds pointers to
-// liblzma's internal state, which Go memory must not.
-static lzma_stream *cp_new(void) {
-	lzma_stream *s = calloc(1, sizeof(lzma_stream));
-	if (s != NULL) {
-		lzma_stream init = LZMA_STREAM_INIT;
-		*s = init;
-	}
-	return s;
-}
-
-static void cp_free(lzma_stream *s) {
-	lzma_end(s);
-	free(s);
-}
-
-// cp_code runs the decoder over Go-owned buffers. The pointers are only
-// used for the duration of the call (cgo's rule for Go pointers passed to
-// C): liblzma copies what it needs into its own state, and the stream's
-// next_in/next_out are cleared before returning.
-static cp_result cp_code(lzma_stream *s, const uint8_t *in, size_t in_len,
+// cp_code decodes st->in[off:end] into out, a Go buffer. out is used only
+// for the duration of the call (cgo's rule for Go pointers passed to C):
+// liblzma copies what it keeps into its own state, and next_out is cleared
+// before returning.
+static cp_result cp_code(cp_state *st, size_t off, size_t end,
 		uint8_t *out, size_t out_len, int finish) {
-	s->next_in = in;
-	s->avail_in = in_len;
+	lzma_stream *s = &st->s;
+	s->next_in = st->in + off;
+	s->avail_in = end - off;
 	s->next_out = out;
 	s->avail_out = out_len;
 	cp_result r;
 	r.ret = lzma_code(s, finish ? LZMA_FINISH : LZMA_RUN);
-	r.in_used = in_len - s->avail_in;
+	r.in_used = (end - off) - s->avail_in;
 	r.out_used = out_len - s->avail_out;
 	s->next_in = NULL;
 	s->avail_in = 0;
@@ -64,8 +129,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"runtime"
-	"sync"
+	"sync/atomic"
 	"unsafe"
 )
 
@@ -81,69 +145,56 @@ var xzCodec = codec{open: openLZMA, truncated: isLZMATruncated}
 // above 64 MiB is 96 MiB: the margin admits no larger dictionary.
 const lzmaMemlimit = maxXZDict + 1<<20
 
-// lzmaInBufSize is how much compressed input one lzma_code call gets.
-const lzmaInBufSize = 64 << 10
-
 // errLZMATruncated is liblzma saying it needs more input at the end of the
 // input (LZMA_BUF_ERROR with LZMA_FINISH): the stream stopped early.
 var errLZMATruncated = errors.New("xz: compressed data is truncated or otherwise corrupt")
 
 func isLZMATruncated(err error) bool { return errors.Is(err, errLZMATruncated) }
 
-// lzmaState owns one lzma_stream. It is separate from lzmaDecoder so that
-// the cleanup that frees it does not keep the decoder reachable.
-type lzmaState struct{ s *C.lzma_stream }
+// lzmaStates counts the decoders allocated and not yet freed (for tests: C
+// memory the collector does not see must still be given back).
+var lzmaStates atomic.Int64
 
 // lzmaDecoder is an io.Reader over one xz input (concatenated streams and
-// stream padding allowed, as xz(1) and the Go decoder read them). Decoders
-// are pooled like the Go ones (see xzReaders): re-initialising an
-// lzma_stream keeps liblzma's allocations, and its dictionary when the next
-// stream asks for the same size.
+// stream padding allowed, as xz(1) and the Go decoder read them).
+//
+// Unlike the Go decoders, these are not pooled: a fresh decoder per NAR
+// costs a few small allocations, and its dictionary is mmap'd (see
+// cp_alloc), so it takes memory only as the NAR fills it and gives all of
+// it back when the NAR is done. A pooled decoder would keep a whole
+// dictionary resident per idle decoder, and sync.Pool keeps more of them
+// than there are downloads (one private to each P, and a victim
+// generation).
 type lzmaDecoder struct {
-	st  *lzmaState
+	st  *C.cp_state
+	in  []byte // st.in, from Go; unread input is in[off:end]
 	src io.Reader
-	in  []byte // compressed input; unread is in[off:end]
 	off int
 	end int
 	eof bool  // src returned io.EOF
 	err error // sticky: io.EOF at the end, or the failure
 }
 
-var lzmaDecoders sync.Pool
-
-func newLZMADecoder() (*lzmaDecoder, error) {
-	s := C.cp_new()
-	if s == nil {
-		return nil, errors.New("xz: out of memory")
-	}
-	st := &lzmaState{s: s}
-	d := &lzmaDecoder{st: st, in: make([]byte, lzmaInBufSize)}
-	// A decoder the pool drops (sync.Pool lets idle ones go after two
-	// collections) frees its C memory when the collector finds it
-	// unreachable; liblzma's dictionary is invisible to the collector.
-	runtime.AddCleanup(d, func(st *lzmaState) { C.cp_free(st.s) }, st)
-	return d, nil
-}
-
 func openLZMA(src io.Reader) (io.Reader, func(), error) {
-	d, _ := lzmaDecoders.Get().(*lzmaDecoder)
-	if d == nil {
-		var err error
-		if d, err = newLZMADecoder(); err != nil {
-			return nil, nil, err
-		}
-	}
-	// LZMA_CONCATENATED: read streams until the input ends, as xz -dc does.
-	// The memory limit is checked when a block header names its dictionary.
-	if ret := C.lzma_stream_decoder(d.st.s, C.uint64_t(lzmaMemlimit), C.LZMA_CONCATENATED); ret != C.LZMA_OK {
-		// Only allocation can fail here; the state is still valid to end.
-		lzmaDecoders.Put(d)
+	var ret C.lzma_ret
+	st := C.cp_new(C.uint64_t(lzmaMemlimit), &ret)
+	if st == nil {
 		return nil, nil, lzmaError(ret)
 	}
-	d.src, d.off, d.end, d.eof, d.err = src, 0, 0, false, nil
+	lzmaStates.Add(1)
+	d := &lzmaDecoder{
+		st:  st,
+		in:  unsafe.Slice((*byte)(unsafe.Pointer(&st.in[0])), len(st.in)),
+		src: src,
+	}
+	closed := false
 	release := func() {
-		d.src = nil // an idle decoder keeps no finished download's input alive
-		lzmaDecoders.Put(d)
+		if !closed {
+			closed = true
+			C.cp_end(d.st)
+			d.st, d.in = nil, nil
+			lzmaStates.Add(-1)
+		}
 	}
 	return d, release, nil
 }
@@ -151,6 +202,9 @@ func openLZMA(src io.Reader) (io.Reader, func(), error) {
 func (d *lzmaDecoder) Read(p []byte) (int, error) {
 	if d.err != nil {
 		return 0, d.err
+	}
+	if d.st == nil {
+		return 0, errors.New("xz: read after close")
 	}
 	if len(p) == 0 {
 		return 0, nil
@@ -169,15 +223,11 @@ func (d *lzmaDecoder) Read(p []byte) (int, error) {
 				continue
 			}
 		}
-		var inPtr *C.uint8_t
-		if d.off < d.end {
-			inPtr = (*C.uint8_t)(unsafe.Pointer(&d.in[d.off]))
-		}
 		finish := C.int(0)
 		if d.eof && d.off == d.end {
 			finish = 1
 		}
-		r := C.cp_code(d.st.s, inPtr, C.size_t(d.end-d.off),
+		r := C.cp_code(d.st, C.size_t(d.off), C.size_t(d.end),
 			(*C.uint8_t)(unsafe.Pointer(&p[0])), C.size_t(len(p)), finish)
 		d.off += int(r.in_used)
 		n := int(r.out_used)

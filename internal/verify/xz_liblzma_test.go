@@ -4,6 +4,7 @@ package verify
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os/exec"
 	"slices"
@@ -143,4 +144,50 @@ func xzTestAccepts(t *testing.T, data []byte) bool {
 	cmd := exec.Command("xz", "-t")
 	cmd.Stdin = bytes.NewReader(data)
 	return cmd.Run() == nil
+}
+
+// liblzma's state, dictionary included, lives in C memory the collector
+// does not see: every decoder is freed when its stream is done, whatever
+// the outcome.
+func TestLZMAStateFreed(t *testing.T) {
+	f := loadFixture(t, "xz", treeHash)
+	bad := slices.Clone(f.data)
+	bad[len(bad)/2] ^= 0x80
+	errs := make(chan error, 4)
+	for i := range 4 { // several at once
+		go func() {
+			v, err := NewVerifier(f.expect)
+			if err == nil {
+				switch i {
+				case 0:
+					_, err = v.Write(f.data)
+					if err == nil {
+						err = v.Finish()
+					}
+				case 1: // corrupt
+					v.Write(bad)
+					if v.Finish() == nil {
+						err = errors.New("corrupt stream accepted")
+					}
+				case 2: // cut short
+					v.Write(f.data[:len(f.data)/2])
+					if v.Finish() == nil {
+						err = errors.New("truncated stream accepted")
+					}
+				case 3: // aborted half way
+					v.Write(f.data[:len(f.data)/2])
+					v.Abort()
+				}
+			}
+			errs <- err
+		}()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := lzmaStates.Load(); n != 0 {
+		t.Fatalf("%d liblzma decoders not freed", n)
+	}
 }
