@@ -300,7 +300,8 @@ verify_floor() {
 			pids+=($!)
 		done
 		wait "${pids[@]}"
-		times | awk 'NR == 2 { gsub(/[ms]/, " "); printf "%.2f\n", $1 * 60 + $2 + $3 * 60 + $4 }' >"$T/floorcpu"
+		times >"$T/floortimes" # not in a pipe: that would be a child's times
+		awk 'NR == 2 { gsub(/[ms]/, " "); printf "%.2f\n", $1 * 60 + $2 + $3 * 60 + $4 }' "$T/floortimes" >"$T/floorcpu"
 	)
 	since "$s"
 }

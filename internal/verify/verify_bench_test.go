@@ -219,7 +219,7 @@ func BenchmarkVerify(b *testing.B) {
 }
 
 // BenchmarkXZReference compares the Verifier's xz path (the decoder this
-// build uses, xzDecoderName) with liblzma's CLI doing the same work (`xz -dc FILE | sha256sum`, i.e. decode and hash in
+// build uses, XZDecoder) with liblzma's CLI doing the same work (`xz -dc FILE | sha256sum`, i.e. decode and hash in
 // two processes). x_vs_xz-dc is Verifier time / CLI time: 1.0 is parity,
 // above is slower.
 func BenchmarkXZReference(b *testing.B) {
@@ -237,7 +237,7 @@ func BenchmarkXZReference(b *testing.B) {
 	}
 	e := bf.exps["xz"]
 	b.SetBytes(int64(e.NarSize))
-	b.Logf("xz decoder: %s", xzDecoderName)
+	b.Logf("xz decoder: %s", XZDecoder)
 	var cli, ours time.Duration
 	for b.Loop() {
 		start := time.Now()

@@ -133,8 +133,9 @@ import (
 	"unsafe"
 )
 
-// xzDecoderName says which xz decoder this binary uses.
-const xzDecoderName = "liblzma " + C.LZMA_VERSION_STRING
+// XZDecoder names the xz decoder this binary was built with (cacheproxy
+// --version prints it).
+const XZDecoder = "liblzma " + C.LZMA_VERSION_STRING
 
 // xzCodec is liblzma's.
 var xzCodec = codec{open: openLZMA, truncated: isLZMATruncated}
