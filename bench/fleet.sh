@@ -30,9 +30,11 @@
 # connections, 32), DURATION (seconds per wrk run, 10), RUNS (warm fetch and
 # nix copy runs per side, best kept, 3), COLD_RUNS (cold runs, fresh state
 # each, best kept, default RUNS), VARIANTS ("xz zstd"; also xz-memlimit: xz
-# with the server under GOMEMLIMIT=$MEMLIMIT, default 40MiB), REV=<git rev> builds
-# that commit, CORPUS_DIR (where corpora are cached, /var/tmp), KEEP=1 keeps
-# the temp dir, PROFILE_DIR=DIR saves CPU profiles of the server (admin API
+# with the server under GOMEMLIMIT=$MEMLIMIT, default 40MiB; xz-go: xz with
+# a second build without liblzma), REV=<git rev> builds that commit,
+# LIBLZMA (auto: -tags liblzma when liblzma-dev is installed; 0: pure Go),
+# CORPUS_DIR (where corpora are cached, /var/tmp), KEEP=1 keeps the temp
+# dir, PROFILE_DIR=DIR saves CPU profiles of the server (admin API
 # /debug/pprof/profile, PROFILE_SECS long, default 10) taken at the start of
 # each variant's first cold, warm, narinfo and nix copy run, and a heap profile at
 # the end of each variant (`go tool pprof -top DIR/xz-cold.pprof`).
@@ -113,10 +115,18 @@ trap 'exit 130' INT TERM
 
 since() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.3f\n", e - s }'; }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
+# cpu_secs PID: user+system CPU seconds of a process so far.
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$1/stat"; }
 LOAD_START=$(load)
 
 # ---------------------------------------------------------------- build
 build_cacheproxy
+if [[ " $VARIANTS " == *" xz-go "* ]]; then
+	# The xz variant again with the pure-Go xz decoder, for comparison.
+	main_cp=$CP main_built=$BUILT
+	LIBLZMA=0 build_cacheproxy cacheproxy-go
+	CP_GO=$CP CP=$main_cp BUILT="$main_built; xz-go: the same without liblzma"
+fi
 
 # ---------------------------------------------------------------- corpus
 # Built once per corpus definition (corpus.nix, its parameters) and kept in
@@ -220,6 +230,8 @@ start_proxy() {
 	EOF
 	if [[ $name == *-memlimit ]]; then
 		GOMEMLIMIT=$MEMLIMIT "$CP" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
+	elif [[ $name == xz-go ]]; then
+		"$CP_GO" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
 	else
 		"$CP" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
 	fi
@@ -268,7 +280,8 @@ fetch_all() {
 # that cache: the files dealt out by size to PAR workers (largest first, to
 # the least loaded), each worker one `xz -dc FILES... | sha256sum` (or
 # zstd), so that process start-up, 3 per file, does not count; prints the
-# seconds.
+# seconds, and the CPU seconds (user+system) of all its processes to
+# $T/floorcpu.
 verify_floor() {
 	local codec=$1 dec s i pids=()
 	case $codec in xz) dec="xz -dc" ;; zstd) dec="zstd -dcq" ;; esac
@@ -279,12 +292,17 @@ verify_floor() {
 	done <"$T/hashes" | sort -rn | awk -v n="$PAR" -v t="$T" '
 		{ w = 0; for (i = 1; i < n; i++) if (load[i] < load[w]) w = i; load[w] += $1; print $2 >> (t "/floor." w) }'
 	s=$(now)
-	for i in "$T"/floor.*; do
-		# shellcheck disable=SC2046 # file names from the cache: no spaces
-		$dec $(cat "$i") | sha256sum >/dev/null &
-		pids+=($!)
-	done
-	wait "${pids[@]}"
+	# In a subshell, whose `times` then sums its children's CPU.
+	(
+		for i in "$T"/floor.*; do
+			# shellcheck disable=SC2046 # file names from the cache: no spaces
+			$dec $(cat "$i") | sha256sum >/dev/null &
+			pids+=($!)
+		done
+		wait "${pids[@]}"
+		times >"$T/floortimes" # not in a pipe: that would be a child's times
+		awk 'NR == 2 { gsub(/[ms]/, " "); printf "%.2f\n", $1 * 60 + $2 + $3 * 60 + $4 }' "$T/floortimes" >"$T/floorcpu"
+	)
 	since "$s"
 }
 
@@ -364,26 +382,31 @@ for v in $VARIANTS; do
 	case $v in
 	xz | zstd) codec=$v extra="" ;;
 	xz-as-zstd) codec=xz extra='serve_compression = "zstd"' ;;
-	xz-memlimit) codec=xz extra="" ;;
-	*) die "unknown variant $v (VARIANTS takes xz, zstd, xz-memlimit)" ;;
+	xz-memlimit | xz-go) codec=xz extra="" ;;
+	*) die "unknown variant $v (VARIANTS takes xz, zstd, xz-memlimit, xz-go)" ;;
 	esac
 	NG=$(nginx_url "$codec")
 	log "== $v: upstream nginx $codec cache, $NPATHS paths"
-	: >"$T/$v.cold" && : >"$T/$v.floor"
+	: >"$T/$v.cold" && : >"$T/$v.floor" && : >"$T/$v.coldcpu" && : >"$T/$v.floorcpu"
 	for r in $(seq "$COLD_RUNS"); do
 		((r == 1)) || stop_pid "$PROXY_PID"
 		start_proxy "$v" "$NG" "$extra"
 		fetch_narinfos "$PROXY_URL" "$T/$v-ni"
 		nar_list "$PROXY_URL" "$T/$v-ni" "$T/$v-proxy.curl"
 		((r > 1)) || profile "$v-cold"
+		cpu0=$(cpu_secs "$PROXY_PID")
 		secs=$(fetch_all "$T/$v-proxy.curl")
+		cpu=$(awk -v a="$cpu0" -v b="$(cpu_secs "$PROXY_PID")" 'BEGIN { printf "%.2f", b - a }')
 		echo "$secs" >>"$T/$v.cold"
+		echo "$cpu" >>"$T/$v.coldcpu"
 		floor=$(verify_floor "$codec")
 		echo "$floor" >>"$T/$v.floor"
-		log "$v cold run $r: cacheproxy ${secs}s, $codec -dc | sha256sum ${floor}s"
+		cat "$T/floorcpu" >>"$T/$v.floorcpu"
+		log "$v cold run $r: cacheproxy ${secs}s (${cpu} s of CPU), $codec -dc | sha256sum ${floor}s ($(cat "$T/floorcpu") s of CPU)"
 		profile_wait
 	done
 	result "$v cold $(best "$T/$v.cold") $(best "$T/$v.floor")"
+	result "$v coldcpu $(best "$T/$v.coldcpu") $(best "$T/$v.floorcpu")"
 
 	# Warm: the proxy's own files (its narinfos name them) vs nginx serving
 	# the upstream files; for xz-as-zstd, nginx serving the zstd cache.
@@ -469,6 +492,7 @@ END {
 		v = order[i]
 		if (v == "xz-as-zstd") {
 			row("cold fetch, all NARs (xz -dc \\| sha256sum)", v, val[v, "cold"], ref[v, "cold"], "s", "")
+			row("  CPU of the cold fetch (server; xz, sha256sum)", v, val[v, "coldcpu"], ref[v, "coldcpu"], "s", "")
 			if (xzcold > 0) row("  zstd encoding cost (vs xz cold, s)", v, val[v, "cold"], xzcold, "s", "")
 			row("warm fetch, all NARs (nginx, zstd cache)", v, val[v, "warm"], ref[v, "warm"], "s", "")
 			row("narinfo hits/s (nginx)", v, val[v, "narinfo"], ref[v, "narinfo"], "/s", "")
@@ -479,6 +503,7 @@ END {
 		}
 		dec = v ~ /^xz/ ? "xz" : "zstd"
 		row("cold fetch, all NARs (" dec " -dc \\| sha256sum)", v, val[v, "cold"], ref[v, "cold"], "s", dec == "xz" ? "<= 1.2x" : "<= 1.0x")
+		row("  CPU of the cold fetch (server; xz, sha256sum)", v, val[v, "coldcpu"], ref[v, "coldcpu"], "s", "")
 		row("warm fetch, all NARs (nginx)", v, val[v, "warm"], ref[v, "warm"], "s", "<= 1.05x")
 		row("narinfo hits/s (nginx)", v, val[v, "narinfo"], ref[v, "narinfo"], "/s", ">= 0.65x")
 		row("nix copy of the closure, warm (nginx)", v, val[v, "copy"], ref[v, "copy"], "s", "<= 1.05x")

@@ -69,12 +69,16 @@ start_nginx() {
 	done
 }
 
-# build_cacheproxy: builds $T/cacheproxy from REV (git archive, the work
+# build_cacheproxy [NAME]: builds $T/NAME (default cacheproxy) from REV (git archive, the work
 # tree untouched) or, by default, the work tree at $REPO as it is; sets CP
-# and BUILT (what was built, for the results).
+# and BUILT (what was built, for the results). With liblzma's xz decoder
+# (-tags liblzma, as nix/package.nix builds it) when REV has it and
+# liblzma-dev is installed; LIBLZMA=0 builds the pure-Go one, LIBLZMA=1
+# insists on liblzma.
 build_cacheproxy() {
 	local src
 	if [[ -n ${REV:-} ]]; then
+		rm -rf "$T/src"
 		mkdir -p "$T/src"
 		git -C "$REPO" archive "$REV" | tar -x -C "$T/src"
 		BUILT="$REV ($(git -C "$REPO" rev-parse --short "$REV"))"
@@ -84,7 +88,20 @@ build_cacheproxy() {
 		[[ -z $(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null) ]] || BUILT+=" + uncommitted changes"
 		src=$REPO
 	fi
+	local tags=() want=${LIBLZMA:-auto}
+	if [[ $want != 0 ]] && ls "$src"/internal/verify/xz_liblzma.go >/dev/null 2>&1; then
+		if pkg-config --exists liblzma 2>/dev/null; then
+			tags=(-tags liblzma)
+		elif [[ $want == 1 ]]; then
+			die "LIBLZMA=1 but liblzma is not installed (apt-get install -y liblzma-dev pkg-config)"
+		else
+			log "liblzma-dev not installed: building the pure-Go xz decoder"
+		fi
+	elif [[ $want == 1 ]]; then
+		die "LIBLZMA=1 but $BUILT has no liblzma decoder"
+	fi
+	BUILT+=" (xz: $([[ ${#tags[@]} -gt 0 ]] && echo liblzma || echo Go))"
 	log "building cacheproxy from $BUILT"
-	(cd "$src" && go build -o "$T/cacheproxy" ./cmd/cacheproxy)
-	CP=$T/cacheproxy
+	(cd "$src" && go build "${tags[@]}" -o "$T/${1:-cacheproxy}" ./cmd/cacheproxy)
+	CP=$T/${1:-cacheproxy}
 }

@@ -262,3 +262,34 @@ func sorted(s []string) []string {
 	sort.Strings(s)
 	return s
 }
+
+// The package builds with liblzma: the tag, cgo, and xz (liblzma) and
+// pkg-config as inputs. Evaluated with a stub buildGoModule that returns its
+// arguments, so no nixpkgs is needed.
+func TestPackageUsesLiblzma(t *testing.T) {
+	tool := nixInstantiate(t)
+	expr := `let
+	  lib = { fileset = { toSource = _: "src"; unions = _: "files"; }; platforms.linux = [ "x86_64-linux" ]; };
+	  pkg = import ./package.nix { inherit lib; buildGoModule = args: args; pkg-config = "pkg-config"; xz = "xz"; };
+	in { inherit (pkg) tags nativeBuildInputs buildInputs; cgo = pkg.env.CGO_ENABLED; }`
+	cmd := exec.Command(tool, "--eval", "--strict", "--json", "-E", expr)
+	state := t.TempDir()
+	cmd.Env = append(os.Environ(), "HOME="+state, "XDG_CACHE_HOME="+filepath.Join(state, "cache"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("evaluating package.nix: %v\n%s", err, out)
+	}
+	var got struct {
+		Tags              []string `json:"tags"`
+		NativeBuildInputs []string `json:"nativeBuildInputs"`
+		BuildInputs       []string `json:"buildInputs"`
+		CGO               int      `json:"cgo"`
+	}
+	if err := json.Unmarshal(out, &got); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if !slices.Contains(got.Tags, "liblzma") || got.CGO != 1 ||
+		!slices.Contains(got.BuildInputs, "xz") || !slices.Contains(got.NativeBuildInputs, "pkg-config") {
+		t.Errorf("package.nix builds with %+v, want tag liblzma, CGO_ENABLED 1, xz and pkg-config", got)
+	}
+}

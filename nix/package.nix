@@ -7,6 +7,8 @@
 {
   lib,
   buildGoModule,
+  pkg-config,
+  xz,
 }:
 
 buildGoModule {
@@ -34,7 +36,14 @@ buildGoModule {
 
   subPackages = [ "cmd/cacheproxy" ];
 
-  env.CGO_ENABLED = 0;
+  # xz NARs are decoded with liblzma (from xz, found with pkg-config), the
+  # library Nix itself uses: about 1.5x the pure-Go decoder's speed, and its
+  # dictionaries stay out of the Go heap (README, Performance). Without the
+  # tag the binary is pure Go and needs neither.
+  tags = [ "liblzma" ];
+  env.CGO_ENABLED = 1;
+  nativeBuildInputs = [ pkg-config ];
+  buildInputs = [ xz ];
   ldflags = [
     "-s"
     "-w"

@@ -14,6 +14,7 @@ import (
 	"strings"
 
 	"github.com/cacheproxy/cacheproxy/internal/config"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
 const usage = `cacheproxy — a verifying Nix binary-cache proxy
@@ -147,7 +148,8 @@ func printFlags(w io.Writer, fs *flag.FlagSet) {
 }
 
 // versionString names the build: the module version when built from a
-// tagged module, else the VCS revision the binary was built from.
+// tagged module, else the VCS revision the binary was built from, and the
+// xz decoder (liblzma with -tags liblzma, else the pure-Go one).
 func versionString() string {
 	v := "cacheproxy (devel)"
 	bi, ok := debug.ReadBuildInfo()
@@ -173,7 +175,7 @@ func versionString() string {
 	if rev != "" {
 		v += fmt.Sprintf(" %.12s%s %s", rev, dirty, at)
 	}
-	return v + " " + bi.GoVersion
+	return v + " " + bi.GoVersion + ", xz decoder " + verify.XZDecoder
 }
 
 // parseInterspersed parses flags that may come before, between or after

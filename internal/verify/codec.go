@@ -44,9 +44,8 @@ func isUnexpectedEOF(err error) bool { return errors.Is(err, io.ErrUnexpectedEOF
 func codecFor(name narinfo.Compression) (codec, error) {
 	switch name {
 	case narinfo.CompressionXZ:
-		// xz-embedded reports a stream that needs more input than there
-		// is as XZ_BUF_ERROR.
-		return codec{open: openXZ, truncated: func(err error) bool { return errors.Is(err, xz.ErrBuf) }}, nil
+		// liblzma's with `-tags liblzma` (xz_liblzma.go), else goXZCodec.
+		return xzCodec, nil
 	case narinfo.CompressionZstd:
 		return codec{open: openZstd, truncated: isUnexpectedEOF}, nil
 	case narinfo.CompressionBzip2:
@@ -59,6 +58,10 @@ func codecFor(name narinfo.Compression) (codec, error) {
 }
 
 func noClose() {}
+
+// goXZCodec is the pure-Go xz decoder, the default. xz-embedded reports a
+// stream that needs more input than there is as XZ_BUF_ERROR.
+var goXZCodec = codec{open: openGoXZ, truncated: func(err error) bool { return errors.Is(err, xz.ErrBuf) }}
 
 // xzReaders keeps xz decoders between downloads. A decoder holds the
 // dictionary its streams asked for: 8 MiB for Nix's default (xz -6, in
@@ -89,7 +92,7 @@ type pooledXZ struct {
 	src *xzSource
 }
 
-func openXZ(src io.Reader) (io.Reader, func(), error) {
+func openGoXZ(src io.Reader) (io.Reader, func(), error) {
 	// therootcompany/xz (a port of xz-embedded) beat ulikunitz/xz by ~25%
 	// on the benchmark payload, and it allocates the dictionary the stream
 	// asks for only up to maxXZDict, where ulikunitz allocates whatever the

@@ -22,7 +22,6 @@ import (
 	"github.com/andybalholm/brotli"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/klauspost/compress/zstd"
-	"github.com/therootcompany/xz"
 )
 
 // fuzzRefLimit bounds the reference decoder: inputs whose stream decodes to
@@ -209,10 +208,11 @@ func fuzzRefDecode(comp narinfo.Compression, data []byte, limit int) fuzzRef {
 	var r io.Reader
 	switch comp {
 	case narinfo.CompressionXZ:
-		xr, err := xz.NewReader(src, maxXZDict)
+		xr, closeFn, err := fuzzXZReader(src)
 		if err != nil {
 			return fuzzRef{}
 		}
+		defer closeFn()
 		r = xr
 	case narinfo.CompressionZstd:
 		zr, err := zstd.NewReader(src, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxZstdWindow))
