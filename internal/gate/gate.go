@@ -21,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -158,6 +159,7 @@ func New(o Options) (*Gate, error) {
 	if g.now == nil {
 		g.now = time.Now
 	}
+	g.nars.LimitDecoding(xzDecodeBudget(), xzDecodeMemory)
 	s := Settings{Policy: o.Policy, Upstreams: o.Upstreams, NegativeTTL: o.NegativeTTL, DiskReserve: o.DiskReserve}
 	c := g.newConf(s)
 	g.cur.Store(c)
@@ -452,4 +454,21 @@ func (h *hotRecords) drop(hashes []string) {
 	for _, k := range hashes {
 		h.remove(k)
 	}
+}
+
+// Decoding xz is CPU-bound, and each decoder holds a dictionary: Nix
+// writes xz with the preset's 8 MiB one, and a decoder fills at most
+// NarSize of it. More xz decodes at once than cores add no throughput,
+// only dictionaries (the peak memory of a cold rollout was four of them on
+// two cores), so the decoders running at once share a budget of one
+// dictionary per core; small NARs barely count against it.
+const xzDictionary = 8 << 20
+
+func xzDecodeBudget() int64 { return int64(runtime.GOMAXPROCS(0)) * xzDictionary }
+
+func xzDecodeMemory(e verify.Expect) int64 {
+	if e.Compression != narinfo.CompressionXZ {
+		return 0
+	}
+	return min(int64(e.NarSize), xzDictionary)
 }

@@ -21,6 +21,8 @@ import (
 	"os"
 	"sync"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
@@ -108,6 +110,37 @@ type Group struct {
 	mu        sync.Mutex
 	downloads map[string]*Download
 	closed    bool
+
+	// decoding, when set, bounds the memory of the decoders running at
+	// once (LimitDecoding).
+	decoding     *semaphore.Weighted
+	decodeBudget int64
+	decodeWeight func(verify.Expect) int64
+}
+
+// LimitDecoding bounds the memory of the decoders running at once to
+// budget bytes: a download whose decoder needs weight(its Expect) bytes
+// waits, before it opens its upstream, until that much is free (one that
+// needs more than budget waits for all of it). Call it before the Group
+// is used.
+func (g *Group) LimitDecoding(budget int64, weight func(verify.Expect) int64) {
+	g.decoding, g.decodeBudget, g.decodeWeight = semaphore.NewWeighted(budget), budget, weight
+}
+
+// admitDecoder waits for the decoder memory a download needs and returns
+// the function that gives it back.
+func (g *Group) admitDecoder(e verify.Expect) (release func(), err error) {
+	if g.decoding == nil {
+		return func() {}, nil
+	}
+	w := min(g.decodeWeight(e), g.decodeBudget)
+	if w <= 0 {
+		return func() {}, nil
+	}
+	if err := g.decoding.Acquire(g.ctx, w); err != nil {
+		return nil, ErrClosed
+	}
+	return func() { g.decoding.Release(w) }, nil
 }
 
 // NewGroup returns an empty Group.
@@ -297,7 +330,12 @@ func (g *Group) run(dl *Download, tmp, rtmp *os.File) {
 	if rtmp != nil {
 		rw = &recodeWriter{dl: dl, f: rtmp, h: sha256.New()}
 	}
-	written, err := dl.copy(g.ctx, tmp, rw)
+	var written int64
+	release, err := g.admitDecoder(job.Expect)
+	if err == nil {
+		written, err = dl.copy(g.ctx, tmp, rw)
+		release()
+	}
 	verified := err == nil
 	if verified {
 		// The bytes are verified: the readers get the tail now. Making

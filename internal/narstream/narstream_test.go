@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -503,5 +504,59 @@ func TestRecodedHoldBack(t *testing.T) {
 	src.release(len(data))
 	if n, err := io.Copy(io.Discard, rest); err != nil || n != int64(len(data)) {
 		t.Fatalf("reader got %d bytes, %v; want %d", n, err, len(data))
+	}
+}
+
+// Decoders share a memory budget: a download whose decoder does not fit
+// waits, before it opens its upstream, until one that runs ends; one that
+// needs nothing of it never waits.
+func TestDecodingBudget(t *testing.T) {
+	g := NewGroup()
+	defer g.Close()
+	// Here the weight is the NAR's size, for payloads of no compression.
+	g.LimitDecoding(100<<10, func(e verify.Expect) int64 {
+		if e.NarSize < 1000 {
+			return 0
+		}
+		return int64(e.NarSize)
+	})
+	bigA, eA := payload(80 << 10)
+	bigB, eB := payload(81 << 10)
+	small, eS := payload(500)
+	srcA := newSource(bigA, 1) // held after one byte
+	srcB := newSource(bigB, len(bigB))
+	srcS := newSource(small, len(small))
+	hA, hB, hS := newHarness(t), newHarness(t), newHarness(t)
+	rA, err := g.Join(context.Background(), hA.job("a", eA, srcA, int64(len(bigA))), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rA.Close()
+	for srcA.opens.Load() == 0 {
+		runtime.Gosched()
+	}
+	rB, err := g.Join(context.Background(), hB.job("b", eB, srcB, int64(len(bigB))), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rB.Close()
+	// The small one goes through while A holds the budget and B waits.
+	rS, err := g.Join(context.Background(), hS.job("s", eS, srcS, int64(len(small))), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := io.ReadAll(rS); err != nil || !bytes.Equal(got, small) {
+		t.Fatalf("small download: %d bytes, %v", len(got), err)
+	}
+	rS.Close()
+	if n := srcB.opens.Load(); n != 0 {
+		t.Fatalf("B opened its upstream while A held the budget (%d)", n)
+	}
+	srcA.release(len(bigA))
+	if got, err := io.ReadAll(rA); err != nil || !bytes.Equal(got, bigA) {
+		t.Fatalf("A: %d bytes, %v", len(got), err)
+	}
+	if got, err := io.ReadAll(rB); err != nil || !bytes.Equal(got, bigB) {
+		t.Fatalf("B after A: %d bytes, %v", len(got), err)
 	}
 }
