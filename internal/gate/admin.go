@@ -16,6 +16,7 @@ import (
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
 	"github.com/cacheproxy/cacheproxy/internal/upstream"
+	"github.com/cacheproxy/cacheproxy/internal/verify"
 )
 
 // Kinds of admin errors, for the HTTP status: wrap them with %w.
@@ -96,6 +97,12 @@ type attestJob struct {
 // import all or nothing check the input first (the admin API does).
 func (g *Gate) AttestStream(by Change, next func() (attest.Claim, error), report func(AttestResult)) error {
 	cf := g.conf() // one set of attesters for the whole import
+	// Each attester key is expanded once: its point decoded and a table of
+	// its multiples made, work that crypto/ed25519 repeats per signature.
+	attesters := make([]verify.ExpandedKey, len(cf.policy.Attesters))
+	for i, k := range cf.policy.Attesters {
+		attesters[i] = k.Expand()
+	}
 	workers := runtime.GOMAXPROCS(0)
 	jobs := make(chan *attestJob, workers)
 	verified := make(chan *attestJob, workers)
@@ -107,7 +114,7 @@ func (g *Gate) AttestStream(by Change, next func() (attest.Claim, error), report
 		go func() {
 			defer wg.Done()
 			for j := range jobs {
-				g.verifyClaims(cf, j)
+				g.verifyClaims(cf.policy.StoreDir, attesters, j)
 				verified <- j
 			}
 		}()
@@ -180,11 +187,11 @@ func (g *Gate) AttestStream(by Change, next func() (attest.Claim, error), report
 
 // verifyClaims checks the signatures of one batch: the CPU-heavy part of
 // an import, run on several batches at once.
-func (g *Gate) verifyClaims(cf *conf, j *attestJob) {
+func (g *Gate) verifyClaims(storeDir string, attesters []verify.ExpandedKey, j *attestJob) {
 	now := g.now()
 	for _, c := range j.claims {
 		j.paths = append(j.paths, c.StorePath)
-		fp, err := c.Fingerprint(cf.policy.StoreDir)
+		fp, err := c.Fingerprint(storeDir)
 		if err != nil {
 			j.err = fmt.Errorf("%w: %s: %v", ErrInvalid, c.StorePath, err)
 			return
@@ -192,7 +199,7 @@ func (g *Gate) verifyClaims(cf *conf, j *attestJob) {
 		found := false
 		for _, sig := range c.Sigs {
 			name, _, _ := strings.Cut(sig, ":")
-			for _, key := range cf.policy.Attesters {
+			for _, key := range attesters {
 				if key.Name != name {
 					continue
 				}
