@@ -70,7 +70,8 @@ func (g *Gate) Attest(by Change, claims []attest.Claim) ([]AttestResult, error) 
 }
 
 // AttestBatch is how many claims an import verifies as one unit of work
-// and stores in one transaction.
+// and records as one change (stored alone or with other batches in one
+// transaction: attestCombine).
 const AttestBatch = 1000
 
 // attestJob is one batch of an import on its way through the pipeline.
@@ -90,8 +91,9 @@ type attestJob struct {
 // AttestStream imports the claims next returns until io.EOF, with what
 // Attest does to each, and calls report with each outcome, in input order.
 // An import of any size holds a few batches in memory: next is read while
-// earlier batches are verified (on every core) and stored (one transaction
-// per AttestBatch claims, each one change in the audit trail). An error
+// earlier batches are verified (on every core) and stored (each batch of
+// AttestBatch claims one change in the audit trail; batches waiting to be
+// stored share a transaction, see storeJobs). An error
 // from next ends the import: the batches read in full before it are
 // stored, the claims of the batch it interrupted are not. Callers that must
 // import all or nothing check the input first (the admin API does).
