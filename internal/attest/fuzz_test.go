@@ -232,3 +232,37 @@ func fuzzSameResult(a, b *Result) bool {
 	}
 	return reflect.DeepEqual(norm(a), norm(b))
 }
+
+// FuzzPlainJSON checks that the fast paths for plain strings, arrays of
+// them and integers decide exactly as encoding/json does.
+func FuzzPlainJSON(f *testing.F) {
+	for _, s := range []string{`"a"`, `""`, `"a\"b"`, `"\u00e9"`, "\"\xff\"", `[]`, `[ ]`, `["a","b"]`, ` ["a" , "b" ] `,
+		`["a",]`, `[,"a"]`, `["a" "b"]`, `[1]`, `["a\\"]`, `null`, `0`, `01`, `123`, `18446744073709551616`, `1e3`, `-1`, `"1"`, "[\"a\",\n\"b\"]"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		if !json.Valid(raw) {
+			return // the fast paths only ever see values a JSON decoder checked
+		}
+		raw = bytes.TrimSpace(raw)
+		var want, got string
+		wantErr := json.Unmarshal(raw, &want)
+		if err := unmarshalString(raw, &got); (err == nil) != (wantErr == nil) || got != want {
+			t.Fatalf("string %q: got %q %v, want %q %v", raw, got, err, want, wantErr)
+		}
+		var wantS, gotS []string
+		wantErr = json.Unmarshal(raw, &wantS)
+		if err := unmarshalStrings(raw, &gotS); (err == nil) != (wantErr == nil) || !reflect.DeepEqual(gotS, wantS) {
+			t.Fatalf("strings %q: got %#v %v, want %#v %v", raw, gotS, err, wantS, wantErr)
+		}
+		if plainUint(raw) {
+			var n json.Number
+			if json.Unmarshal(raw, &n) != nil {
+				t.Fatalf("%q: plain integer that encoding/json refuses", raw)
+			}
+			if v, err := strconv.ParseUint(string(raw), 10, 64); err == nil && strconv.FormatUint(v, 10) != n.String() {
+				t.Fatalf("%q: reads as %d", raw, v)
+			}
+		}
+	})
+}

@@ -257,7 +257,7 @@ func (d *Decoder) nextArray() (Claim, error) {
 			return Claim{}, fmt.Errorf("entry %d: path: missing", d.n)
 		}
 		var ps string
-		if err := json.Unmarshal(p, &ps); err != nil {
+		if err := unmarshalString(p, &ps); err != nil {
 			return Claim{}, fmt.Errorf("entry %d: path: want a string, got %s", d.n, describe(p))
 		}
 		abs, err := resolvePath(ps, d.storeDir)
@@ -393,7 +393,7 @@ func (d *Decoder) nextObject() (Claim, error) {
 		}
 		if p, ok := fields["path"]; ok {
 			var ps string
-			if json.Unmarshal(p, &ps) != nil {
+			if unmarshalString(p, &ps) != nil {
 				return Claim{}, fmt.Errorf("entry %d (%s): path: want a string, got %s", d.n, abs, describe(p))
 			}
 			if pa, err := resolvePath(ps, d.storeDir); err != nil || pa != abs {

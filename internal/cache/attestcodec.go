@@ -105,14 +105,49 @@ func appendBaseName(b []byte, s string) []byte {
 		return append(b, 2)
 	}
 	if len(s) > narinfo.HashLen && s[narinfo.HashLen] == '-' {
-		if h, err := nixbase32.DecodeString(s[:narinfo.HashLen]); err == nil && len(h) == 20 && nixbase32.EncodeToString(h) == s[:narinfo.HashLen] {
+		if h, ok := decodeNix32Hash(s[:narinfo.HashLen]); ok {
 			b = append(b, 1)
-			b = append(b, h...)
+			b = append(b, h[:]...)
 			return appendString(b, s[narinfo.HashLen:])
 		}
 	}
 	b = append(b, 0)
 	return appendString(b, s)
+}
+
+// nix32Digit maps a byte to its value in Nix's base-32 alphabet, or 0xff.
+var nix32Digit = func() (t [256]byte) {
+	for i := range t {
+		t[i] = 0xff
+	}
+	for i := range len(nixbase32.Alphabet) {
+		t[nixbase32.Alphabet[i]] = byte(i)
+	}
+	return t
+}()
+
+// decodeNix32Hash decodes the 32 characters of a store path hash, as
+// nixbase32.DecodeString does (the last character holds the lowest five
+// bits), with a table instead of a search of the alphabet per character:
+// an import encodes nine of these per attestation. Every 32 characters of
+// the alphabet are the one encoding of their 160 bits, so it succeeds
+// exactly when DecodeString does and encoding gives s back.
+func decodeNix32Hash(s string) (h [20]byte, ok bool) {
+	if len(s) != narinfo.HashLen {
+		return h, false
+	}
+	for n := range narinfo.HashLen {
+		d := nix32Digit[s[len(s)-1-n]]
+		if d == 0xff {
+			return h, false
+		}
+		i, j := n*5/8, n*5%8
+		h[i] |= d << j
+		if i+1 < len(h) {
+			h[i+1] |= d >> (8 - j)
+		}
+	}
+	return h, true
 }
 
 // decodeAttestation reads a stored attestation; key is its bbolt key

@@ -2,9 +2,12 @@ package cache
 
 import (
 	"encoding/json"
+	"math/rand"
 	"reflect"
 	"testing"
 	"time"
+
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/policy"
@@ -48,5 +51,28 @@ func TestAttestationCodec(t *testing.T) {
 	}
 	if n := len(encodeAttestation(base)); n*10 >= len(legacy)*6 {
 		t.Errorf("binary form %d bytes, JSON %d", n, len(legacy))
+	}
+}
+
+// decodeNix32Hash must agree with go-nix's decoder and its round trip, on
+// valid hashes and on strings with a character outside the alphabet.
+func TestDecodeNix32Hash(t *testing.T) {
+	rng := rand.New(rand.NewSource(1))
+	for range 2000 {
+		var raw [20]byte
+		rng.Read(raw[:])
+		s := []byte(nixbase32.EncodeToString(raw[:]))
+		if rng.Intn(4) == 0 {
+			s[rng.Intn(len(s))] = byte(rng.Intn(256))
+		}
+		want, err := nixbase32.DecodeString(string(s))
+		wantOK := err == nil && len(want) == 20 && nixbase32.EncodeToString(want) == string(s)
+		got, ok := decodeNix32Hash(string(s))
+		if ok != wantOK || ok && string(got[:]) != string(want) {
+			t.Fatalf("%q: got %x %v, want %x %v", s, got, ok, want, wantOK)
+		}
+	}
+	if _, ok := decodeNix32Hash("0"); ok {
+		t.Fatal("a short string decoded")
 	}
 }

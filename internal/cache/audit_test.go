@@ -2,6 +2,7 @@ package cache
 
 import (
 	"errors"
+	"reflect"
 	"slices"
 	"testing"
 	"time"
@@ -144,5 +145,31 @@ func TestAuditBounds(t *testing.T) {
 	r := auditRec("alice", ActionRetry, late, many...)
 	if len(r.What) != MaxAuditItems || r.WhatMore != 7 {
 		t.Errorf("SetWhat kept %d, more %d", len(r.What), r.WhatMore)
+	}
+}
+
+// Several import batches stored in one transaction keep one audit record
+// each, with their own counts, and a batch sees what an earlier one in
+// the same transaction stored.
+func TestPutAttestationBatches(t *testing.T) {
+	db, _ := openTestDB(t)
+	bs := []AttestationBatch{
+		{Attestations: []policy.Attestation{attestation(hashA, "r1", "sig1"), attestation(hashB, "r1", "sig1")},
+			Audit: auditRec("rebuilder", ActionAttest, t0, sp(hashA, "hello"), sp(hashB, "hello"))},
+		{Attestations: []policy.Attestation{attestation(hashA, "r1", "sig1"), attestation(hashC, "r1", "sig1")},
+			Audit: auditRec("rebuilder", ActionAttest, t0, sp(hashA, "hello"), sp(hashC, "hello"))},
+	}
+	must(t, db.PutAttestationBatches(bs))
+	if !reflect.DeepEqual(bs[0].Stored, []bool{true, true}) || !reflect.DeepEqual(bs[1].Stored, []bool{false, true}) {
+		t.Fatalf("stored %v and %v, want [true true] and [false true]", bs[0].Stored, bs[1].Stored)
+	}
+	recs, err := db.Audit(time.Time{})
+	must(t, err)
+	if len(recs) != 2 || !reflect.DeepEqual(recs[0].Counts, map[string]int{CountStored: 2}) ||
+		!reflect.DeepEqual(recs[1].Counts, map[string]int{CountStored: 1, CountKnown: 1}) {
+		t.Fatalf("audit records %+v, want one per batch with its counts", recs)
+	}
+	if n, err := db.CountAttestations(); err != nil || n != 3 {
+		t.Fatalf("%d attestations stored (%v), want 3", n, err)
 	}
 }

@@ -510,7 +510,45 @@ func attestationsOf(tx *bolt.Tx, hash string) ([]policy.Attestation, error) {
 // is false when as[i] was already known. audit, when not nil, gains the
 // stored and already_known counts and is recorded in the same transaction.
 func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (stored []bool, err error) {
-	stored = make([]bool, len(as))
+	bs := []AttestationBatch{{Attestations: as, Audit: audit}}
+	if err := d.PutAttestationBatches(bs); err != nil {
+		return nil, err
+	}
+	return bs[0].Stored, nil
+}
+
+// AttestationBatch is one batch of an import for PutAttestationBatches.
+type AttestationBatch struct {
+	Attestations []policy.Attestation
+	Audit        *AuditRecord
+	Stored       []bool // set on success: what PutAttestations returns
+}
+
+// PutAttestationBatches stores several batches, each as PutAttestations
+// would with its own audit record, in one transaction. With a million
+// attestations stored, most of a commit's cost does not grow with the
+// attestations in it (the fdatasync, the branch pages every batch dirties),
+// so an import whose storing falls behind stores its waiting batches
+// together.
+func (d *DB) PutAttestationBatches(bs []AttestationBatch) error {
+	return d.update(func(tx *bolt.Tx) error {
+		if _, err := countAttestations(tx, 0); err != nil { // before any change: see countAttestations
+			return err
+		}
+		for i := range bs {
+			stored, err := d.putAttestations(tx, bs[i].Attestations, bs[i].Audit)
+			if err != nil {
+				return err
+			}
+			bs[i].Stored = stored
+		}
+		return nil
+	})
+}
+
+// putAttestations is PutAttestations inside tx.
+func (d *DB) putAttestations(tx *bolt.Tx, as []policy.Attestation, audit *AuditRecord) ([]bool, error) {
+	stored := make([]bool, len(as))
 	// In key order, the batch's writes go to neighbouring pages.
 	order := make([]int, len(as))
 	keys := make([]string, len(as))
@@ -518,50 +556,44 @@ func (d *DB) PutAttestations(as []policy.Attestation, audit *AuditRecord) (store
 		order[i], keys[i] = i, hashOf(a.StorePath)+"/"+a.PublicKey
 	}
 	sort.SliceStable(order, func(x, y int) bool { return keys[order[x]] < keys[order[y]] })
-	err = d.update(func(tx *bolt.Tx) error {
-		if _, err := countAttestations(tx, 0); err != nil { // before any change: see countAttestations
-			return err
-		}
-		b := tx.Bucket(bucketAttestations)
-		// Imports insert at random places in the tree: fuller pages keep
-		// the file smaller at the cost of a few more splits.
-		b.FillPercent = attestFill
-		var changed []string
-		added := int64(0)
-		for _, i := range order {
-			a, key := as[i], []byte(keys[i])
-			if old := b.Get(key); old != nil {
-				o, err := decodeAttestation(key, old)
-				if err != nil {
-					return fmt.Errorf("decode %s/%s: %w", bucketAttestations, key, err)
-				}
-				// The same signature with another report (the rebuilder
-				// classified its rebuild since) replaces the older one.
-				if o.Sig == a.Sig && reflect.DeepEqual(o.Rebuild, a.Rebuild) {
-					audit.count(CountKnown, 1)
-					continue
-				}
-			} else {
-				added++
+	b := tx.Bucket(bucketAttestations)
+	// Imports insert at random places in the tree: fuller pages keep
+	// the file smaller at the cost of a few more splits.
+	b.FillPercent = attestFill
+	var changed []string
+	added := int64(0)
+	for _, i := range order {
+		a, key := as[i], []byte(keys[i])
+		if old := b.Get(key); old != nil {
+			o, err := decodeAttestation(key, old)
+			if err != nil {
+				return nil, fmt.Errorf("decode %s/%s: %w", bucketAttestations, key, err)
 			}
-			if err := b.Put(key, encodeAttestation(a)); err != nil {
-				return err
+			// The same signature with another report (the rebuilder
+			// classified its rebuild since) replaces the older one.
+			if o.Sig == a.Sig && reflect.DeepEqual(o.Rebuild, a.Rebuild) {
+				audit.count(CountKnown, 1)
+				continue
 			}
-			changed = append(changed, hashOf(a.StorePath))
-			stored[i] = true
-			audit.count(CountStored, 1)
+		} else {
+			added++
 		}
-		if len(changed) > 0 {
-			if _, err := d.forget(tx, changed); err != nil {
-				return err
-			}
+		if err := b.Put(key, encodeAttestation(a)); err != nil {
+			return nil, err
 		}
-		if _, err := countAttestations(tx, added); err != nil {
-			return err
+		changed = append(changed, hashOf(a.StorePath))
+		stored[i] = true
+		audit.count(CountStored, 1)
+	}
+	if len(changed) > 0 {
+		if _, err := d.forget(tx, changed); err != nil {
+			return nil, err
 		}
-		return appendAudit(tx, audit)
-	})
-	return stored, err
+	}
+	if _, err := countAttestations(tx, added); err != nil {
+		return nil, err
+	}
+	return stored, appendAudit(tx, audit)
 }
 
 // Attestations returns the stored attestations of one path (the rebuild

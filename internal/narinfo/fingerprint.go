@@ -3,6 +3,7 @@ package narinfo
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -27,20 +28,51 @@ func Fingerprint(storeDir, storePath string, narHash SHA256, narSize uint64, ref
 	if narSize == 0 {
 		return "", errors.New("fingerprint: NarSize is zero (unknown)")
 	}
-	abs, err := absRefs(storeDir, refs)
-	if err != nil {
-		return "", fmt.Errorf("fingerprint: %w", err)
+	for _, r := range refs {
+		if _, _, err := ParseBaseName(r); err != nil {
+			return "", fmt.Errorf("fingerprint: reference: %w", err)
+		}
+	}
+	// Sorting basenames sorts the absolute paths (one store dir prefix).
+	// Claims and narinfos mostly come sorted already: then no copy.
+	if !sortedUnique(refs) {
+		refs = dedupSorted(slices.Sorted(slices.Values(refs)))
+	}
+	hash := narHash.String()
+	size := strconv.FormatUint(narSize, 10)
+	// One allocation: an import builds one fingerprint per claim.
+	n := len("1;;;;") + len(storePath) + len(hash) + len(size)
+	for _, r := range refs {
+		n += len(storeDir) + len("/,") + len(r)
 	}
 	var b strings.Builder
+	b.Grow(n)
 	b.WriteString("1;")
 	b.WriteString(storePath)
 	b.WriteByte(';')
-	b.WriteString(narHash.String())
+	b.WriteString(hash)
 	b.WriteByte(';')
-	b.WriteString(strconv.FormatUint(narSize, 10))
+	b.WriteString(size)
 	b.WriteByte(';')
-	b.WriteString(strings.Join(abs, ","))
+	for i, r := range refs {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(storeDir)
+		b.WriteByte('/')
+		b.WriteString(r)
+	}
 	return b.String(), nil
+}
+
+// sortedUnique reports whether s is sorted without repeats.
+func sortedUnique(s []string) bool {
+	for i := 1; i < len(s); i++ {
+		if s[i-1] >= s[i] {
+			return false
+		}
+	}
+	return true
 }
 
 // Fingerprint returns the fingerprint of n (see the package-level Fingerprint).
