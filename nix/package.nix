@@ -32,7 +32,7 @@ buildGoModule {
   # Go 1.26 from go.sum: `go mod vendor && nix hash path vendor`). When
   # go.mod or go.sum change, set it to lib.fakeHash, build, and copy the
   # hash from the "got:" line of the error.
-  vendorHash = "sha256-0MhapoQj34OmXO3n+k6Kyai07IcsZ2FxMXxL/T8sILs=";
+  vendorHash = "sha256-qpMlUuhsbIyDiXdPQtUCXKdN/KgQmAc1JKzgpn8Afvo=";
 
   subPackages = [ "cmd/cacheproxy" ];
 
