@@ -285,34 +285,7 @@ nar_mbs() {
 	awk -v t="$secs" '{ b += $2 } END { printf "%.0f\n", b / t / 1e6 }' "$T/fetch.out"
 }
 
-cat >"$T/wrk-narinfo.lua" <<'EOF'
-local paths = {}
-for h in io.lines(os.getenv("HASHES_FILE")) do paths[#paths + 1] = "/" .. h .. ".narinfo" end
-local i = 0
-request = function()
-	i = i + 1
-	return wrk.format("GET", paths[(i % #paths) + 1])
-end
-done = function(s, latency, requests)
-	local e = s.errors
-	io.write(string.format("RESULT %d %d %d %d %d %d %d %d\n", s.requests, s.bytes, s.duration,
-		e.connect, e.read, e.write, e.status, e.timeout))
-end
-EOF
 export HASHES_FILE=$T/hashes
-# narinfo_rate LABEL URL -> requests/s; errors (non-2xx included) are
-# reported and make the figure suspect.
-narinfo_rate() {
-	local out r
-	out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s "$T/wrk-narinfo.lua" "$2" 2>&1) || die "wrk $1: $out"
-	r=$(grep '^RESULT' <<<"$out") || die "wrk $1: no result: $out"
-	read -r _ req _ dur ec er ew es et <<<"$r"
-	if ((ec + er + ew + es + et != 0)); then
-		log "WARNING $1: errors connect=$ec read=$er write=$ew status=$es timeout=$et"
-		echo "$1: wrk errors connect=$ec read=$er write=$ew status=$es timeout=$et" >>"$T/oddities"
-	fi
-	awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f\n", r / (d / 1e6) }'
-}
 # narinfo_served I: narinfo 200s node I has answered so far (its metrics).
 narinfo_served() {
 	curl -fsS "${NODE_URL[$1]}/metrics" |
@@ -371,6 +344,7 @@ start_lb() {
 # ---------------------------------------------------------------- measuring
 : >"$T/results"
 : >"$T/oddities"
+ODDITIES=$T/oddities # narinfo_rate (lib.sh) records wrk errors there
 narinfo_codes "$NG" "$T/ni-up" >/dev/null
 # measure LABEL URL: narinfo req/s and NAR MB/s through URL, each run
 # followed by the same run against nginx serving the upstream cache, best of

@@ -306,31 +306,7 @@ verify_floor() {
 	since "$s"
 }
 
-cat >"$T/wrk-narinfo.lua" <<'EOF'
-local paths = {}
-for h in io.lines(os.getenv("HASHES_FILE")) do paths[#paths + 1] = "/" .. h .. ".narinfo" end
-local i = 0
-request = function()
-	i = i + 1
-	return wrk.format("GET", paths[(i % #paths) + 1])
-end
-done = function(s, latency, requests)
-	local e = s.errors
-	io.write(string.format("RESULT %d %d %d %d %d %d %d %d\n", s.requests, s.bytes, s.duration,
-		e.connect, e.read, e.write, e.status, e.timeout))
-end
-EOF
 export HASHES_FILE=$T/hashes
-# narinfo_rate LABEL URL -> requests/s
-narinfo_rate() {
-	local out r
-	out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s "$T/wrk-narinfo.lua" "$2" 2>&1) || die "wrk $1: $out"
-	r=$(grep '^RESULT' <<<"$out") || die "wrk $1: no result: $out"
-	read -r _ req _ dur ec er ew es et <<<"$r"
-	((ec + er + ew + es + et == 0)) ||
-		log "WARNING $1: errors connect=$ec read=$er write=$ew status=$es timeout=$et"
-	awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f\n", r / (d / 1e6) }'
-}
 
 # nix_copy LABEL URL KEYS -> seconds: `nix copy` of the whole closure from
 # URL into a fresh chroot store, with a fresh HOME (no narinfo cache) and

@@ -105,3 +105,22 @@ build_cacheproxy() {
 	(cd "$src" && go build "${tags[@]}" -o "$T/${1:-cacheproxy}" ./cmd/cacheproxy)
 	CP=$T/${1:-cacheproxy}
 }
+
+# WRK_NARINFO is the wrk script that asks for the narinfos of $HASHES_FILE
+# in turn.
+WRK_NARINFO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/wrk-narinfo.lua
+
+# narinfo_rate LABEL URL -> requests/s, with CONNS connections for DURATION
+# seconds; errors (non-2xx included) are logged and, when ODDITIES names a
+# file, recorded there: they make the figure suspect.
+narinfo_rate() {
+	local out r req dur ec er ew es et
+	out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s "$WRK_NARINFO" "$2" 2>&1) || die "wrk $1: $out"
+	r=$(grep '^RESULT' <<<"$out") || die "wrk $1: no result: $out"
+	read -r _ req _ dur ec er ew es et <<<"$r"
+	if ((ec + er + ew + es + et != 0)); then
+		log "WARNING $1: errors connect=$ec read=$er write=$ew status=$es timeout=$et"
+		[[ -z ${ODDITIES:-} ]] || echo "$1: wrk errors connect=$ec read=$er write=$ew status=$es timeout=$et" >>"$ODDITIES"
+	fi
+	awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f\n", r / (d / 1e6) }'
+}

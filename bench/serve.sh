@@ -173,26 +173,12 @@ cpu_ticks() {
 	echo "$t"
 }
 
-cat >wrk-narinfo.lua <<'EOF'
-local paths = {}
-for h in io.lines(os.getenv("HASHES_FILE")) do paths[#paths + 1] = "/" .. h .. ".narinfo" end
-local i = 0
-request = function()
-	i = i + 1
-	return wrk.format("GET", paths[(i % #paths) + 1])
-end
-done = function(s, latency, requests)
-	local e = s.errors
-	io.write(string.format("RESULT %d %d %d %d %d %d %d %d\n", s.requests, s.bytes, s.duration,
-		e.connect, e.read, e.write, e.status, e.timeout))
-end
-EOF
 
 # narinfo_run LABEL URL SERVER_PID -> "requests seconds cpu_seconds"
 narinfo_run() {
 	local label=$1 url=$2 pid=$3 out r c0 c1
 	c0=$(cpu_ticks "$pid")
-	out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s wrk-narinfo.lua "$url" 2>&1) || die "wrk $label: $out"
+	out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --timeout 10s -s "$WRK_NARINFO" "$url" 2>&1) || die "wrk $label: $out"
 	c1=$(cpu_ticks "$pid")
 	r=$(grep '^RESULT' <<<"$out") || die "wrk $label: no result: $out"
 	read -r _ req bytes dur ec er ew es et <<<"$r"
