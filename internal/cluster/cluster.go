@@ -84,6 +84,7 @@ type Node struct {
 
 	connected atomic.Bool
 	applied   atomic.Int64 // last etcd revision the mirror holds
+	resyncs   atomic.Int64 // full resynchronisations (Status.Resyncs)
 	mu        sync.Mutex
 	appliedC  chan struct{}                // closed and replaced at each revision applied
 	lastErr   string                       // why the quorum was last unreachable
@@ -145,6 +146,10 @@ type Status struct {
 	Error     string // why a quorum is unreachable, when it is
 	Endpoints []string
 	Pending   int // quarantines found here not yet written to etcd
+	// Resyncs counts full reads of the state since start (the first
+	// start, a compaction past the mirror, new attester keys); catching
+	// up from the mirror's revision is not one.
+	Resyncs int64
 }
 
 // Status returns the node's view of the cluster now.
@@ -152,7 +157,7 @@ func (n *Node) Status() Status {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return Status{Connected: n.connected.Load(), Revision: n.applied.Load(), Since: n.since, Error: n.lastErr,
-		Endpoints: n.o.Endpoints, Pending: len(n.pending)}
+		Endpoints: n.o.Endpoints, Pending: len(n.pending), Resyncs: n.resyncs.Load()}
 }
 
 // Resync asks the mirror to read the whole state again (after the
@@ -433,6 +438,7 @@ func (n *Node) fullSync(ctx context.Context, id string, join bool) (int64, error
 	if err != nil {
 		return 0, fmt.Errorf("store the cluster state: %w", err)
 	}
+	n.resyncs.Add(1)
 	n.o.Log.Info("cluster: mirror resynchronised", "revision", rev, "records", records, "decisions_dropped", dropped)
 	n.applyDone(rev)
 	return rev, nil

@@ -331,6 +331,9 @@ func TestEtcdUnreachable(t *testing.T) {
 		st := a.Status()
 		return st.Connected && st.Pending == 0
 	})
+	if n := a.Status().Resyncs; n != 1 {
+		t.Errorf("%d full resyncs after etcd came back, want 1 (the first start): it should catch up from its revision", n)
+	}
 	cli := e.cli()
 	defer cli.Close()
 	resp, err := cli.Get(context.Background(), DefaultPrefix+"quarantine/"+hash)
@@ -338,10 +341,22 @@ func TestEtcdUnreachable(t *testing.T) {
 		t.Fatal("quarantine not in etcd", err)
 	}
 
-	// Compaction past a stopped node's revision: it reads everything.
+	// A stopped node catches up from its revision when it starts again;
+	// when etcd compacted past it, it reads everything.
 	dir := t.TempDir()
 	b := newNode(t, e, keys, dir)
 	eventually(t, "B mirrored", func() bool { got, _ := b.db.Quarantine(hash); return got != nil })
+	b.close()
+	att3 := attestation(t, rb, 5)
+	if _, err := a.PutAttestations([]policy.Attestation{att3}, nil); err != nil {
+		t.Fatal(err)
+	}
+	b = newNode(t, e, keys, dir)
+	hash3 := att3.StorePath[len(storeDir)+1:][:narinfo.HashLen]
+	eventually(t, "B caught up", func() bool { got, _ := b.db.Attestations(hash3); return len(got) == 1 })
+	if n := b.Status().Resyncs; n != 0 {
+		t.Errorf("a restarted node read the whole state %d times instead of catching up from its revision", n)
+	}
 	b.close()
 	att2 := attestation(t, rb, 4)
 	if _, err := a.PutAttestations([]policy.Attestation{att2}, nil); err != nil {
@@ -364,6 +379,9 @@ func TestEtcdUnreachable(t *testing.T) {
 		q, _ := b.db.Quarantine(hash)
 		return len(got) == 1 && q == nil
 	})
+	if n := b.Status().Resyncs; n != 1 {
+		t.Errorf("%d full resyncs after a compaction past the node's revision, want 1", n)
+	}
 }
 
 // A node that joins a cluster for the first time adds what it held.
