@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -203,6 +205,11 @@ func TestCluster(t *testing.T) {
 	cl = newClient(t)
 	cl.MustSubstitute(t, lb.URL, gk.Pub, cs[2].App)
 
+	// A node joining now has nothing to decide from: it says so, and
+	// answers 503 (which Nix retries) instead of a 404 (which Nix caches
+	// for an hour) until it has read the cluster's state.
+	joiner := startUnready(t, cfg)
+
 	// etcd back: a NAR that fails verification on node 0 is quarantined on
 	// node 1 too; a retry on node 1 lifts it on node 0.
 	etcd.Restart(0)
@@ -216,6 +223,12 @@ func TestCluster(t *testing.T) {
 		})
 	}
 	// cs[3] was attested at the start and never fetched by any node.
+	eventually(t, 20*time.Second, func() error {
+		if code, dec, _ := joiner.NarinfoDecision(t, cs[0].App); code != 200 {
+			return fmt.Errorf("the joining node after etcd came back: %d %s", code, dec)
+		}
+		return nil
+	})
 	victim := cs[3].Leaf
 	ni = nodes[0].ExpectApproved(t, victim)
 	up.NarHook(t, victim, func(w http.ResponseWriter, r *http.Request, orig []byte) {
@@ -241,4 +254,45 @@ func TestCluster(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// startUnready starts a node whose mirror never held its cluster's state,
+// while etcd has no quorum, and checks that it refuses traffic the way a
+// fleet recovers from: /healthz fails, narinfos get 503 with Retry-After.
+// It returns once the node listens; the node is stopped at cleanup.
+func startUnready(t *testing.T, cfg ProxyConfig) *Proxy {
+	t.Helper()
+	dir := t.TempDir()
+	p := &Proxy{Dir: dir, StateDir: filepath.Join(dir, "state"), Addr: freeAddr(t), AdminAddr: freeAddr(t)}
+	p.URL, p.AdminURL = "http://"+p.Addr, "http://"+p.AdminAddr
+	p.CfgFile = writeConfig(t, dir, p.Addr, p.AdminAddr, p.StateDir, cfg)
+	p.logs, p.exited = &syncBuffer{}, make(chan struct{})
+	p.cmd = exec.Command(cacheproxyBin, "serve", "-c", p.CfgFile)
+	p.cmd.Dir, p.cmd.Stdout, p.cmd.Stderr = dir, p.logs, p.logs
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	cmd, exited := p.cmd, p.exited
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		p.stop()
+		if t.Failed() {
+			t.Logf("---- joining node's log ----\n%s", p.logs.String())
+		}
+	})
+	eventually(t, 20*time.Second, func() error {
+		resp, body, err := doGet(t, p.URL+"/healthz", nil)
+		if err != nil {
+			return err
+		}
+		if resp.StatusCode != 503 || !strings.Contains(string(body), "never read from etcd") {
+			return fmt.Errorf("/healthz of a node that never read its cluster: %d %s", resp.StatusCode, body)
+		}
+		return nil
+	})
+	resp, body, err := doGet(t, p.URL+"/"+strings.Repeat("a", 32)+".narinfo", nil)
+	if err != nil || resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("narinfo from a node that never read its cluster: %v %v %s", resp, err, body)
+	}
+	return p
 }

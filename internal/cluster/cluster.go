@@ -84,6 +84,7 @@ type Node struct {
 
 	connected atomic.Bool
 	applied   atomic.Int64 // last etcd revision the mirror holds
+	synced    atomic.Bool  // the mirror held this cluster's state once (Ready)
 	resyncs   atomic.Int64 // full resynchronisations (Status.Resyncs)
 	mu        sync.Mutex
 	appliedC  chan struct{}                // closed and replaced at each revision applied
@@ -125,12 +126,16 @@ func Open(o Options) (*Node, error) {
 	}
 	n := &Node{o: o, cli: cli, prefix: o.Prefix, appliedC: make(chan struct{}), pending: map[string]policy.Quarantine{},
 		resync: make(chan struct{}, 1), since: time.Now()}
-	_, rev, err := o.DB.MirrorState()
+	id, rev, err := o.DB.MirrorState()
 	if err != nil {
 		cli.Close()
 		return nil, fmt.Errorf("cluster: read mirror state: %w", err)
 	}
 	n.applied.Store(rev)
+	// A mirror of another prefix is not this cluster's state. (Another
+	// etcd cluster under the same prefix shows only once etcd answers:
+	// then the mirror is read again, in one transaction.)
+	n.synced.Store(id != "" && strings.HasSuffix(id, " "+o.Prefix))
 	n.report(false, "not connected yet")
 	return n, nil
 }
@@ -159,6 +164,12 @@ func (n *Node) Status() Status {
 	return Status{Connected: n.connected.Load(), Revision: n.applied.Load(), Since: n.since, Error: n.lastErr,
 		Endpoints: n.o.Endpoints, Pending: len(n.pending), Resyncs: n.resyncs.Load()}
 }
+
+// Ready reports whether the mirror holds the cluster's trust state: it
+// did once, in this start or an earlier one. A node that never mirrored
+// its cluster has nothing to decide from yet: every path would look
+// unattested, and a fleet machine caches such a 404 for an hour.
+func (n *Node) Ready() bool { return n.synced.Load() }
 
 // Resync asks the mirror to read the whole state again (after the
 // attester keys changed: records it refused may verify now).
@@ -439,6 +450,7 @@ func (n *Node) fullSync(ctx context.Context, id string, join bool) (int64, error
 		return 0, fmt.Errorf("store the cluster state: %w", err)
 	}
 	n.resyncs.Add(1)
+	n.synced.Store(true)
 	n.o.Log.Info("cluster: mirror resynchronised", "revision", rev, "records", records, "decisions_dropped", dropped)
 	n.applyDone(rev)
 	return rev, nil

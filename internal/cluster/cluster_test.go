@@ -326,7 +326,18 @@ func TestEtcdUnreachable(t *testing.T) {
 		t.Fatal("quarantine did not hold locally", a.Status())
 	}
 
+	// A node that never read the cluster's state has nothing to decide
+	// from, and says so, until it has read it once.
+	fresh := newNode(t, e, keys, "")
+	if fresh.Ready() {
+		t.Fatal("a node that never reached etcd says its mirror is ready")
+	}
+	if !a.Ready() {
+		t.Fatal("a node that mirrored the cluster before etcd went away is not ready")
+	}
+
 	e.start()
+	eventually(t, "the fresh node ready once etcd answers", fresh.Ready)
 	eventually(t, "reconnected with the quarantine written", func() bool {
 		st := a.Status()
 		return st.Connected && st.Pending == 0

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"net/http"
 	"os"
 	"time"
 
@@ -58,4 +59,13 @@ func (s *Server) clusterHealth() string {
 		msg += fmt.Sprintf("; %d quarantines wait to be written", st.Pending)
 	}
 	return msg
+}
+
+// handleUnsynced answers the cache protocol on a node whose mirror never
+// held its cluster's trust state (its first start in the cluster, before
+// the first read of etcd ends): 503 with Retry-After, which Nix retries and
+// does not cache, instead of a 404 for every path.
+func (s *Server) handleUnsynced(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Retry-After", "1")
+	http.Error(w, "cluster: this node has not read the cluster's trust state from etcd yet", http.StatusServiceUnavailable)
 }

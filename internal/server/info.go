@@ -61,7 +61,13 @@ func (s *Server) checkDiskReserve() string {
 // reasons; ?verbose lists each check.
 func (s *Server) handleHealthz(w http.ResponseWriter, r *http.Request) {
 	var failed, lines []string
-	if s.node != nil {
+	switch {
+	case s.node != nil && !s.node.Ready():
+		// Nothing to decide from yet: not ready for traffic.
+		why := "the trust state was never read from etcd yet"
+		failed = append(failed, "cluster: "+why)
+		lines = append(lines, "cluster: FAIL "+why+" ("+s.clusterHealth()+")")
+	case s.node != nil:
 		// Reported, never failed: see clusterHealth.
 		lines = append(lines, "cluster: "+s.clusterHealth())
 	}

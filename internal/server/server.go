@@ -325,6 +325,8 @@ func (s *Server) route(r *http.Request) (string, http.HandlerFunc) {
 		return "healthz", s.handleHealthz
 	case p == "/metrics":
 		return "metrics", s.m.Handler().ServeHTTP
+	case s.node != nil && !s.node.Ready() && (strings.HasPrefix(p, "/nar/") || strings.HasSuffix(p, ".narinfo") || strings.HasSuffix(p, ".ls")):
+		return "unsynced", s.handleUnsynced
 	case strings.HasPrefix(p, "/nar/"):
 		return "nar", s.handleNar
 	case strings.HasPrefix(p, "/log/"):
