@@ -65,8 +65,10 @@ type Job struct {
 	// are bounded by the NAR's declared size, and eviction catches up when
 	// it is committed).
 	Grow func(f *os.File, n int64) error
-	// Done, when set, learns how the download ended before any reader does,
-	// so that a quarantine is in place before a client can retry. err is nil,
+	// Done, when set, learns how the download ended: a failure before any
+	// reader does, so that a quarantine is in place before a client can
+	// retry; a success after the readers got the tail and the files were
+	// committed (or failed to be: then err says why). err is nil,
 	// a *verify.Error (the bytes disagree with Expect), a *TruncatedError (the
 	// transfer broke) or another error (the upstream or the disk failed);
 	// written is how many bytes of the file were received.
