@@ -123,25 +123,10 @@ build_cacheproxy
 # Built once per definition and kept in CORPUS_DIR/cacheproxy-cluster-corpus-<key>
 # (as fleet.sh does, smaller and zstd only): the store paths, the upstream
 # key pair and zstd cache, and the rebuilder's key pair and attestations.
-CORPUS_KEY=$({
-	cat "$REPO/bench/corpus.nix"
-	echo "cluster v1 $N_SMALL $SMALL_KIB $BIG_MIB $RAND_PCT"
-} | sha256sum | cut -c1-12)
-C=$CORPUS_DIR/cacheproxy-cluster-corpus-$CORPUS_KEY
+corpus_at cluster "cluster v1"
 if [[ ! -e $C/done ]]; then
-	rm -rf "$C"
-	mkdir -p "$C"
 	log "building the corpus in $C (once)"
-	find /usr/lib /usr/share -xdev -type f -size -8M -readable -printf '%s %p\n' 2>/dev/null | LC_ALL=C sort -k2 |
-		shuf --random-source=<(yes) >"$C/list"
-	bigs=$(printf '%s ' $BIG_MIB)
-	nix-build "${NO_SUBST[@]}" --max-jobs "$(nproc)" -o "$C/result" "$REPO/bench/corpus.nix" \
-		--argstr list "$C/list" --argstr tag "$CORPUS_KEY" --arg nSmall "$N_SMALL" \
-		--arg smallKiB "$SMALL_KIB" --arg bigMiB "[ $bigs]" --arg randPct "$RAND_PCT" \
-		>"$C/build.log" 2>&1 || die "nix-build corpus: $(tail -5 "$C/build.log")"
-	readlink "$C/result" >"$C/root"
-	nix-store -qR "$(cat "$C/root")" >"$C/paths"
-	nix-store --generate-binary-cache-key cluster-up-1 "$C/up.sec" "$C/up.pub"
+	build_corpus cluster-up-1
 	log "publishing $(wc -l <"$C/paths") paths as a signed zstd cache"
 	nix "${X_NIX[@]}" copy "${NO_SUBST[@]}" \
 		--to "file://$C/zstd?compression=zstd&secret-key=$C/up.sec" "$(cat "$C/root")" \

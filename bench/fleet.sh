@@ -133,27 +133,10 @@ fi
 # CORPUS_DIR/cacheproxy-fleet-corpus-<key>: the key pair, the store paths,
 # and the signed xz and zstd caches. Delete that dir to rebuild (the store
 # paths go with `nix-store --delete $(cat DIR/paths)` after removing DIR/result).
-CORPUS_KEY=$({
-	cat "$REPO/bench/corpus.nix"
-	echo "v1 $N_SMALL $SMALL_KIB $BIG_MIB $RAND_PCT"
-} | sha256sum | cut -c1-12)
-C=$CORPUS_DIR/cacheproxy-fleet-corpus-$CORPUS_KEY
+corpus_at fleet v1
 if [[ ! -e $C/done ]]; then
-	rm -rf "$C"
-	mkdir -p "$C"
 	log "building the corpus in $C (once; xz compression takes a while)"
-	# Candidate host files, shuffled the same way every time so that each
-	# path gets a mix of text, data and shared objects.
-	find /usr/lib /usr/share -xdev -type f -size -8M -readable -printf '%s %p\n' 2>/dev/null | LC_ALL=C sort -k2 |
-		shuf --random-source=<(yes) >"$C/list"
-	bigs=$(printf '%s ' $BIG_MIB)
-	nix-build "${NO_SUBST[@]}" --max-jobs "$(nproc)" -o "$C/result" "$REPO/bench/corpus.nix" \
-		--argstr list "$C/list" --argstr tag "$CORPUS_KEY" --arg nSmall "$N_SMALL" \
-		--arg smallKiB "$SMALL_KIB" --arg bigMiB "[ $bigs]" --arg randPct "$RAND_PCT" \
-		>"$C/build.log" 2>&1 || die "nix-build corpus: $(tail -5 "$C/build.log")"
-	readlink "$C/result" >"$C/root"
-	nix-store -qR "$(cat "$C/root")" >"$C/paths"
-	nix-store --generate-binary-cache-key fleet-up-1 "$C/up.sec" "$C/up.pub"
+	build_corpus fleet-up-1
 	log "publishing $(wc -l <"$C/paths") paths as signed xz and zstd caches"
 	for codec in zstd xz; do
 		extra=""

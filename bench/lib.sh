@@ -124,3 +124,34 @@ narinfo_rate() {
 	fi
 	awk -v r="$req" -v d="$dur" 'BEGIN { printf "%.0f\n", r / (d / 1e6) }'
 }
+
+# corpus_at NAME TAG: sets CORPUS_KEY and C, the directory under CORPUS_DIR
+# that keeps the corpus built from bench/corpus.nix with the parameters
+# N_SMALL SMALL_KIB BIG_MIB RAND_PCT (TAG names the script's variant of it).
+corpus_at() {
+	CORPUS_KEY=$({
+		cat "$REPO/bench/corpus.nix"
+		echo "$2 $N_SMALL $SMALL_KIB $BIG_MIB $RAND_PCT"
+	} | sha256sum | cut -c1-12)
+	C=$CORPUS_DIR/cacheproxy-$1-corpus-$CORPUS_KEY
+}
+
+# build_corpus UPKEY: builds the corpus's store paths into C (candidate
+# host files shuffled the same way every time, so that each path gets a mix
+# of text, data and shared objects), lists them in C/paths, its root in
+# C/root, and makes the upstream's key pair UPKEY as C/up.sec and C/up.pub.
+build_corpus() {
+	local bigs
+	rm -rf "$C"
+	mkdir -p "$C"
+	find /usr/lib /usr/share -xdev -type f -size -8M -readable -printf '%s %p\n' 2>/dev/null | LC_ALL=C sort -k2 |
+		shuf --random-source=<(yes) >"$C/list"
+	bigs=$(printf '%s ' $BIG_MIB)
+	nix-build "${NO_SUBST[@]}" --max-jobs "$(nproc)" -o "$C/result" "$REPO/bench/corpus.nix" \
+		--argstr list "$C/list" --argstr tag "$CORPUS_KEY" --arg nSmall "$N_SMALL" \
+		--arg smallKiB "$SMALL_KIB" --arg bigMiB "[ $bigs]" --arg randPct "$RAND_PCT" \
+		>"$C/build.log" 2>&1 || die "nix-build corpus: $(tail -5 "$C/build.log")"
+	readlink "$C/result" >"$C/root"
+	nix-store -qR "$(cat "$C/root")" >"$C/paths"
+	nix-store --generate-binary-cache-key "$1" "$C/up.sec" "$C/up.pub"
+}
