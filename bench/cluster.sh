@@ -92,19 +92,7 @@ ETCD=/usr/bin/etcd
 export NIX_REMOTE=${NIX_REMOTE:-local}
 
 # ---------------------------------------------------------------- cleanup
-T=$(mktemp -d /var/tmp/cacheproxy-cluster.XXXXXX)
-chmod 755 "$T"
-PIDS=()
-cleanup() {
-	local p
-	for p in "${PIDS[@]}"; do stop_pid "$p"; done
-	if [[ ${KEEP:-0} == 1 ]]; then log "kept $T"; else rm -rf "$T"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-since() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.3f\n", e - s }'; }
-load() { cut -d' ' -f1-3 /proc/loadavg; }
+scratch_dir cluster
 best_max() { sort -g "$1" | tail -1; }
 # port: a free port not handed out before in this run.
 USED_PORTS=" "

@@ -102,19 +102,7 @@ done
 export NIX_REMOTE=${NIX_REMOTE:-local}
 
 # ---------------------------------------------------------------- cleanup
-T=$(mktemp -d /var/tmp/cacheproxy-fleet.XXXXXX)
-chmod 755 "$T"
-PIDS=()
-cleanup() {
-	local p
-	for p in "${PIDS[@]}"; do stop_pid "$p"; done
-	if [[ ${KEEP:-0} == 1 ]]; then log "kept $T"; else rm -rf "$T"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-since() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.3f\n", e - s }'; }
-load() { cut -d' ' -f1-3 /proc/loadavg; }
+scratch_dir fleet
 # cpu_secs PID: user+system CPU seconds of a process so far.
 cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$1/stat"; }
 LOAD_START=$(load)

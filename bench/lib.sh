@@ -155,3 +155,22 @@ build_corpus() {
 	nix-store -qR "$(cat "$C/root")" >"$C/paths"
 	nix-store --generate-binary-cache-key "$1" "$C/up.sec" "$C/up.pub"
 }
+
+# scratch_dir NAME: sets T, a fresh world-readable directory under /var/tmp
+# (nginx workers read it), removed at exit unless KEEP=1, after stopping
+# every process in PIDS.
+scratch_dir() {
+	T=$(mktemp -d "/var/tmp/cacheproxy-$1.XXXXXX")
+	chmod 755 "$T"
+	PIDS=()
+	trap bench_cleanup EXIT
+	trap 'exit 130' INT TERM
+}
+bench_cleanup() {
+	local p
+	for p in "${PIDS[@]}"; do stop_pid "$p"; done
+	if [[ ${KEEP:-0} == 1 ]]; then log "kept $T"; else rm -rf "$T"; fi
+}
+
+since() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.3f\n", e - s }'; }
+load() { cut -d' ' -f1-3 /proc/loadavg; }
