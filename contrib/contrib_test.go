@@ -23,6 +23,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cacheproxy/cacheproxy/internal/etcdtest"
+
 	"github.com/cacheproxy/cacheproxy/internal/config"
 	"github.com/cacheproxy/cacheproxy/internal/server"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
@@ -199,6 +201,9 @@ func startProxy(t *testing.T) string {
 	u := cfg.Upstreams[0] // the defaults, for another cache
 	u.URL, u.PublicKeys = up.URL, []config.PublicKey{config.Key(key.Public())}
 	cfg.Upstreams = []config.Upstream{u}
+	// A cluster node has every series a single node has, and the
+	// cluster's (the alerts on those are for cluster nodes only).
+	cfg.Cluster.Etcd = etcdtest.Start(t, 1).Endpoints()
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
