@@ -264,15 +264,9 @@ func (d *Decoder) nextArray() (Claim, error) {
 		if err != nil {
 			return Claim{}, fmt.Errorf("entry %d: path: %w", d.n, err)
 		}
-		c, valid, err := entryClaim(abs, fields, d.storeDir)
-		if err != nil {
-			return Claim{}, fmt.Errorf("entry %d (%s): %w", d.n, abs, err)
+		if c, ok, err := d.claim(abs, fields); err != nil || ok {
+			return c, err
 		}
-		if !valid {
-			d.Invalid = append(d.Invalid, abs)
-			continue
-		}
-		return c, nil
 	}
 }
 
@@ -400,16 +394,25 @@ func (d *Decoder) nextObject() (Claim, error) {
 				return Claim{}, fmt.Errorf("entry %d (%s): path: %q disagrees with the key", d.n, abs, ps)
 			}
 		}
-		c, valid, err := entryClaim(abs, fields, d.storeDir)
-		if err != nil {
-			return Claim{}, fmt.Errorf("entry %d (%s): %w", d.n, abs, err)
+		if c, ok, err := d.claim(abs, fields); err != nil || ok {
+			return c, err
 		}
-		if !valid {
-			d.Invalid = append(d.Invalid, abs)
-			continue
-		}
-		return c, nil
 	}
+}
+
+// claim is the claim of one entry of either JSON form, or, for a path the
+// rebuilder's store says is not valid, nothing (ok false; the path goes to
+// Invalid).
+func (d *Decoder) claim(abs string, fields map[string]json.RawMessage) (c Claim, ok bool, err error) {
+	c, valid, err := entryClaim(abs, fields, d.storeDir)
+	if err != nil {
+		return Claim{}, false, fmt.Errorf("entry %d (%s): %w", d.n, abs, err)
+	}
+	if !valid {
+		d.Invalid = append(d.Invalid, abs)
+		return Claim{}, false, nil
+	}
+	return c, true, nil
 }
 
 func checkVersion(raw json.RawMessage) error {
