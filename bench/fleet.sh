@@ -82,22 +82,7 @@ die() { log "FAIL: $*"; exit 1; }
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- tools
-need_pkgs=()
-command -v nginx >/dev/null || need_pkgs+=(nginx)
-command -v wrk >/dev/null || need_pkgs+=(wrk)
-command -v zstd >/dev/null || need_pkgs+=(zstd)
-command -v xz >/dev/null || need_pkgs+=(xz-utils)
-command -v curl >/dev/null || need_pkgs+=(curl)
-if ((${#need_pkgs[@]})); then
-	[[ $(id -u) == 0 ]] || die "missing ${need_pkgs[*]}; run as root to install them"
-	log "installing ${need_pkgs[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get install -y "${need_pkgs[@]}" >/dev/null 2>&1 ||
-		{ apt-get update >/dev/null && apt-get install -y "${need_pkgs[@]}" >/dev/null; }
-fi
-for t in nix-build nix-store nix go nginx wrk zstd xz curl sha256sum awk shuf; do
-	command -v "$t" >/dev/null || die "$t is not on PATH"
-done
+require nginx:nginx wrk:wrk zstd:zstd xz:xz-utils curl:curl nix-build nix-store nix go sha256sum awk shuf
 [[ $(id -u) == 0 ]] || die "run as root (Nix builds into /nix/store without a daemon, nginx runs as root)"
 export NIX_REMOTE=${NIX_REMOTE:-local}
 

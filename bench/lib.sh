@@ -174,3 +174,25 @@ bench_cleanup() {
 
 since() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.3f\n", e - s }'; }
 load() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# require TOOL[:PACKAGE]...: installs, as root and from Debian, the PACKAGE
+# of each TOOL that is not on PATH, then stops naming any TOOL still missing
+# (a TOOL without a PACKAGE is only checked).
+require() {
+	local spec need=()
+	for spec; do
+		[[ $spec == *:* ]] || continue
+		command -v "${spec%%:*}" >/dev/null || need+=("${spec#*:}")
+	done
+	if ((${#need[@]})); then
+		mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+		[[ $(id -u) == 0 ]] || die "missing ${need[*]}; run as root to install them"
+		log "installing ${need[*]}"
+		export DEBIAN_FRONTEND=noninteractive
+		apt-get install -y "${need[@]}" >/dev/null 2>&1 ||
+			{ apt-get update >/dev/null && apt-get install -y "${need[@]}" >/dev/null; }
+	fi
+	for spec; do
+		command -v "${spec%%:*}" >/dev/null || die "${spec%%:*} is not on PATH"
+	done
+}

@@ -32,22 +32,7 @@ die() { log "FAIL: $*"; exit 1; }
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ---------------------------------------------------------------- tools
-need_pkgs=()
-command -v nginx >/dev/null || need_pkgs+=(nginx)
-command -v wrk >/dev/null || need_pkgs+=(wrk)
-command -v zstd >/dev/null || need_pkgs+=(zstd)
-command -v curl >/dev/null || need_pkgs+=(curl)
-command -v openssl >/dev/null || need_pkgs+=(openssl)
-if ((${#need_pkgs[@]})); then
-	[[ $(id -u) == 0 ]] || die "missing ${need_pkgs[*]}; run as root to install them"
-	log "installing ${need_pkgs[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get install -y "${need_pkgs[@]}" >/dev/null 2>&1 ||
-		{ apt-get update >/dev/null && apt-get install -y "${need_pkgs[@]}" >/dev/null; }
-fi
-for t in nix-store nix go nginx wrk zstd curl openssl sha256sum awk; do
-	command -v "$t" >/dev/null || die "$t is not on PATH"
-done
+require nginx:nginx wrk:wrk zstd:zstd curl:curl openssl:openssl nix-store nix go sha256sum awk
 
 # ---------------------------------------------------------------- cleanup
 T=$(mktemp -d /tmp/cacheproxy-bench.XXXXXX)
