@@ -97,8 +97,12 @@ func (r *AuditRecord) SetWhat(items []string) {
 	r.WhatMore = len(items) - n
 }
 
-// Count adds n to one of the record's counts.
+// Count adds n to one of the record's counts; on a nil record (a change
+// recorded nowhere) it does nothing.
 func (r *AuditRecord) Count(name string, n int) {
+	if r == nil {
+		return
+	}
 	if r.Counts == nil {
 		r.Counts = map[string]int{}
 	}
@@ -137,7 +141,7 @@ func (r *AuditRecord) Settle() {
 // count, AddPreviousAllow and AddPreviousDeny fill in a record inside the
 // change's transaction; on a nil record (no audit) they do nothing.
 func (r *AuditRecord) count(name string, n int) {
-	if r != nil && n != 0 {
+	if n != 0 {
 		r.Count(name, n)
 	}
 }

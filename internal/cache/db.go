@@ -19,7 +19,6 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"reflect"
 	"sort"
 	"sync/atomic"
 	"time"
@@ -571,7 +570,7 @@ func (d *DB) putAttestations(tx *bolt.Tx, as []policy.Attestation, audit *AuditR
 			}
 			// The same signature with another report (the rebuilder
 			// classified its rebuild since) replaces the older one.
-			if o.Sig == a.Sig && reflect.DeepEqual(o.Rebuild, a.Rebuild) {
+			if o.Same(a) {
 				audit.count(CountKnown, 1)
 				continue
 			}

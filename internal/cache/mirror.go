@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"reflect"
 	"strings"
 
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
@@ -389,15 +388,15 @@ func (m *mirrorTx) encode(c MirrorEntry) ([]byte, error) {
 	return c.Value, nil
 }
 
-// same reports whether two stored values say the same; attestations are
-// the same when signature and rebuild report are (Imported may differ).
+// same reports whether two stored values say the same (attestations:
+// policy.Attestation.Same).
 func (m *mirrorTx) same(kind string, key, a, b []byte) bool {
 	if kind != KindAttestation {
 		return bytes.Equal(a, b)
 	}
 	x, err1 := decodeAttestation(key, a)
 	y, err2 := decodeAttestation(key, b)
-	return err1 == nil && err2 == nil && x.Sig == y.Sig && reflect.DeepEqual(x.Rebuild, y.Rebuild)
+	return err1 == nil && err2 == nil && x.Same(y)
 }
 
 func (m *mirrorTx) applyAudit(c MirrorEntry) error {

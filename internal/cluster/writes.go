@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"reflect"
 	"slices"
 
 	"go.etcd.io/etcd/client/v3/concurrency"
@@ -103,6 +102,17 @@ func cloneAudit(r *cache.AuditRecord) *cache.AuditRecord {
 	return &c
 }
 
+// namesOf names items[lo:hi] for the audit record of one part of a change.
+func namesOf[T any](items []T, name func(T) string) func(lo, hi int) []string {
+	return func(lo, hi int) []string {
+		out := make([]string, 0, hi-lo)
+		for _, it := range items[lo:hi] {
+			out = append(out, name(it))
+		}
+		return out
+	}
+}
+
 func random() uint64 {
 	var b [8]byte
 	rand.Read(b[:])
@@ -121,13 +131,7 @@ func jsonString(v any) string {
 // as[i] was already there.
 func (n *Node) PutAttestations(as []policy.Attestation, audit *cache.AuditRecord) ([]bool, error) {
 	stored := make([]bool, len(as))
-	names := func(lo, hi int) []string {
-		var out []string
-		for _, a := range as[lo:hi] {
-			out = append(out, a.StorePath)
-		}
-		return out
-	}
+	names := namesOf(as, func(a policy.Attestation) string { return a.StorePath })
 	err := n.change(audit, len(as), names, func(s concurrency.STM, lo, hi int, rec *cache.AuditRecord) error {
 		for i := lo; i < hi; i++ {
 			a := as[i]
@@ -135,36 +139,24 @@ func (n *Node) PutAttestations(as []policy.Attestation, audit *cache.AuditRecord
 			stored[i] = true
 			if old := s.Get(key); old != "" {
 				var o policy.Attestation
-				if json.Unmarshal([]byte(old), &o) == nil && o.Sig == a.Sig && reflect.DeepEqual(o.Rebuild, a.Rebuild) {
+				if json.Unmarshal([]byte(old), &o) == nil && o.Same(a) {
 					stored[i] = false
-					count(rec, cache.CountKnown)
+					rec.Count(cache.CountKnown, 1)
 					continue
 				}
 			}
 			s.Put(key, jsonString(a))
-			count(rec, cache.CountStored)
+			rec.Count(cache.CountStored, 1)
 		}
 		return nil
 	})
 	return stored, err
 }
 
-func count(rec *cache.AuditRecord, name string) {
-	if rec != nil {
-		rec.Count(name, 1)
-	}
-}
-
 // PutAllow stores allowlist entries and returns those they replaced.
 func (n *Node) PutAllow(entries []policy.AllowEntry, audit *cache.AuditRecord) ([]policy.AllowEntry, error) {
 	var replaced []policy.AllowEntry
-	names := func(lo, hi int) []string {
-		var out []string
-		for _, e := range entries[lo:hi] {
-			out = append(out, e.StorePath)
-		}
-		return out
-	}
+	names := namesOf(entries, func(e policy.AllowEntry) string { return e.StorePath })
 	parts := map[int][]policy.AllowEntry{} // by part, as last run
 	err := n.change(audit, len(entries), names, func(s concurrency.STM, lo, hi int, rec *cache.AuditRecord) error {
 		var part []policy.AllowEntry
@@ -174,13 +166,11 @@ func (n *Node) PutAllow(entries []policy.AllowEntry, audit *cache.AuditRecord) (
 				var o policy.AllowEntry
 				if err := json.Unmarshal([]byte(old), &o); err == nil {
 					part = append(part, o)
-					if rec != nil {
-						rec.AddPreviousAllow(o)
-					}
+					rec.AddPreviousAllow(o)
 				}
-				count(rec, cache.CountReplaced)
+				rec.Count(cache.CountReplaced, 1)
 			} else {
-				count(rec, cache.CountAdded)
+				rec.Count(cache.CountAdded, 1)
 			}
 			s.Put(key, jsonString(e))
 		}
@@ -197,7 +187,7 @@ func (n *Node) PutAllow(entries []policy.AllowEntry, audit *cache.AuditRecord) (
 func (n *Node) RemoveAllow(hashes []string, audit *cache.AuditRecord) ([]string, error) {
 	return n.remove(cache.KindAllow, hashes, audit, cache.CountRemoved, cache.CountMissing, func(rec *cache.AuditRecord, old string) {
 		var o policy.AllowEntry
-		if rec != nil && json.Unmarshal([]byte(old), &o) == nil {
+		if json.Unmarshal([]byte(old), &o) == nil {
 			rec.AddPreviousAllow(o)
 		}
 	})
@@ -206,7 +196,7 @@ func (n *Node) RemoveAllow(hashes []string, audit *cache.AuditRecord) ([]string,
 // remove deletes keys of one kind and returns those that were not there.
 func (n *Node) remove(kind string, keys []string, audit *cache.AuditRecord, done, missed string, previous func(*cache.AuditRecord, string)) ([]string, error) {
 	parts := map[int][]string{} // by part, as last run
-	err := n.change(audit, len(keys), func(lo, hi int) []string { return keys[lo:hi] },
+	err := n.change(audit, len(keys), namesOf(keys, func(k string) string { return k }),
 		func(s concurrency.STM, lo, hi int, rec *cache.AuditRecord) error {
 			var miss []string
 			for _, k := range keys[lo:hi] {
@@ -214,14 +204,14 @@ func (n *Node) remove(kind string, keys []string, audit *cache.AuditRecord, done
 				old := s.Get(key)
 				if old == "" {
 					miss = append(miss, k)
-					count(rec, missed)
+					rec.Count(missed, 1)
 					continue
 				}
 				if previous != nil {
 					previous(rec, old)
 				}
 				s.Del(key)
-				count(rec, done)
+				rec.Count(done, 1)
 			}
 			parts[lo] = miss
 			return nil
@@ -237,24 +227,18 @@ func (n *Node) remove(kind string, keys []string, audit *cache.AuditRecord, done
 // match as its mirror applies them; the count of those is each node's own
 // (its log says it), so the one returned here is zero.
 func (n *Node) PutDeny(entries []policy.DenyEntry, _ func(string, narinfo.SHA256) bool, audit *cache.AuditRecord) (int, error) {
-	names := func(lo, hi int) []string {
-		var out []string
-		for _, e := range entries[lo:hi] {
-			out = append(out, e.Pattern)
-		}
-		return out
-	}
+	names := namesOf(entries, func(e policy.DenyEntry) string { return e.Pattern })
 	err := n.change(audit, len(entries), names, func(s concurrency.STM, lo, hi int, rec *cache.AuditRecord) error {
 		for _, e := range entries[lo:hi] {
 			key := n.key(cache.KindDeny, e.Pattern)
 			if old := s.Get(key); old != "" {
 				var o policy.DenyEntry
-				if rec != nil && json.Unmarshal([]byte(old), &o) == nil {
+				if json.Unmarshal([]byte(old), &o) == nil {
 					rec.AddPreviousDeny(o)
 				}
-				count(rec, cache.CountReplaced)
+				rec.Count(cache.CountReplaced, 1)
 			} else {
-				count(rec, cache.CountAdded)
+				rec.Count(cache.CountAdded, 1)
 			}
 			s.Put(key, jsonString(e))
 		}
@@ -267,7 +251,7 @@ func (n *Node) PutDeny(entries []policy.DenyEntry, _ func(string, narinfo.SHA256
 func (n *Node) RemoveDeny(patterns []string, _ func(string, narinfo.SHA256) bool, audit *cache.AuditRecord) ([]string, error) {
 	return n.remove(cache.KindDeny, patterns, audit, cache.CountRemoved, cache.CountMissing, func(rec *cache.AuditRecord, old string) {
 		var o policy.DenyEntry
-		if rec != nil && json.Unmarshal([]byte(old), &o) == nil {
+		if json.Unmarshal([]byte(old), &o) == nil {
 			rec.AddPreviousDeny(o)
 		}
 	})

@@ -16,6 +16,7 @@ package policy
 import (
 	"fmt"
 	"path"
+	"reflect"
 	"sort"
 	"strings"
 	"time"
@@ -93,6 +94,13 @@ type Attestation struct {
 	// admin token that imported it, and it only ever labels a mismatch,
 	// never approves anything.
 	Rebuild *Rebuild `json:"rebuild,omitempty"`
+}
+
+// Same reports whether b says what a says: the same signature with the
+// same rebuild report (when it was imported does not count). Storing b
+// over a changes nothing a decision reads.
+func (a Attestation) Same(b Attestation) bool {
+	return a.Sig == b.Sig && reflect.DeepEqual(a.Rebuild, b.Rebuild)
 }
 
 // Classification is a rebuilder's verdict on an attestation whose NarHash
