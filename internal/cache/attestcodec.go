@@ -39,7 +39,7 @@ func encodeAttestation(a policy.Attestation) []byte {
 	b = append(b, attestV1)
 	// The store path's hash is the key's first part: the value holds the
 	// store dir and the name.
-	hash := hashOf(a.StorePath)
+	hash := narinfo.PathHash(a.StorePath)
 	if dir, rest, ok := strings.Cut(a.StorePath, "/"+hash+"-"); ok && len(hash) == narinfo.HashLen && !strings.Contains(rest, "/") {
 		b = append(b, 1)
 		b = appendString(b, dir)

@@ -552,7 +552,7 @@ func (d *DB) putAttestations(tx *bolt.Tx, as []policy.Attestation, audit *AuditR
 	order := make([]int, len(as))
 	keys := make([]string, len(as))
 	for i, a := range as {
-		order[i], keys[i] = i, hashOf(a.StorePath)+"/"+a.PublicKey
+		order[i], keys[i] = i, narinfo.PathHash(a.StorePath)+"/"+a.PublicKey
 	}
 	sort.SliceStable(order, func(x, y int) bool { return keys[order[x]] < keys[order[y]] })
 	b := tx.Bucket(bucketAttestations)
@@ -580,7 +580,7 @@ func (d *DB) putAttestations(tx *bolt.Tx, as []policy.Attestation, audit *AuditR
 		if err := b.Put(key, encodeAttestation(a)); err != nil {
 			return nil, err
 		}
-		changed = append(changed, hashOf(a.StorePath))
+		changed = append(changed, narinfo.PathHash(a.StorePath))
 		stored[i] = true
 		audit.count(CountStored, 1)
 	}
@@ -648,7 +648,7 @@ func (d *DB) PutAllow(entries []policy.AllowEntry, audit *AuditRecord) (replaced
 		replaced = nil
 		hashes := make([]string, 0, len(entries))
 		for _, e := range entries {
-			h := hashOf(e.StorePath)
+			h := narinfo.PathHash(e.StorePath)
 			old, err := get[policy.AllowEntry](tx, bucketAllow, h)
 			if err != nil {
 				return err
@@ -834,7 +834,7 @@ func (d *DB) Retry(hashes []string, audit *AuditRecord) (notQuarantined []string
 // per path and at most MaxRejections paths. A time index keeps pruning the
 // oldest entry O(log n) however full the log is.
 func (d *DB) RecordRejection(r Rejection) error {
-	hash := hashOf(r.StorePath)
+	hash := narinfo.PathHash(r.StorePath)
 	return d.update(func(tx *bolt.Tx) error {
 		old, err := get[Rejection](tx, bucketRejections, hash)
 		if err != nil {
@@ -936,13 +936,4 @@ func (d *DB) Rejection(hash string) (r *Rejection, err error) {
 		return err
 	})
 	return r, err
-}
-
-// hashOf returns the 32-character hash of an absolute store path.
-func hashOf(storePath string) string {
-	base := filepath.Base(storePath)
-	if len(base) < 32 {
-		return base
-	}
-	return base[:32]
 }

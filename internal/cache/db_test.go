@@ -315,7 +315,7 @@ func denyMatch(patterns ...string) func(base string, narHash narinfo.SHA256) boo
 func putAt(t *testing.T, db *DB, storePath string, refs ...string) Record {
 	t.Helper()
 	rec := recordAt(storePath, refs...)
-	must(t, putRec(db, hashOf(storePath), rec))
+	must(t, putRec(db, narinfo.PathHash(storePath), rec))
 	return rec
 }
 
@@ -464,10 +464,10 @@ func TestRejectionsPruned(t *testing.T) {
 			// Oldest first by Last, but not in key order.
 			n := (i * 7919) % MaxRejections
 			r := Rejection{StorePath: pathN(n), Reason: "unattested", Count: 1, First: t0, Last: t0.Add(time.Duration(n) * time.Second)}
-			if err := put(tx, bucketRejections, hashOf(r.StorePath), r); err != nil {
+			if err := put(tx, bucketRejections, narinfo.PathHash(r.StorePath), r); err != nil {
 				return err
 			}
-			if err := tx.Bucket(bucketRejectOrder).Put(orderKey(r.Last, hashOf(r.StorePath)), nil); err != nil {
+			if err := tx.Bucket(bucketRejectOrder).Put(orderKey(r.Last, narinfo.PathHash(r.StorePath)), nil); err != nil {
 				return err
 			}
 		}

@@ -370,7 +370,7 @@ func (m *mirrorTx) encode(c MirrorEntry) ([]byte, error) {
 	case KindAttestation:
 		var a policy.Attestation
 		if err = json.Unmarshal(c.Value, &a); err == nil {
-			if hashOf(a.StorePath)+"/"+a.PublicKey != c.Key {
+			if narinfo.PathHash(a.StorePath)+"/"+a.PublicKey != c.Key {
 				return nil, fmt.Errorf("mirror: %s/%s holds an attestation of %s by %s", c.Kind, c.Key, a.StorePath, a.PublicKey)
 			}
 			return encodeAttestation(a), nil

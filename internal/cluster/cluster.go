@@ -365,7 +365,7 @@ func (n *Node) checkAttestation(key string, value []byte) error {
 	if err := json.Unmarshal(value, &a); err != nil {
 		return fmt.Errorf("decode: %w", err)
 	}
-	if want := hashOf(a.StorePath) + "/" + a.PublicKey; key != want {
+	if want := narinfo.PathHash(a.StorePath) + "/" + a.PublicKey; key != want {
 		return fmt.Errorf("stored under %s, but is an attestation of %s by %s", key, a.StorePath, a.KeyName)
 	}
 	if err := n.o.Verify(a); err != nil {
@@ -531,12 +531,6 @@ func (n *Node) seed(ctx context.Context, local []cache.MirrorEntry) (int, error)
 }
 
 func (n *Node) key(kind, key string) string { return n.prefix + kind + "/" + key }
-
-// hashOf is the store path hash of a store path.
-func hashOf(storePath string) string {
-	base := storePath[strings.LastIndexByte(storePath, '/')+1:]
-	return base[:min(len(base), narinfo.HashLen)]
-}
 
 // sortedKeys returns a map's keys in order.
 func sortedKeys[V any](m map[string]V) []string {

@@ -135,7 +135,7 @@ func (n *Node) PutAttestations(as []policy.Attestation, audit *cache.AuditRecord
 	err := n.change(audit, len(as), names, func(s concurrency.STM, lo, hi int, rec *cache.AuditRecord) error {
 		for i := lo; i < hi; i++ {
 			a := as[i]
-			key := n.key(cache.KindAttestation, hashOf(a.StorePath)+"/"+a.PublicKey)
+			key := n.key(cache.KindAttestation, narinfo.PathHash(a.StorePath)+"/"+a.PublicKey)
 			stored[i] = true
 			if old := s.Get(key); old != "" {
 				var o policy.Attestation
@@ -161,7 +161,7 @@ func (n *Node) PutAllow(entries []policy.AllowEntry, audit *cache.AuditRecord) (
 	err := n.change(audit, len(entries), names, func(s concurrency.STM, lo, hi int, rec *cache.AuditRecord) error {
 		var part []policy.AllowEntry
 		for _, e := range entries[lo:hi] {
-			key := n.key(cache.KindAllow, hashOf(e.StorePath))
+			key := n.key(cache.KindAllow, narinfo.PathHash(e.StorePath))
 			if old := s.Get(key); old != "" {
 				var o policy.AllowEntry
 				if err := json.Unmarshal([]byte(old), &o); err == nil {

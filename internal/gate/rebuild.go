@@ -77,7 +77,7 @@ func rebuildQueue(src queueSource) []QueueEntry {
 	for _, r := range src.rejections {
 		switch policy.Reason(r.Reason) {
 		case policy.Unattested:
-			add(hashOf(r.StorePath), QueueEntry{StorePath: r.StorePath, Deriver: r.Deriver, Reason: r.Reason,
+			add(narinfo.PathHash(r.StorePath), QueueEntry{StorePath: r.StorePath, Deriver: r.Deriver, Reason: r.Reason,
 				Requests: r.Count, First: r.First, Last: r.Last})
 		case policy.ClosureIncomplete:
 			for _, m := range r.Missing {
@@ -213,13 +213,4 @@ func (g *Gate) rebuildQueueLen() (int, error) {
 		return 0, err
 	}
 	return len(rebuildQueue(g.queueSource(g.conf(), rejs))), nil
-}
-
-// hashOf returns the 32-character hash of an absolute store path.
-func hashOf(storePath string) string {
-	base := path.Base(storePath)
-	if len(base) < narinfo.HashLen {
-		return base
-	}
-	return base[:narinfo.HashLen]
 }

@@ -74,6 +74,14 @@ func validName(name string) error {
 	return nil
 }
 
+// PathHash returns the hash part of a store path, absolute or a basename,
+// without validating it (a base shorter than a hash is returned whole): the
+// key under which the state store keeps evidence for a path already checked.
+func PathHash(storePath string) string {
+	base := storePath[strings.LastIndexByte(storePath, '/')+1:]
+	return base[:min(len(base), HashLen)]
+}
+
 // ParseBaseName splits and validates a store path basename "<hash>-<name>".
 // Nix itself does not check the '-' separator (it just skips a byte); requiring it
 // keeps a basename's meaning unambiguous.
