@@ -26,7 +26,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -182,7 +181,7 @@ func (n *Node) Resync() {
 
 func (n *Node) report(ok bool, why string) {
 	n.mu.Lock()
-	changed := n.connected.Load() != ok || n.since.IsZero()
+	changed := n.connected.Load() != ok
 	n.connected.Store(ok)
 	if changed {
 		n.since = time.Now()
@@ -531,13 +530,3 @@ func (n *Node) seed(ctx context.Context, local []cache.MirrorEntry) (int, error)
 }
 
 func (n *Node) key(kind, key string) string { return n.prefix + kind + "/" + key }
-
-// sortedKeys returns a map's keys in order.
-func sortedKeys[V any](m map[string]V) []string {
-	out := make([]string, 0, len(m))
-	for k := range m {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
-}

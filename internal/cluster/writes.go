@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 
 	"go.etcd.io/etcd/client/v3/concurrency"
@@ -305,7 +306,7 @@ func (n *Node) PutQuarantine(hash string, q policy.Quarantine) error {
 // flushPending writes the quarantines found while etcd was unreachable.
 func (n *Node) flushPending(ctx context.Context) {
 	n.mu.Lock()
-	hashes := sortedKeys(n.pending)
+	hashes := slices.Sorted(maps.Keys(n.pending))
 	n.mu.Unlock()
 	for _, h := range hashes {
 		n.mu.Lock()

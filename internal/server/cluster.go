@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/cacheproxy/cacheproxy/internal/config"
@@ -17,7 +18,7 @@ import (
 func clusterTLSConfig(c config.Cluster) (*tls.Config, error) {
 	if c.CAFile == "" && c.CertFile == "" {
 		for _, e := range c.Etcd {
-			if len(e) > 8 && e[:8] == "https://" {
+			if strings.HasPrefix(e, "https://") {
 				return &tls.Config{MinVersion: tls.VersionTLS12}, nil
 			}
 		}
