@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -262,24 +260,8 @@ func TestCluster(t *testing.T) {
 // It returns once the node listens; the node is stopped at cleanup.
 func startUnready(t *testing.T, cfg ProxyConfig) *Proxy {
 	t.Helper()
-	dir := t.TempDir()
-	p := &Proxy{Dir: dir, StateDir: filepath.Join(dir, "state"), Addr: freeAddr(t), AdminAddr: freeAddr(t)}
-	p.URL, p.AdminURL = "http://"+p.Addr, "http://"+p.AdminAddr
-	p.CfgFile = writeConfig(t, dir, p.Addr, p.AdminAddr, p.StateDir, cfg)
-	p.logs, p.exited = &syncBuffer{}, make(chan struct{})
-	p.cmd = exec.Command(cacheproxyBin, "serve", "-c", p.CfgFile)
-	p.cmd.Dir, p.cmd.Stdout, p.cmd.Stderr = dir, p.logs, p.logs
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	cmd, exited := p.cmd, p.exited
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		p.stop()
-		if t.Failed() {
-			t.Logf("---- joining node's log ----\n%s", p.logs.String())
-		}
-	})
+	p := newProxy(t, cfg)
+	p.launch(t)
 	eventually(t, 20*time.Second, func() error {
 		resp, body, err := doGet(t, p.URL+"/healthz", nil)
 		if err != nil {

@@ -717,6 +717,15 @@ func writeConfig(t testing.TB, dir, listen, adminListen, stateDir string, cfg Pr
 // (its log goes to the test log if the test failed).
 func startProxy(t testing.TB, cfg ProxyConfig) *Proxy {
 	t.Helper()
+	p := newProxy(t, cfg)
+	p.start(t)
+	return p
+}
+
+// newProxy writes a config for cfg in a new directory, with free ports,
+// and returns the Proxy that would run it.
+func newProxy(t testing.TB, cfg ProxyConfig) *Proxy {
+	t.Helper()
 	requireBinary(t)
 	dir := t.TempDir()
 	p := &Proxy{Dir: dir, StateDir: filepath.Join(dir, "state"), Addr: freeAddr(t), AdminAddr: freeAddr(t)}
@@ -725,28 +734,12 @@ func startProxy(t testing.TB, cfg ProxyConfig) *Proxy {
 	}
 	p.URL, p.AdminURL = "http://"+p.Addr, "http://"+p.AdminAddr
 	p.CfgFile = writeConfig(t, dir, p.Addr, p.AdminAddr, p.StateDir, cfg)
-	p.start(t)
 	return p
 }
 
 func (p *Proxy) start(t testing.TB) {
 	t.Helper()
-	p.logs = &syncBuffer{}
-	p.exited = make(chan struct{})
-	p.cmd = exec.Command(cacheproxyBin, "serve", "-c", p.CfgFile)
-	p.cmd.Dir = p.Dir
-	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("starting cacheproxy serve: %v", err)
-	}
-	cmd, exited := p.cmd, p.exited
-	go func() { cmd.Wait(); close(exited) }()
-	t.Cleanup(func() {
-		p.stop()
-		if t.Failed() {
-			t.Logf("---- cacheproxy serve log (%s) ----\n%s", p.CfgFile, p.logs.String())
-		}
-	})
+	cmd, exited := p.launch(t)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		select {
@@ -775,6 +768,29 @@ func (p *Proxy) start(t testing.TB) {
 	if !regexp.MustCompile(`^[^:\s]+:[A-Za-z0-9+/]{43}=$`).MatchString(p.GatekeeperKey) {
 		t.Fatalf("cacheproxy pubkey printed %q, want one line name:base64(32 bytes)", out)
 	}
+}
+
+// launch starts `cacheproxy serve -c CFG` and stops it at cleanup (its
+// log goes to the test log if the test failed); it does not wait for it.
+func (p *Proxy) launch(t testing.TB) (*exec.Cmd, chan struct{}) {
+	t.Helper()
+	p.logs = &syncBuffer{}
+	p.exited = make(chan struct{})
+	p.cmd = exec.Command(cacheproxyBin, "serve", "-c", p.CfgFile)
+	p.cmd.Dir = p.Dir
+	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("starting cacheproxy serve: %v", err)
+	}
+	cmd, exited := p.cmd, p.exited
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		p.stop()
+		if t.Failed() {
+			t.Logf("---- cacheproxy serve log (%s) ----\n%s", p.CfgFile, p.logs.String())
+		}
+	})
+	return cmd, exited
 }
 
 func (p *Proxy) stop() {
