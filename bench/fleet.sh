@@ -168,36 +168,14 @@ nginx_url() { case $1 in xz) echo "http://127.0.0.1:$NX_PORT" ;; *) echo "http:/
 # start_proxy NAME UPSTREAM_URL [EXTRA_TOP_LEVEL_TOML]: fresh state dir,
 # allowlists the whole corpus; sets PROXY_URL, PROXY_CFG, PROXY_PID.
 start_proxy() {
-	local name=$1 up=$2 extra=${3:-} port aport
-	port=$(free_port)
-	aport=$(free_port)
-	while [[ $aport == "$port" ]]; do aport=$(free_port); done
-	PROXY_CFG=$T/$name.toml
-	rm -rf "${T:?}/$name-state"
-	cat >"$PROXY_CFG" <<-EOF
-		listen = "127.0.0.1:$port"
-		state_dir = "$T/$name-state"
-		$extra
-		[[upstreams]]
-		url = "$up"
-		public_keys = ["$UP_PUB"]
-		[admin]
-		listen = "127.0.0.1:$aport"
-	EOF
+	local name=$1 up=$2 extra=${3:-}
 	if [[ $name == *-memlimit ]]; then
-		GOMEMLIMIT=$MEMLIMIT "$CP" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
+		start_cacheproxy "$name" "$up" "$extra" "$CP" GOMEMLIMIT="$MEMLIMIT"
 	elif [[ $name == xz-go ]]; then
-		"$CP_GO" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
+		start_cacheproxy "$name" "$up" "$extra" "$CP_GO"
 	else
-		"$CP" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
+		start_cacheproxy "$name" "$up" "$extra" "$CP"
 	fi
-	PROXY_PID=$!
-	PIDS+=("$PROXY_PID")
-	PROXY_URL=http://127.0.0.1:$port
-	ADMIN_URL=http://127.0.0.1:$aport
-	TOKEN_FILE=$T/$name-state/admin-token
-	wait_http "$PROXY_URL/healthz" "$PROXY_PID" "$T/$name.log"
-	wait_port "$aport"
 	"$CP" allow add -c "$PROXY_CFG" --reason bench "${PATHS[@]}" >/dev/null ||
 		die "$name: allow add failed"
 }

@@ -196,3 +196,36 @@ require() {
 		command -v "${spec%%:*}" >/dev/null || die "${spec%%:*} is not on PATH"
 	done
 }
+
+# start_cacheproxy NAME UPSTREAM_URL EXTRA_TOML BINARY [VAR=VALUE...]: writes
+# T/NAME.toml (free ports, a fresh state dir T/NAME-state, EXTRA_TOML at
+# the top level, the upstream signed by UP_PUB), starts BINARY serve on it
+# with the VAR=VALUE environment, and waits until both listeners answer.
+# Sets PROXY_CFG, PROXY_PID, PROXY_URL, ADMIN_URL and TOKEN_FILE.
+start_cacheproxy() {
+	local name=$1 up=$2 extra=$3 bin=$4 port aport
+	shift 4
+	port=$(free_port)
+	aport=$(free_port)
+	while [[ $aport == "$port" ]]; do aport=$(free_port); done
+	PROXY_CFG=$T/$name.toml
+	rm -rf "${T:?}/$name-state"
+	cat >"$PROXY_CFG" <<-EOF
+		listen = "127.0.0.1:$port"
+		state_dir = "$T/$name-state"
+		$extra
+		[[upstreams]]
+		url = "$up"
+		public_keys = ["$UP_PUB"]
+		[admin]
+		listen = "127.0.0.1:$aport"
+	EOF
+	env "$@" "$bin" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
+	PROXY_PID=$!
+	PIDS+=("$PROXY_PID")
+	PROXY_URL=http://127.0.0.1:$port
+	ADMIN_URL=http://127.0.0.1:$aport
+	TOKEN_FILE=$T/$name-state/admin-token
+	wait_http "$PROXY_URL/healthz" "$PROXY_PID" "$T/$name.log"
+	wait_port "$aport"
+}

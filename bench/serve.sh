@@ -95,29 +95,7 @@ grep -q '^Sig: up-1:' "$UP/$BIG_HASH.narinfo" || die "upstream narinfo is not si
 # ---------------------------------------------------------------- cacheproxy
 # start_proxy NAME UPSTREAM_DIR: config + server with a fresh state dir;
 # sets PROXY_URL, PROXY_CFG, PROXY_PID.
-start_proxy() {
-	local name=$1 up=$2 port aport
-	port=$(free_port)
-	aport=$(free_port)
-	while [[ $aport == "$port" ]]; do aport=$(free_port); done
-	PROXY_CFG=$T/$name.toml
-	rm -rf "${T:?}/$name-state"
-	cat >"$PROXY_CFG" <<-EOF
-		listen = "127.0.0.1:$port"
-		state_dir = "$T/$name-state"
-		[[upstreams]]
-		url = "file://$up"
-		public_keys = ["$UP_PUB"]
-		[admin]
-		listen = "127.0.0.1:$aport"
-	EOF
-	"$CP" serve -c "$PROXY_CFG" >>"$T/$name.log" 2>&1 &
-	PROXY_PID=$!
-	PIDS+=("$PROXY_PID")
-	PROXY_URL=http://127.0.0.1:$port
-	wait_http "$PROXY_URL/healthz" "$PROXY_PID" "$T/$name.log"
-	wait_port "$aport"
-}
+start_proxy() { start_cacheproxy "$1" "file://$2" "" "$CP"; }
 allow() { "$CP" allow add -c "$PROXY_CFG" --reason bench "$@" >/dev/null; }
 
 log "starting cacheproxy, allowlisting ${#ALL[@]} paths, warming its cache"

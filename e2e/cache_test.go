@@ -145,24 +145,7 @@ func TestNarIsStreamed(t *testing.T) {
 	px := startProxy(t, ProxyConfig{Upstreams: []UpstreamSpec{up.Spec()}, Attesters: []*Key{rb1Key}})
 	px.Attest(t, attestFile(t, rb1Key, c.Paths()...))
 	ni := px.ExpectApproved(t, c.App)
-	release := make(chan struct{})
-	var once sync.Once
-	releaseFn := func() { once.Do(func() { close(release) }) }
-	defer releaseFn()
-	up.NarHook(t, c.App, func(w http.ResponseWriter, r *http.Request, orig []byte) {
-		half := len(orig) / 2
-		w.Header().Set("Content-Length", fmt.Sprint(len(orig)))
-		w.WriteHeader(200)
-		w.Write(orig[:half])
-		w.(http.Flusher).Flush()
-		select {
-		case <-release:
-		case <-r.Context().Done():
-			return
-		case <-time.After(20 * time.Second):
-		}
-		w.Write(orig[half:])
-	})
+	releaseFn := up.StallHalfway(t, c.App)
 	resp, err := httpClient.Get(px.URL + narPath(ni))
 	if err != nil {
 		t.Fatalf("GET NAR: %v", err)
