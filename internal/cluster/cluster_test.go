@@ -447,6 +447,21 @@ func TestLargeChangeSplit(t *testing.T) {
 	if len(recs) != 3 || audit.Counts[cache.CountAdded] != 250 {
 		t.Fatalf("%d audit records, counts %v", len(recs), audit.Counts)
 	}
+
+	// Counts the caller set before the change (an import's bad
+	// signatures) are the change's, once, not once per part.
+	var as []policy.Attestation
+	for i := range 150 {
+		as = append(as, attestation(t, rb, 1000+i))
+	}
+	imp := &cache.AuditRecord{Time: time.Now(), Who: "alice", Action: cache.ActionAttest}
+	imp.Count(cache.CountBadSignature, 3)
+	if _, err := a.PutAttestations(as, imp); err != nil {
+		t.Fatal(err)
+	}
+	if imp.Counts[cache.CountBadSignature] != 3 || imp.Counts[cache.CountStored] != 150 {
+		t.Fatalf("counts of a two-part import: %v", imp.Counts)
+	}
 }
 
 // BenchmarkPropagation measures the time from an admin change answered by

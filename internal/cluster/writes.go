@@ -41,8 +41,8 @@ func (n *Node) change(audit *cache.AuditRecord, items int, names func(lo, hi int
 	ctx, cancel := context.WithTimeout(context.Background(), n.o.WriteTimeout)
 	defer cancel()
 	var last int64
-	base := cloneAudit(audit) // each part's record starts from it
-	for lo := 0; lo < items || (lo == 0 && items == 0); lo += maxOps {
+	base := cloneAudit(audit)     // each part's record starts from it
+	for lo := 0; ; lo += maxOps { // at least once: a change of nothing is still recorded
 		hi := min(lo+maxOps, items)
 		var rec *cache.AuditRecord
 		resp, err := concurrency.NewSTM(n.cli, func(s concurrency.STM) error {
@@ -71,13 +71,13 @@ func (n *Node) change(audit *cache.AuditRecord, items int, names func(lo, hi int
 		}
 		if audit != nil {
 			for k, v := range rec.Counts {
-				audit.Count(k, v)
+				audit.Count(k, v-base.Counts[k]) // this part's own
 			}
 			audit.PreviousAllow = append(audit.PreviousAllow, rec.PreviousAllow[len(base.PreviousAllow):]...)
 			audit.PreviousDeny = append(audit.PreviousDeny, rec.PreviousDeny[len(base.PreviousDeny):]...)
 		}
 		last = resp.Header.Revision
-		if items == 0 {
+		if hi >= items {
 			break
 		}
 	}
