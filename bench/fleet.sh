@@ -37,7 +37,11 @@
 # dir, PROFILE_DIR=DIR saves CPU profiles of the server (admin API
 # /debug/pprof/profile, PROFILE_SECS long, default 10) taken at the start of
 # each variant's first cold, warm, narinfo and nix copy run, and a heap profile at
-# the end of each variant (`go tool pprof -top DIR/xz-cold.pprof`).
+# the end of each variant (`go tool pprof -top DIR/xz-cold.pprof`),
+# SERVER_ENV="VAR=VALUE ..." runs the server with that environment (e.g.
+# GODEBUG=gctrace=1: the collector's trace lands in the kept server log).
+# The peak RSS is also logged per phase (cold, warm, narinfo, copy: the
+# kernel's VmHWM, reset between phases through /proc/PID/clear_refs).
 set -euo pipefail
 
 SMALL_RUN=${FLEET_SMALL:-0}
@@ -168,13 +172,14 @@ nginx_url() { case $1 in xz) echo "http://127.0.0.1:$NX_PORT" ;; *) echo "http:/
 # start_proxy NAME UPSTREAM_URL [EXTRA_TOP_LEVEL_TOML]: fresh state dir,
 # allowlists the whole corpus; sets PROXY_URL, PROXY_CFG, PROXY_PID.
 start_proxy() {
-	local name=$1 up=$2 extra=${3:-}
+	local name=$1 up=$2 extra=${3:-} env
+	read -ra env <<<"${SERVER_ENV:-}"
 	if [[ $name == *-memlimit ]]; then
-		start_cacheproxy "$name" "$up" "$extra" "$CP" GOMEMLIMIT="$MEMLIMIT"
+		start_cacheproxy "$name" "$up" "$extra" "$CP" GOMEMLIMIT="$MEMLIMIT" "${env[@]}"
 	elif [[ $name == xz-go ]]; then
-		start_cacheproxy "$name" "$up" "$extra" "$CP_GO"
+		start_cacheproxy "$name" "$up" "$extra" "$CP_GO" "${env[@]}"
 	else
-		start_cacheproxy "$name" "$up" "$extra" "$CP"
+		start_cacheproxy "$name" "$up" "$extra" "$CP" "${env[@]}"
 	fi
 	"$CP" allow add -c "$PROXY_CFG" --reason bench "${PATHS[@]}" >/dev/null ||
 		die "$name: allow add failed"
@@ -283,6 +288,24 @@ profile_wait() {
 	PROF_PIDS=()
 }
 
+# phase_peak VARIANT PHASE: the server's peak RSS (KiB) since the last
+# call, kept as the phase's largest in T/VARIANT.hwm-PHASE; then resets the
+# kernel's peak so that the next phase starts from the current RSS.
+phase_peak() {
+	local f=$T/$1.hwm-$2 kb
+	kb=$(awk '/^VmHWM:/ { print $2 }' "/proc/$PROXY_PID/status")
+	[[ -s $f ]] && (($(cat "$f") >= kb)) || echo "$kb" >"$f"
+	echo 5 >"/proc/$PROXY_PID/clear_refs" 2>/dev/null || true
+	echo "$kb" >>"$T/$1.hwm"
+}
+peaks() { # VARIANT: "cold 52 warm 31 ..." in MiB
+	local p out=""
+	for p in cold warm narinfo copy; do
+		[[ -s $T/$1.hwm-$p ]] && out+="$p $(($(cat "$T/$1.hwm-$p") / 1024)) "
+	done
+	echo "${out% }"
+}
+
 # ---------------------------------------------------------------- measuring
 # One results line per figure: VARIANT FIGURE CACHEPROXY REFERENCE.
 : >"$T/results"
@@ -304,8 +327,10 @@ for v in $VARIANTS; do
 		fetch_narinfos "$PROXY_URL" "$T/$v-ni"
 		nar_list "$PROXY_URL" "$T/$v-ni" "$T/$v-proxy.curl"
 		((r > 1)) || profile "$v-cold"
+		phase_peak "$v" start
 		cpu0=$(cpu_secs "$PROXY_PID")
 		secs=$(fetch_all "$T/$v-proxy.curl")
+		phase_peak "$v" cold
 		cpu=$(awk -v a="$cpu0" -v b="$(cpu_secs "$PROXY_PID")" 'BEGIN { printf "%.2f", b - a }')
 		echo "$secs" >>"$T/$v.cold"
 		echo "$cpu" >>"$T/$v.coldcpu"
@@ -332,6 +357,7 @@ for v in $VARIANTS; do
 	profile "$v-warm"
 	for r in $(seq "$RUNS"); do
 		fetch_all "$T/$v-proxy.curl" >>"$T/$v.warm"
+		phase_peak "$v" warm
 		fetch_all "$T/$v-nginx.curl" >>"$T/$v.warmref"
 	done
 	profile_wait
@@ -339,8 +365,10 @@ for v in $VARIANTS; do
 	result "$v warm $(best "$T/$v.warm") $(best "$T/$v.warmref")"
 
 	profile "$v-narinfo"
+	phase_peak "$v" between
 	p_rate=$(narinfo_rate "$v cacheproxy" "$PROXY_URL")
 	profile_wait
+	phase_peak "$v" narinfo
 	n_rate=$(narinfo_rate "$v nginx" "$NG")
 	log "$v narinfo: cacheproxy $p_rate/s, nginx $n_rate/s"
 	result "$v narinfo $p_rate $n_rate"
@@ -349,8 +377,10 @@ for v in $VARIANTS; do
 	: >"$T/$v.copy" && : >"$T/$v.copyref"
 	for r in $(seq "$RUNS"); do
 		((r > 1)) || profile "$v-copy"
+		phase_peak "$v" between
 		nix_copy "$v cacheproxy" "$PROXY_URL" "$GK_PUB $UP_PUB" >>"$T/$v.copy"
 		profile_wait
+		phase_peak "$v" copy
 		nix_copy "$v nginx" "$NG" "$UP_PUB" >>"$T/$v.copyref"
 	done
 	log "$v nix copy: cacheproxy $(best "$T/$v.copy")s, nginx $(best "$T/$v.copyref")s"
@@ -364,7 +394,9 @@ for v in $VARIANTS; do
 	fi
 
 	profile "$v-heap" heap
-	rss=$(awk '/^VmHWM:/ { print $2 }' "/proc/$PROXY_PID/status")
+	phase_peak "$v" end
+	rss=$(sort -n "$T/$v.hwm" | tail -1)
+	log "$v peak RSS by phase (MiB): $(peaks "$v")"
 	result "$v rss $rss 0"
 	stop_pid "$PROXY_PID"
 done
@@ -413,7 +445,7 @@ END {
 		}
 		dec = v ~ /^xz/ ? "xz" : "zstd"
 		row("cold fetch, all NARs (" dec " -dc \\| sha256sum)", v, val[v, "cold"], ref[v, "cold"], "s", dec == "xz" ? "<= 1.2x" : "<= 1.0x")
-		row("  CPU of the cold fetch (server; xz, sha256sum)", v, val[v, "coldcpu"], ref[v, "coldcpu"], "s", "")
+		row("  CPU of the cold fetch (server; " dec ", sha256sum)", v, val[v, "coldcpu"], ref[v, "coldcpu"], "s", "")
 		row("warm fetch, all NARs (nginx)", v, val[v, "warm"], ref[v, "warm"], "s", "<= 1.05x")
 		row("narinfo hits/s (nginx)", v, val[v, "narinfo"], ref[v, "narinfo"], "/s", ">= 0.65x")
 		row("nix copy of the closure, warm (nginx)", v, val[v, "copy"], ref[v, "copy"], "s", "<= 1.05x")
