@@ -159,7 +159,7 @@ func New(o Options) (*Gate, error) {
 	if g.now == nil {
 		g.now = time.Now
 	}
-	g.nars.LimitDecoding(xzDecodeBudget(), xzDecodeMemory)
+	g.nars.LimitDecoding(decodeBudget(), decodeMemory)
 	s := Settings{Policy: o.Policy, Upstreams: o.Upstreams, NegativeTTL: o.NegativeTTL, DiskReserve: o.DiskReserve}
 	c := g.newConf(s)
 	g.cur.Store(c)
@@ -456,19 +456,27 @@ func (h *hotRecords) drop(hashes []string) {
 	}
 }
 
-// Decoding xz is CPU-bound, and each decoder holds a dictionary: Nix
-// writes xz with the preset's 8 MiB one, and a decoder fills at most
-// NarSize of it. More xz decodes at once than cores add no throughput,
-// only dictionaries (the peak memory of a cold rollout was four of them on
-// two cores), so the decoders running at once share a budget of one
-// dictionary per core; small NARs barely count against it.
-const xzDictionary = 8 << 20
+// Decoding is CPU-bound, and each decoder holds its stream's window: Nix
+// writes xz with the preset's 8 MiB dictionary and zstd with a 2 MiB
+// window (more with --long). More decodes at once than cores add no
+// throughput, only windows (the peak memory of a cold rollout was four of
+// them on two cores), so the decoders running at once share one slot per
+// core. An xz decoder fills at most NarSize of its dictionary and takes
+// min(NarSize, decodeSlot) of the budget, so that small NARs barely count
+// and big ones run one per core; a small zstd NAR is decoded whole,
+// without a window, and counts the same; a bigger one is streamed through
+// a decoder whose window is allocated in full from its first block, and
+// takes a whole slot. An uncompressed NAR has no decoder.
+const decodeSlot = 8 << 20
 
-func xzDecodeBudget() int64 { return int64(runtime.GOMAXPROCS(0)) * xzDictionary }
+func decodeBudget() int64 { return int64(runtime.GOMAXPROCS(0)) * decodeSlot }
 
-func xzDecodeMemory(e verify.Expect) int64 {
-	if e.Compression != narinfo.CompressionXZ {
+func decodeMemory(e verify.Expect) int64 {
+	switch {
+	case e.Compression == narinfo.CompressionNone:
 		return 0
+	case e.Compression == narinfo.CompressionZstd && !verify.DecodedWhole(e):
+		return decodeSlot
 	}
-	return min(int64(e.NarSize), xzDictionary)
+	return min(int64(e.NarSize), decodeSlot)
 }

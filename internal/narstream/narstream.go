@@ -33,7 +33,7 @@ const (
 	// a client can never hold a complete unverified NAR.
 	Holdback = 64 << 10
 	// bufSize is the read size of the download and of each reader.
-	bufSize = 256 << 10
+	bufSize = 64 << 10
 )
 
 // Errors from Join.

@@ -12,7 +12,7 @@ import (
 )
 
 // copyBuf is the size of each write of a streamed NAR.
-const copyBuf = 256 << 10
+const copyBuf = 64 << 10
 
 // handleNar serves GET and HEAD /nar/<file> for paths the gate serves now:
 // from the verified blob (sendfile, Range) or from the one download in

@@ -1,6 +1,7 @@
 package verify
 
 import (
+	"bytes"
 	"compress/bzip2"
 	"errors"
 	"fmt"
@@ -25,9 +26,10 @@ const (
 
 // codec describes one decoder.
 type codec struct {
-	// open starts a decoder over the compressed stream src. The returned
-	// close function releases decoder resources (zstd keeps buffers).
-	open func(src io.Reader) (r io.Reader, closeFn func(), err error)
+	// open starts a decoder over the compressed stream src of a NAR of
+	// narSize bytes. The returned close function releases decoder
+	// resources (zstd keeps buffers).
+	open func(src io.Reader, narSize uint64) (r io.Reader, closeFn func(), err error)
 	// holdback, when > 0, makes the decoder's input lag this many bytes
 	// behind what has arrived, until the end of the stream is known (see
 	// openBrotli).
@@ -92,7 +94,7 @@ type pooledXZ struct {
 	src *xzSource
 }
 
-func openGoXZ(src io.Reader) (io.Reader, func(), error) {
+func openGoXZ(src io.Reader, _ uint64) (io.Reader, func(), error) {
 	// therootcompany/xz (a port of xz-embedded) beat ulikunitz/xz by ~25%
 	// on the benchmark payload, and it allocates the dictionary the stream
 	// asks for only up to maxXZDict, where ulikunitz allocates whatever the
@@ -118,15 +120,20 @@ func openGoXZ(src io.Reader) (io.Reader, func(), error) {
 	return p.z, release, nil
 }
 
-// zstdReaders keeps zstd decoders between downloads, for the same reason
-// as xzReaders: each fresh decoder allocated its history buffers (the
-// stream's window, 8 MiB for Nix's zstd) and zeroed them, which made them
-// most of the allocations of a cold zstd fetch (299 MB over bench/fleet.sh's
-// corpus) and 9% of its CPU. Reset reuses them.
-var zstdReaders sync.Pool
+func openZstd(src io.Reader, narSize uint64) (io.Reader, func(), error) {
+	if narSize <= zstdWholeMax {
+		return openZstdWhole(src, narSize)
+	}
+	return openZstdStream(src)
+}
 
-func openZstd(src io.Reader) (io.Reader, func(), error) {
-	d, _ := zstdReaders.Get().(*zstd.Decoder)
+// zstdIdle keeps streaming zstd decoders between downloads (see idle).
+var zstdIdle idle[zstd.Decoder]
+
+// openZstdStream streams a NAR of more than zstdWholeMax through a
+// decoder that allocates its history for the frame's window.
+func openZstdStream(src io.Reader) (io.Reader, func(), error) {
+	d := zstdIdle.get()
 	if d == nil {
 		// Concurrency 1 decodes synchronously in the verifier's goroutine:
 		// the proxy runs many downloads at once, so per-download worker
@@ -142,7 +149,7 @@ func openZstd(src io.Reader) (io.Reader, func(), error) {
 	}
 	release := func() {
 		d.Reset(nil) // cut loose from the finished download's input
-		zstdReaders.Put(d)
+		zstdIdle.put(d)
 	}
 	if err := d.Reset(src); err != nil {
 		release()
@@ -151,7 +158,72 @@ func openZstd(src io.Reader) (io.Reader, func(), error) {
 	return d, release, nil
 }
 
-func openBzip2(src io.Reader) (io.Reader, func(), error) {
+// zstdWholeMax is the largest NAR whose zstd stream is decoded whole
+// rather than streamed. A streaming decoder allocates its history for the
+// window the frame declares, and Nix writes zstd without the content size,
+// so every stream declares the encoder's window (2 MiB at the default
+// level) even for a NAR of a few KiB: most NARs are that small, and four
+// small downloads at once held four 2 MiB windows. Decoding the whole
+// frame into one buffer needs no window beyond the output itself, so a
+// small NAR costs its compressed and decoded bytes, at most twice
+// zstdWholeMax.
+const zstdWholeMax = 1 << 20
+
+// DecodedWhole reports whether the verifier decodes e's stream at once
+// when it has arrived rather than as it arrives (small zstd NARs): such a
+// decode holds its stream and its NAR, not a window.
+func DecodedWhole(e Expect) bool {
+	return e.Compression == narinfo.CompressionZstd && e.NarSize <= zstdWholeMax
+}
+
+// zstdWholeSlack bounds the compressed stream of a NAR decoded whole:
+// zstd expands incompressible input by a few bytes per 128 KiB block, so
+// a stream longer than NarSize plus this much is streamed instead (it is
+// then refused by the size checks, not by this path).
+const zstdWholeSlack = 64 << 10
+
+// zstdWhole decodes whole frames for every download; its DecodeAll calls
+// may run concurrently (one per core, the rest wait: decoding is
+// CPU-bound), and each uses the output buffer as its history.
+var zstdWhole = sync.OnceValues(func() (*zstd.Decoder, error) {
+	return zstd.NewReader(nil,
+		zstd.WithDecoderConcurrency(0),
+		zstd.WithDecoderMaxWindow(maxZstdWindow),
+		zstd.WithDecodeAllCapLimit(true),
+	)
+})
+
+// openZstdWhole reads the compressed stream to its end and decodes it at
+// once into a buffer of at most narSize+1 bytes: one byte more than the
+// NAR may hold, so that an overlong stream is still seen as overlong and
+// a small stream cannot decode to gigabytes.
+func openZstdWhole(src io.Reader, narSize uint64) (io.Reader, func(), error) {
+	limit := int64(narSize + zstdWholeSlack)
+	in, err := io.ReadAll(io.LimitReader(src, limit+1))
+	if err != nil {
+		return nil, nil, err
+	}
+	if int64(len(in)) > limit {
+		// Not a stream a real encoder writes for this NAR: stream it, so
+		// that the verifier's bounds decide.
+		return openZstdStream(io.MultiReader(bytes.NewReader(in), src))
+	}
+	d, err := zstdWhole()
+	if err != nil {
+		return nil, nil, err
+	}
+	out, err := d.DecodeAll(in, make([]byte, 0, narSize+1))
+	if err != nil {
+		// A stream this path refuses (corrupt, truncated, or more than
+		// narSize+1 bytes, where DecodeAll stops) is decoded again by the
+		// streaming decoder, from memory, so that the verdict and its
+		// reason are the same whatever the NAR's size.
+		return openZstdStream(bytes.NewReader(in))
+	}
+	return bytes.NewReader(out), noClose, nil
+}
+
+func openBzip2(src io.Reader, _ uint64) (io.Reader, func(), error) {
 	return bzip2.NewReader(src), noClose, nil
 }
 
@@ -166,6 +238,6 @@ func openBzip2(src io.Reader) (io.Reader, func(), error) {
 // the whole tail of the stream.
 const brotliHoldback = 64
 
-func openBrotli(src io.Reader) (io.Reader, func(), error) {
+func openBrotli(src io.Reader, _ uint64) (io.Reader, func(), error) {
 	return brotli.NewReader(src), noClose, nil
 }

@@ -42,9 +42,10 @@ func testDecoderReuse(t *testing.T, codec string) {
 }
 
 // Each xz stream Nix writes asks for an 8 MiB dictionary, and each zstd
-// stream for its window, even for a NAR of a few bytes. Verifying NARs one
-// after another must not allocate one per NAR: the decoder and its buffers
-// are reused.
+// stream for its window, even for a NAR of a few bytes. Verifying small
+// NARs one after another must not allocate one per NAR: the xz decoder
+// and its buffers are reused, and a small zstd NAR is decoded whole,
+// without a window.
 func TestDecoderBuffersReused(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector makes sync.Pool drop decoders at random")

@@ -322,7 +322,7 @@ func (s *narSink) write(p []byte) error {
 // decoding; their number bounds the memory one download can pin.
 const (
 	feedBufSize  = 64 << 10
-	feedBufCount = 4
+	feedBufCount = 2
 	// outBufSize is the decoder goroutine's read size.
 	outBufSize = 128 << 10
 )
@@ -424,7 +424,7 @@ func (d *decoder) decode(c codec, src *chanReader, sink *narSink) error {
 		held = newHoldbackReader(src, c.holdback)
 		in = held
 	}
-	r, closeDec, err := c.open(in)
+	r, closeDec, err := c.open(in, sink.limit)
 	if err != nil {
 		return d.decodeError(c, src, sink, err)
 	}

@@ -291,7 +291,7 @@ func BenchmarkXZDecoder(b *testing.B) {
 					b.Fatalf("xz -dc | sha256sum = %q, want %s", out, want)
 				}
 				start = time.Now()
-				r, closeFn, err := dec.c.open(bytes.NewReader(data))
+				r, closeFn, err := dec.c.open(bytes.NewReader(data), uint64(len(bf.nar)))
 				if err != nil {
 					b.Fatal(err)
 				}

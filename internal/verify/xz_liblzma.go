@@ -16,14 +16,17 @@ package verify
 #include <lzma.h>
 
 // Allocations of at least CP_MMAP_MIN bytes (the dictionary, 8 MiB for
-// what Nix writes) get pages of their own from mmap and go back to the
-// kernel on free. glibc's malloc would, after the first such free, raise
-// its mmap threshold and serve the next dictionaries from its arenas, which
-// keep freed memory resident. mmap'd pages also cost nothing until the
-// decoder writes them: a NAR of 100 bytes uses one page of its 8 MiB
-// dictionary. Every block carries a header with its size (liblzma's free
-// does not pass it), 0 for malloc'd ones.
-#define CP_MMAP_MIN (1u << 20)
+// what Nix writes; the decoder's state and input buffer, tens of KiB) get
+// pages of their own from mmap and go back to the kernel on free. glibc's
+// malloc would, after the first such free, raise its mmap threshold and
+// serve the next dictionaries from its arenas, which keep freed memory
+// resident; and it keeps an arena per thread that called it, and cgo calls
+// run on many threads (eight arenas of ~200 KiB each in a cold fetch).
+// mmap'd pages also cost nothing until the decoder writes them: a NAR of
+// 100 bytes uses one page of its 8 MiB dictionary. Every block carries a
+// header with its size (liblzma's free does not pass it), 0 for malloc'd
+// ones.
+#define CP_MMAP_MIN (16u << 10)
 #define CP_HDR 16
 
 static void *cp_alloc(void *opaque, size_t nmemb, size_t size) {
@@ -71,7 +74,7 @@ typedef struct {
 // xz -dc does), with memlimit bounding the dictionary. On failure it
 // frees everything and returns NULL with *ret set.
 static cp_state *cp_new(uint64_t memlimit, lzma_ret *ret) {
-	cp_state *st = malloc(sizeof(cp_state));
+	cp_state *st = cp_alloc(NULL, 1, sizeof(cp_state));
 	if (st == NULL) {
 		*ret = LZMA_MEM_ERROR;
 		return NULL;
@@ -82,7 +85,7 @@ static cp_state *cp_new(uint64_t memlimit, lzma_ret *ret) {
 	*ret = lzma_stream_decoder(&st->s, memlimit, LZMA_CONCATENATED);
 	if (*ret != LZMA_OK) {
 		lzma_end(&st->s);
-		free(st);
+		cp_free_mem(NULL, st);
 		return NULL;
 	}
 	return st;
@@ -90,7 +93,7 @@ static cp_state *cp_new(uint64_t memlimit, lzma_ret *ret) {
 
 static void cp_end(cp_state *st) {
 	lzma_end(&st->s);
-	free(st);
+	cp_free_mem(NULL, st);
 }
 
 // The result of one cp_code call: lzma_ret and how much of each buffer it
@@ -176,7 +179,7 @@ type lzmaDecoder struct {
 	err error // sticky: io.EOF at the end, or the failure
 }
 
-func openLZMA(src io.Reader) (io.Reader, func(), error) {
+func openLZMA(src io.Reader, _ uint64) (io.Reader, func(), error) {
 	var ret C.lzma_ret
 	st := C.cp_new(C.uint64_t(lzmaMemlimit), &ret)
 	if st == nil {

@@ -25,7 +25,7 @@ var benchXZCodecs = []struct {
 // decoder reads (see TestLZMAMatchesGoDecoder), so the Go decoder cannot
 // be the reference for what this build must accept.
 func fuzzXZReader(src io.Reader) (io.Reader, func(), error) {
-	return openLZMA(src)
+	return openLZMA(src, 0)
 }
 
 // runWith is run with the verifier's xz decoder swapped for c. Tests using
