@@ -65,17 +65,13 @@ func noClose() {}
 // stream that needs more input than there is as XZ_BUF_ERROR.
 var goXZCodec = codec{open: openGoXZ, truncated: func(err error) bool { return errors.Is(err, xz.ErrBuf) }}
 
-// xzReaders keeps xz decoders between downloads. A decoder holds the
-// dictionary its streams asked for: 8 MiB for Nix's default (xz -6, in
-// streaming mode, whatever the NAR's size), so allocating one per NAR made
-// dictionaries almost all of the server's allocations (80 MB for 15 NARs of
-// 19 MB in bench/fleet.sh --small) and, with the garbage collector's
-// headroom on top, pushed the peak RSS to about twice what the downloads in
-// flight need. Reset reuses a dictionary that is big enough, so the memory
-// follows the downloads in flight; sync.Pool lets idle decoders go after two
-// collections. A pool holds no state anyone can observe: a decoder is
-// reset before every stream.
-var xzReaders sync.Pool
+// xzIdle keeps pure-Go xz decoders between downloads (see idle). A
+// decoder holds the dictionary its streams asked for: 8 MiB for Nix's
+// default (xz -6, in streaming mode, whatever the NAR's size), so
+// allocating one per NAR made dictionaries almost all of the server's
+// allocations (80 MB for 15 NARs of 19 MB in bench/fleet.sh --small).
+// Reset reuses a dictionary that is big enough.
+var xzIdle idle[pooledXZ]
 
 // xzSource is the reader a pooled decoder reads from; it is pointed at
 // the next stream and cut loose when the decoder goes back to the pool, so
@@ -101,7 +97,7 @@ func openGoXZ(src io.Reader, _ uint64) (io.Reader, func(), error) {
 	// header claims (up to 4 GiB) for every block. It reads concatenated
 	// streams and stream padding, as xz(1) does.
 	var err error
-	p, _ := xzReaders.Get().(*pooledXZ)
+	p := xzIdle.get()
 	if p == nil {
 		p = &pooledXZ{src: &xzSource{r: src}}
 		p.z, err = xz.NewReader(p.src, maxXZDict)
@@ -111,7 +107,7 @@ func openGoXZ(src io.Reader, _ uint64) (io.Reader, func(), error) {
 	}
 	release := func() {
 		p.src.r = nil
-		xzReaders.Put(p)
+		xzIdle.put(p)
 	}
 	if err != nil {
 		release()

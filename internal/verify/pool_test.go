@@ -47,9 +47,6 @@ func testDecoderReuse(t *testing.T, codec string) {
 // and its buffers are reused, and a small zstd NAR is decoded whole,
 // without a window.
 func TestDecoderBuffersReused(t *testing.T) {
-	if raceEnabled {
-		t.Skip("the race detector makes sync.Pool drop decoders at random")
-	}
 	for _, codec := range []string{"xz", "zstd"} {
 		t.Run(codec, func(t *testing.T) { testBuffersReused(t, codec) })
 	}
