@@ -397,7 +397,7 @@ for v in $VARIANTS; do
 		nix_copy "$v cacheproxy" "$PROXY_URL" "$GK_PUB $UP_PUB" >>"$T/$v.copy"
 		profile_wait
 		phase_peak "$v" copy
-		nix_copy "$v nginx" "$NG" "$UP_PUB" >>"$T/$v.copyref"
+		nix_copy "$v nginx" "$(nginx_url "$ref_codec")" "$UP_PUB" >>"$T/$v.copyref"
 	done
 	log "$v nix copy: cacheproxy $(best "$T/$v.copy")s, nginx $(best "$T/$v.copyref")s"
 	result "$v copy $(best "$T/$v.copy") $(best "$T/$v.copyref")"
