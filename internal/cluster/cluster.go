@@ -444,11 +444,13 @@ func (n *Node) fullSync(ctx context.Context, id string, join bool) (int64, error
 	}
 	n.mu.Unlock()
 	keep := func(kind, key string) bool { return kind == cache.KindQuarantine && pending[key] }
+	// Counted before the switch: whoever sees the state this read also
+	// sees the count (TestEtcdUnreachable read it between the two once).
+	n.resyncs.Add(1)
 	dropped, err := n.o.DB.FinishMirror(id, rev, keep, n.o.DenyMatch)
 	if err != nil {
 		return 0, fmt.Errorf("store the cluster state: %w", err)
 	}
-	n.resyncs.Add(1)
 	n.synced.Store(true)
 	n.o.Log.Info("cluster: mirror resynchronised", "revision", rev, "records", records, "decisions_dropped", dropped)
 	n.applyDone(rev)
