@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"sync"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -14,6 +13,7 @@ import (
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
 	"github.com/cacheproxy/cacheproxy/internal/narstream"
 	"github.com/cacheproxy/cacheproxy/internal/verify"
+	"github.com/cacheproxy/cacheproxy/internal/weakpool"
 )
 
 // serve_compression = "zstd": every served NAR goes to clients as zstd,
@@ -26,44 +26,46 @@ import (
 // upstream's file name stays servable for clients holding the older
 // narinfo.
 
-// recodeWindow is the zstd window: it bounds the encoder's memory and is
-// far below the 128 MiB Nix's decoder accepts.
-const recodeWindow = 8 << 20
+// recodeWindow is the zstd window: the one Nix's own zstd (libzstd's
+// default level) writes. It bounds the encoder's history and every
+// client decoder's window: with 8 MiB the peak memory of a cold recoding
+// rollout was 118 MiB, with 2 MiB 81 MiB, and the recoded blobs of
+// bench/fleet.sh's corpus came out the same size (292 MB).
+const recodeWindow = 2 << 20
 
-// encoders pools zstd encoders: each holds several MiB of tables and
-// history, and a fleet rollout recodes many NARs one after the other.
-type encoders struct{ pool sync.Pool }
+// encoders keeps zstd encoders between downloads: each holds MiBs of
+// tables and history, and a fleet rollout recodes many NARs one after the
+// other. Idle ones are held weakly (weakpool): a sync.Pool kept idle
+// encoders as live heap, and the collector's headroom doubled them in the
+// server's peak memory (203 MiB in a cold recoding rollout).
+type encoders struct{ idle weakpool.Pool[zstd.Encoder] }
 
-func newEncoders() *encoders {
-	e := &encoders{}
-	e.pool.New = func() any {
+func newEncoders() *encoders { return &encoders{} }
+
+// get returns an encoder writing a zstd stream to w; closing it ends the
+// stream and offers the encoder for reuse. One that is dropped unclosed
+// (a failed download) is left to the garbage collector.
+func (e *encoders) get(w io.Writer) io.WriteCloser {
+	enc := e.idle.Get()
+	if enc == nil {
 		// Concurrency 1: the encoder works synchronously in the caller's
 		// goroutine (the verifier's decoder), one block at a time.
 		// Lower memory: the history grows with the stream instead of being
-		// allocated whole (about 12 MiB per encoder instead of 20, same
-		// output).
-		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedDefault),
+		// allocated whole (same output).
+		var err error
+		enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedDefault),
 			zstd.WithEncoderConcurrency(1), zstd.WithWindowSize(recodeWindow), zstd.WithLowerEncoderMem(true))
 		if err != nil {
 			panic(fmt.Sprintf("zstd encoder options: %v", err)) // constant options
 		}
-		return enc
 	}
-	return e
-}
-
-// get returns an encoder writing a zstd stream to w; closing it ends the
-// stream and returns the encoder to the pool. One that is dropped unclosed
-// (a failed download) is left to the garbage collector.
-func (e *encoders) get(w io.Writer) io.WriteCloser {
-	enc := e.pool.Get().(*zstd.Encoder)
 	enc.Reset(w)
-	return &pooledEncoder{enc: enc, pool: &e.pool}
+	return &pooledEncoder{enc: enc, idle: &e.idle}
 }
 
 type pooledEncoder struct {
 	enc  *zstd.Encoder
-	pool *sync.Pool
+	idle *weakpool.Pool[zstd.Encoder]
 }
 
 func (p *pooledEncoder) Write(b []byte) (int, error) { return p.enc.Write(b) }
@@ -72,7 +74,7 @@ func (p *pooledEncoder) Close() error {
 	err := p.enc.Close()
 	p.enc.Reset(nil) // drop the reference to the file
 	if err == nil {
-		p.pool.Put(p.enc)
+		p.idle.Put(p.enc)
 	}
 	return err
 }

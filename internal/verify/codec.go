@@ -10,6 +10,7 @@ import (
 
 	"github.com/andybalholm/brotli"
 	"github.com/cacheproxy/cacheproxy/internal/narinfo"
+	"github.com/cacheproxy/cacheproxy/internal/weakpool"
 	"github.com/klauspost/compress/zstd"
 	"github.com/therootcompany/xz"
 )
@@ -65,13 +66,13 @@ func noClose() {}
 // stream that needs more input than there is as XZ_BUF_ERROR.
 var goXZCodec = codec{open: openGoXZ, truncated: func(err error) bool { return errors.Is(err, xz.ErrBuf) }}
 
-// xzIdle keeps pure-Go xz decoders between downloads (see idle). A
+// xzIdle keeps pure-Go xz decoders between downloads (see weakpool). A
 // decoder holds the dictionary its streams asked for: 8 MiB for Nix's
 // default (xz -6, in streaming mode, whatever the NAR's size), so
 // allocating one per NAR made dictionaries almost all of the server's
 // allocations (80 MB for 15 NARs of 19 MB in bench/fleet.sh --small).
 // Reset reuses a dictionary that is big enough.
-var xzIdle idle[pooledXZ]
+var xzIdle weakpool.Pool[pooledXZ]
 
 // xzSource is the reader a pooled decoder reads from; it is pointed at
 // the next stream and cut loose when the decoder goes back to the pool, so
@@ -97,7 +98,7 @@ func openGoXZ(src io.Reader, _ uint64) (io.Reader, func(), error) {
 	// header claims (up to 4 GiB) for every block. It reads concatenated
 	// streams and stream padding, as xz(1) does.
 	var err error
-	p := xzIdle.get()
+	p := xzIdle.Get()
 	if p == nil {
 		p = &pooledXZ{src: &xzSource{r: src}}
 		p.z, err = xz.NewReader(p.src, maxXZDict)
@@ -107,7 +108,7 @@ func openGoXZ(src io.Reader, _ uint64) (io.Reader, func(), error) {
 	}
 	release := func() {
 		p.src.r = nil
-		xzIdle.put(p)
+		xzIdle.Put(p)
 	}
 	if err != nil {
 		release()
@@ -123,13 +124,13 @@ func openZstd(src io.Reader, narSize uint64) (io.Reader, func(), error) {
 	return openZstdStream(src)
 }
 
-// zstdIdle keeps streaming zstd decoders between downloads (see idle).
-var zstdIdle idle[zstd.Decoder]
+// zstdIdle keeps streaming zstd decoders between downloads (see weakpool).
+var zstdIdle weakpool.Pool[zstd.Decoder]
 
 // openZstdStream streams a NAR of more than zstdWholeMax through a
 // decoder that allocates its history for the frame's window.
 func openZstdStream(src io.Reader) (io.Reader, func(), error) {
-	d := zstdIdle.get()
+	d := zstdIdle.Get()
 	if d == nil {
 		// Concurrency 1 decodes synchronously in the verifier's goroutine:
 		// the proxy runs many downloads at once, so per-download worker
@@ -145,7 +146,7 @@ func openZstdStream(src io.Reader) (io.Reader, func(), error) {
 	}
 	release := func() {
 		d.Reset(nil) // cut loose from the finished download's input
-		zstdIdle.put(d)
+		zstdIdle.Put(d)
 	}
 	if err := d.Reset(src); err != nil {
 		release()
