@@ -32,8 +32,14 @@ const (
 	// readers until both hashes have been checked: with Content-Length set,
 	// a client can never hold a complete unverified NAR.
 	Holdback = 64 << 10
-	// bufSize is the read size of the download and of each reader.
-	bufSize = 64 << 10
+	// bufSize is the read size of the download and of each reader, and
+	// so the size of the temp file's writes. On Linux with large folios
+	// (6.x) a write's size sets the size of the page-cache folios that
+	// hold it, and a blob written in 64 KiB pieces went out through
+	// sendfile 10-15% slower than one written in 256 KiB pieces (a warm
+	// fetch of bench/fleet.sh's corpus: best of 7, 0.119-0.131 s against
+	// 0.106-0.122 s), for 2-3 MiB more peak memory in a cold xz fetch.
+	bufSize = 256 << 10
 )
 
 // Errors from Join.
