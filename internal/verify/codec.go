@@ -118,7 +118,7 @@ func openGoXZ(src io.Reader, _ uint64) (io.Reader, func(), error) {
 }
 
 func openZstd(src io.Reader, narSize uint64) (io.Reader, func(), error) {
-	if narSize <= zstdWholeMax {
+	if zstdWhole(narSize) {
 		return openZstdWhole(src, narSize)
 	}
 	return openZstdStream(src)
@@ -170,8 +170,11 @@ const zstdWholeMax = 1 << 20
 // when it has arrived rather than as it arrives (small zstd NARs): such a
 // decode holds its stream and its NAR, not a window.
 func DecodedWhole(e Expect) bool {
-	return e.Compression == narinfo.CompressionZstd && e.NarSize <= zstdWholeMax
+	return e.Compression == narinfo.CompressionZstd && zstdWhole(e.NarSize)
 }
+
+// zstdWhole reports whether a zstd NAR of narSize bytes is decoded whole.
+func zstdWhole(narSize uint64) bool { return narSize <= zstdWholeMax }
 
 // zstdWholeSlack bounds the compressed stream of a NAR decoded whole:
 // zstd expands incompressible input by a few bytes per 128 KiB block, so
@@ -179,10 +182,10 @@ func DecodedWhole(e Expect) bool {
 // then refused by the size checks, not by this path).
 const zstdWholeSlack = 64 << 10
 
-// zstdWhole decodes whole frames for every download; its DecodeAll calls
+// zstdAll decodes whole frames for every download; its DecodeAll calls
 // may run concurrently (one per core, the rest wait: decoding is
 // CPU-bound), and each uses the output buffer as its history.
-var zstdWhole = sync.OnceValues(func() (*zstd.Decoder, error) {
+var zstdAll = sync.OnceValues(func() (*zstd.Decoder, error) {
 	return zstd.NewReader(nil,
 		zstd.WithDecoderConcurrency(0),
 		zstd.WithDecoderMaxWindow(maxZstdWindow),
@@ -205,7 +208,7 @@ func openZstdWhole(src io.Reader, narSize uint64) (io.Reader, func(), error) {
 		// that the verifier's bounds decide.
 		return openZstdStream(io.MultiReader(bytes.NewReader(in), src))
 	}
-	d, err := zstdWhole()
+	d, err := zstdAll()
 	if err != nil {
 		return nil, nil, err
 	}

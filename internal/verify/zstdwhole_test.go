@@ -31,7 +31,7 @@ func TestZstdWholeMatchesStream(t *testing.T) {
 			}
 			good := enc.EncodeAll(nar, nil)
 			// The whole path decodes it itself (no fallback to streaming).
-			d, err := zstdWhole()
+			d, err := zstdAll()
 			if err != nil {
 				t.Fatal(err)
 			}
