@@ -134,7 +134,7 @@ type Gate struct {
 	writes   sync.WaitGroup // storeRecord's background commits
 	neg      *negCache
 	nars     *narstream.Group
-	encoders *encoders
+	encoders encoders // the zero value is ready
 
 	mu        sync.Mutex
 	shortRuns map[string]int // NAR file -> transfers in a row that ended short with no declared length
@@ -148,7 +148,7 @@ type Gate struct {
 func New(o Options) (*Gate, error) {
 	g := &Gate{key: o.Key, db: o.DB, blobs: o.Blobs,
 		m: o.Metrics, log: o.Log, now: o.Now, hot: newHotRecords(), neg: newNegCache(o.NegativeTTL), nars: narstream.NewGroup(),
-		shortRuns: map[string]int{}, recode: o.ServeCompression == narinfo.CompressionZstd, encoders: newEncoders(),
+		shortRuns: map[string]int{}, recode: o.ServeCompression == narinfo.CompressionZstd,
 		ev: o.Evidence, batch: AttestBatch}
 	if g.ev == nil {
 		g.ev = o.DB

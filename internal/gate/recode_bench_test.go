@@ -35,7 +35,7 @@ func BenchmarkRecode(b *testing.B) {
 	xsum := sha256.Sum256(xzFile)
 	e := verify.Expect{Compression: narinfo.CompressionXZ, FileHash: narinfo.SHA256(xsum), FileSize: uint64(len(xzFile)),
 		NarHash: narinfo.SHA256(sum), NarSize: uint64(len(nar))}
-	encs := newEncoders()
+	encs := &encoders{}
 	var plain, recode time.Duration
 	var out bytes.Buffer
 	b.SetBytes(int64(len(nar)))

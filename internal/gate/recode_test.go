@@ -294,7 +294,7 @@ func TestServeZstdRecodesCachedBlobs(t *testing.T) {
 
 // A pooled encoder, reused, writes a complete zstd stream each time.
 func TestEncoderPoolReuse(t *testing.T) {
-	encs := newEncoders()
+	encs := &encoders{}
 	for i := range 3 {
 		data := bytes.Repeat([]byte{byte(i), 'x', 'y'}, 100<<10)
 		var out bytes.Buffer
