@@ -76,7 +76,6 @@ export NIX_REMOTE=${NIX_REMOTE:-local}
 
 # ---------------------------------------------------------------- cleanup
 scratch_dir cluster
-best_max() { sort -g "$1" | tail -1; }
 # port: a free port not handed out before in this run.
 USED_PORTS=" "
 port() {

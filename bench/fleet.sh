@@ -393,8 +393,8 @@ for v in $VARIANTS; do
 		phase_peak "$v" narinfo
 		narinfo_rate "$v nginx" "$NG" >>"$T/$v.niref"
 	done
-	p_rate=$(sort -gr "$T/$v.ni" | head -1)
-	n_rate=$(sort -gr "$T/$v.niref" | head -1)
+	p_rate=$(best_max "$T/$v.ni")
+	n_rate=$(best_max "$T/$v.niref")
 	log "$v narinfo: cacheproxy $p_rate/s, nginx $n_rate/s (best of $NARINFO_RUNS; all: $(tr '\n' ' ' <"$T/$v.ni")/ $(tr '\n' ' ' <"$T/$v.niref"))"
 	result "$v narinfo $p_rate $n_rate"
 
@@ -420,7 +420,7 @@ for v in $VARIANTS; do
 
 	profile "$v-heap" heap
 	phase_peak "$v" end
-	rss=$(sort -n "$T/$v.hwm" | tail -1)
+	rss=$(best_max "$T/$v.hwm")
 	log "$v peak RSS by phase (MiB): $(peaks "$v")"
 	result "$v rss $rss 0"
 	stop_pid "$PROXY_PID"

@@ -30,7 +30,8 @@ wait_http() { # URL [PID LOG]: waits for a 200, gives up early if PID died
 	die "$1 never answered"
 }
 now() { date +%s.%N; }
-best() { sort -g "$1" | head -1; }
+best() { sort -g "$1" | head -1; }     # FILE of times: the lowest
+best_max() { sort -g "$1" | tail -1; } # FILE of rates (or peaks): the highest
 field() { awk -v k="$1:" '$1 == k { print $2 }' "$2"; }
 
 # start_nginx PORT:ROOT...: one nginx (sendfile, 2 workers, no access log)
