@@ -39,6 +39,10 @@ type MirrorEntry struct {
 	Kind  string
 	Key   string
 	Value []byte
+	// Attestation, when set, is Value already decoded (a cluster node
+	// decodes every attestation to verify it), so that it is not decoded
+	// again here.
+	Attestation *policy.Attestation
 }
 
 // DenyMatcher turns denylist entries into a test of stored decisions (the
@@ -369,7 +373,12 @@ func (m *mirrorTx) encode(c MirrorEntry) ([]byte, error) {
 	switch c.Kind {
 	case KindAttestation:
 		var a policy.Attestation
-		if err = json.Unmarshal(c.Value, &a); err == nil {
+		if c.Attestation != nil {
+			a = *c.Attestation
+		} else {
+			err = json.Unmarshal(c.Value, &a)
+		}
+		if err == nil {
 			if narinfo.PathHash(a.StorePath)+"/"+a.PublicKey != c.Key {
 				return nil, fmt.Errorf("mirror: %s/%s holds an attestation of %s by %s", c.Kind, c.Key, a.StorePath, a.PublicKey)
 			}

@@ -347,10 +347,12 @@ func (n *Node) entry(key string, value []byte) (cache.MirrorEntry, bool) {
 	}
 	e := cache.MirrorEntry{Kind: kind, Key: k, Value: value}
 	if kind == cache.KindAttestation && value != nil {
-		if err := n.checkAttestation(k, value); err != nil {
+		a, err := n.checkAttestation(k, value)
+		if err != nil {
 			n.reject(kind, key, err.Error())
 			e.Value = nil
 		}
+		e.Attestation = a
 	}
 	if kind == cache.KindAudit && value != nil && !json.Valid(value) {
 		n.reject(kind, key, "not JSON")
@@ -359,18 +361,20 @@ func (n *Node) entry(key string, value []byte) (cache.MirrorEntry, bool) {
 	return e, true
 }
 
-func (n *Node) checkAttestation(key string, value []byte) error {
+// checkAttestation decodes and verifies a mirrored attestation; it
+// returns it decoded when it holds, nil otherwise.
+func (n *Node) checkAttestation(key string, value []byte) (*policy.Attestation, error) {
 	var a policy.Attestation
 	if err := json.Unmarshal(value, &a); err != nil {
-		return fmt.Errorf("decode: %w", err)
+		return nil, fmt.Errorf("decode: %w", err)
 	}
 	if want := narinfo.PathHash(a.StorePath) + "/" + a.PublicKey; key != want {
-		return fmt.Errorf("stored under %s, but is an attestation of %s by %s", key, a.StorePath, a.KeyName)
+		return nil, fmt.Errorf("stored under %s, but is an attestation of %s by %s", key, a.StorePath, a.KeyName)
 	}
 	if err := n.o.Verify(a); err != nil {
-		return err
+		return nil, err
 	}
-	return nil
+	return &a, nil
 }
 
 func (n *Node) reject(kind, key, why string) {
